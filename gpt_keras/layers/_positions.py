@@ -1,0 +1,16 @@
+"""Position indices shared by the positional layers."""
+
+from keras import ops
+
+
+def positions_for(start_index, length):
+    """Absolute positions of `length` tokens starting at `start_index`.
+
+    `start_index` is a Python int, a scalar tensor, or a `[B]` tensor (one start per row, e.g. for
+    left-padded batches). Returns int32 `[T]` for a scalar start and `[B, T]` for a vector.
+    """
+    offsets = ops.arange(length, dtype="int32")  # [T]
+    start = ops.convert_to_tensor(start_index, dtype="int32")
+    if len(start.shape) == 0:
+        return start + offsets  # [T]
+    return ops.expand_dims(start, -1) + ops.expand_dims(offsets, 0)  # [B, T]

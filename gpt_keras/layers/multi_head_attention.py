@@ -1,0 +1,167 @@
+"""Causal multi-head self-attention with an optional fixed-size key/value cache."""
+
+import keras
+from keras import ops
+
+# Added to masked attention logits (in float32). Finite, so a fully masked row (a left-padding
+# query) softmaxes to a uniform row instead of NaN.
+_MASKED_LOGIT = -1e9
+
+
+def write_cache(cache, update, index):
+    """Writes `update` `[B, T, H, K]` into `cache` `[B, S, H, K]` at positions `index .. index+T-1`.
+
+    Built from `gather` + `where` so that it is a core TensorFlow op sequence that runs with XLA
+    disabled (TF Serving) and converts to TFLite builtins; `keras.ops.slice_update` lowers to
+    `XlaDynamicUpdateSlice` on the TensorFlow backend, which neither can run.
+    """
+    length = ops.shape(cache)[1]
+    new_length = ops.shape(update)[1]
+    offsets = ops.arange(length, dtype="int32") - index  # [S]: where each cache slot reads from
+    source = ops.take(update, ops.clip(offsets, 0, new_length - 1), axis=1)  # [B, S, H, K]
+    inside = ops.logical_and(offsets >= 0, offsets < new_length)  # [S]
+    return ops.where(ops.reshape(inside, (1, -1, 1, 1)), source, cache)
+
+
+def causal_mask(query_length, key_length, query_start=0, padding_mask=None):
+    """Boolean `[B or 1, 1, T, S]` mask: key `s` is visible to query `t` when `s <= query_start + t`
+    and `padding_mask[b, s]` is true. `padding_mask` is `[B, S]` (1/True = real token) or None."""
+    query_positions = query_start + ops.arange(query_length, dtype="int32")  # [T]
+    key_positions = ops.arange(key_length, dtype="int32")  # [S]
+    mask = ops.expand_dims(key_positions, 0) <= ops.expand_dims(query_positions, 1)  # [T, S]
+    mask = ops.reshape(mask, (1, 1, query_length, key_length))
+    if padding_mask is not None:
+        keys_visible = ops.cast(padding_mask, "bool")  # [B, S]
+        mask = ops.logical_and(mask, ops.expand_dims(ops.expand_dims(keys_visible, 1), 1))
+    return mask
+
+
+@keras.saving.register_keras_serializable(package="gpt_keras")
+class MultiHeadAttention(keras.layers.Layer):
+    """Causal multi-head self-attention (GPT-2's `attn`), with an optional key/value cache.
+
+    Shapes: B batch, T new tokens, S cache length, D = hidden size (the last input dimension),
+    H = `num_heads`, K = D / H.
+
+    - `inputs` `[B, T, D]` → `[B, T, D]`.
+    - `padding_mask` (optional): `[B, T]` without a cache, `[B, S]` over the cache with one;
+      1/True marks real tokens. Masked keys receive no attention.
+    - `cache` (optional) `[B, 2, S, H, K]` (keys, values) and `cache_index`, a scalar int: the new
+      keys/values are written at positions `cache_index .. cache_index + T - 1`, queries attend to
+      cache positions `<= cache_index + t`, and the call returns `(outputs, updated_cache)`. The
+      shapes never change, so a decoding loop compiles to one static-shape graph.
+
+    Attention logits and softmax are computed in float32 whatever the dtype policy. This is the same
+    einsum → where → softmax → einsum sequence as `keras.ops.dot_product_attention` on the
+    TensorFlow backend (measured equal speed, see BENCHMARKS.md), written out because that op has no
+    attention dropout and the mask here must be built from TFLite-builtin ops.
+
+    Args:
+        num_heads: number of attention heads; must divide D.
+        dropout: dropout rate on the attention probabilities.
+        kernel_initializer: initializer of the fused query/key/value projection.
+        output_kernel_initializer: initializer of the output projection (GPT-2 scales it by
+            `1/sqrt(2 * num_layers)`); defaults to `kernel_initializer`.
+        bias_initializer: initializer of both projections' biases.
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        dropout=0.0,
+        kernel_initializer="glorot_uniform",
+        output_kernel_initializer=None,
+        bias_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(
+                f"`num_heads` must be a positive integer. Received: num_heads={num_heads!r}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.output_kernel_initializer = keras.initializers.get(
+            output_kernel_initializer or kernel_initializer
+        )
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.supports_masking = False
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        if hidden_dim is None or hidden_dim % self.num_heads:
+            raise ValueError(
+                f"The hidden size (last input dimension) must be divisible by `num_heads`. "
+                f"Received: hidden size={hidden_dim}, num_heads={self.num_heads}"
+            )
+        self.hidden_dim = hidden_dim
+        self.head_dim = hidden_dim // self.num_heads
+        self.query_key_value = keras.layers.Dense(
+            3 * hidden_dim,
+            kernel_initializer=self.kernel_initializer,
+            bias_initializer=self.bias_initializer,
+            dtype=self.dtype_policy,
+            name="query_key_value",
+        )
+        self.query_key_value.build(input_shape)
+        self.output_dense = keras.layers.Dense(
+            hidden_dim,
+            kernel_initializer=self.output_kernel_initializer,
+            bias_initializer=self.bias_initializer,
+            dtype=self.dtype_policy,
+            name="output",
+        )
+        self.output_dense.build(input_shape)
+        self.attention_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+        self.built = True
+
+    def call(self, inputs, padding_mask=None, cache=None, cache_index=None, training=None):
+        batch_size, length = ops.shape(inputs)[0], ops.shape(inputs)[1]
+        heads_shape = (batch_size, length, self.num_heads, self.head_dim)
+        query, key, value = ops.split(self.query_key_value(inputs), 3, axis=-1)  # 3 × [B, T, D]
+        query = ops.reshape(query, heads_shape)  # [B, T, H, K]
+        key = ops.reshape(key, heads_shape)
+        value = ops.reshape(value, heads_shape)
+
+        query_start = 0
+        if cache is not None:
+            if cache_index is None:
+                raise ValueError("`cache_index` is required when a `cache` is given.")
+            query_start = ops.convert_to_tensor(cache_index, dtype="int32")
+            key = write_cache(cache[:, 0], key, query_start)  # [B, S, H, K]
+            value = write_cache(cache[:, 1], value, query_start)
+            cache = ops.stack([key, value], axis=1)  # [B, 2, S, H, K]
+
+        mask = causal_mask(length, ops.shape(key)[1], query_start, padding_mask)  # [B|1, 1, T, S]
+        scale = 1.0 / float(self.head_dim) ** 0.5
+        logits = ops.einsum("bthk,bshk->bhts", query, key)  # [B, H, T, S]
+        logits = ops.cast(logits, "float32") * scale
+        logits = ops.where(mask, logits, _MASKED_LOGIT)
+        probabilities = ops.cast(ops.softmax(logits, axis=-1), self.compute_dtype)
+        probabilities = self.attention_dropout(probabilities, training=training)
+        attended = ops.einsum("bhts,bshk->bthk", probabilities, value)  # [B, T, H, K]
+        outputs = self.output_dense(ops.reshape(attended, (batch_size, length, self.hidden_dim)))
+        if cache is None:
+            return outputs
+        return outputs, cache
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_heads": self.num_heads,
+                "dropout": self.dropout,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "output_kernel_initializer": keras.initializers.serialize(
+                    self.output_kernel_initializer
+                ),
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            }
+        )
+        return config

@@ -1,0 +1,130 @@
+"""Pre-LayerNorm GPT-2 decoder block."""
+
+import keras
+from keras import ops
+
+from gpt_keras.layers.multi_head_attention import MultiHeadAttention
+
+
+@keras.saving.register_keras_serializable(package="gpt_keras")
+class TransformerBlock(keras.layers.Layer):
+    """GPT-2's decoder block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`, each residual branch
+    followed by dropout. The MLP is `Dense(mlp_dim)` → tanh-approximated GELU (GPT-2's "gelu_new")
+    → `Dense(D)`.
+
+    Shapes: `inputs` `[B, T, D]` → `[B, T, D]`. `padding_mask`, `cache` `[B, 2, S, H, K]` and
+    `cache_index` are passed to `MultiHeadAttention` (see there); with a cache the call returns
+    `(outputs, updated_cache)`.
+
+    Args:
+        num_heads: attention heads; must divide D.
+        mlp_dim: width of the MLP's hidden layer (GPT-2: 4 × D).
+        dropout: dropout rate on attention probabilities and on both residual branches.
+        layer_norm_epsilon: epsilon of both LayerNorms (GPT-2: 1e-5).
+        kernel_initializer: initializer of the projections into attention and the MLP.
+        output_kernel_initializer: initializer of the two projections that feed the residual
+            stream (GPT-2 scales it by `1/sqrt(2 * num_layers)`); defaults to `kernel_initializer`.
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        mlp_dim,
+        dropout=0.0,
+        layer_norm_epsilon=1e-5,
+        kernel_initializer="glorot_uniform",
+        output_kernel_initializer=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(mlp_dim, int) or mlp_dim < 1:
+            raise ValueError(f"`mlp_dim` must be a positive integer. Received: mlp_dim={mlp_dim!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
+        if not layer_norm_epsilon > 0:
+            raise ValueError(
+                "`layer_norm_epsilon` must be positive. "
+                f"Received: layer_norm_epsilon={layer_norm_epsilon!r}"
+            )
+        self.num_heads = num_heads
+        self.mlp_dim = mlp_dim
+        self.dropout = dropout
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.output_kernel_initializer = keras.initializers.get(
+            output_kernel_initializer or kernel_initializer
+        )
+        # Created here so that a bad `num_heads` fails at construction, not at build.
+        self.attention = MultiHeadAttention(
+            num_heads,
+            dropout=dropout,
+            kernel_initializer=self.kernel_initializer,
+            output_kernel_initializer=self.output_kernel_initializer,
+            dtype=self.dtype_policy,
+            name="attention",
+        )
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        mlp_shape = tuple(input_shape[:-1]) + (self.mlp_dim,)
+        self.attention_norm = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="attention_norm"
+        )
+        self.attention_norm.build(input_shape)
+        self.attention.build(input_shape)
+        self.mlp_norm = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="mlp_norm"
+        )
+        self.mlp_norm.build(input_shape)
+        self.mlp_in = keras.layers.Dense(
+            self.mlp_dim,
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="mlp_in",
+        )
+        self.mlp_in.build(input_shape)
+        self.mlp_out = keras.layers.Dense(
+            hidden_dim,
+            kernel_initializer=self.output_kernel_initializer,
+            dtype=self.dtype_policy,
+            name="mlp_out",
+        )
+        self.mlp_out.build(mlp_shape)
+        self.residual_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+        self.built = True
+
+    def call(self, inputs, padding_mask=None, cache=None, cache_index=None, training=None):
+        attended = self.attention(
+            self.attention_norm(inputs),
+            padding_mask=padding_mask,
+            cache=cache,
+            cache_index=cache_index,
+            training=training,
+        )
+        if cache is not None:
+            attended, cache = attended
+        x = inputs + self.residual_dropout(attended, training=training)
+        hidden = ops.gelu(self.mlp_in(self.mlp_norm(x)), approximate=True)  # [B, T, mlp_dim]
+        x = x + self.residual_dropout(self.mlp_out(hidden), training=training)
+        if cache is None:
+            return x
+        return x, cache
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_heads": self.num_heads,
+                "mlp_dim": self.mlp_dim,
+                "dropout": self.dropout,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "output_kernel_initializer": keras.initializers.serialize(
+                    self.output_kernel_initializer
+                ),
+            }
+        )
+        return config

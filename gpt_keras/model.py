@@ -1,0 +1,253 @@
+"""The `GPT` Keras model."""
+
+import dataclasses
+import math
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from gpt_keras.config import POSITION_EMBEDDINGS, GPTConfig
+from gpt_keras.layers import (
+    LearnedPositionalEmbedding,
+    SinusoidalPositionalEncoding,
+    TransformerBlock,
+)
+
+# GPT-2 initialises every weight matrix from N(0, 0.02), and the two projections that write into
+# the residual stream from N(0, 0.02 / sqrt(2 * num_layers)) so the stream's variance does not
+# grow with depth.
+_INIT_STDDEV = 0.02
+
+
+def _is_concrete(tensor):
+    """True for values whose contents can be read now (eager tensors, NumPy arrays), False for
+    symbolic tensors inside `tf.function`/`fit` or Keras functional graphs."""
+    return tf.executing_eagerly() and not isinstance(tensor, keras.KerasTensor)
+
+
+@keras.saving.register_keras_serializable(package="gpt_keras")
+class GPT(keras.Model):
+    """A decoder-only transformer language model (GPT-2 architecture, pre-LayerNorm).
+
+    Shapes: B batch, T tokens, V `vocab_size`, D `hidden_dim`, L `num_layers`, H `num_heads`,
+    K = D / H, S = cache length (`context_length` by default).
+
+    - `model(token_ids, padding_mask=None)`: int `[B, T]` (T ≤ `context_length`) → float32 logits
+      `[B, T, V]`. `padding_mask` `[B, T]` (1 = real token) hides padded keys from attention.
+    - `model.call_with_cache(token_ids, cache, cache_index)`: the same forward pass for T new
+      tokens at positions `cache_index ..`, reading and writing a fixed-size KV cache
+      `[B, L, 2, S, H, K]` (see `init_cache`); returns `(logits, updated_cache)`.
+
+    In eager calls, token ids outside `[0, V)` and sequences longer than the context (or than the
+    cache) raise `ValueError`. Inside `tf.function`/`fit`, a too-long sequence with a static shape
+    still raises at trace time; ids are not checked there (TensorFlow's embedding lookup raises
+    `InvalidArgumentError` on CPU and returns zeros on GPU), so validate data before training.
+
+    Logits and attention softmax are float32 under every dtype policy (`mixed_float16`,
+    `mixed_bfloat16`). Only core TensorFlow ops that also convert to TFLite builtins are used, so
+    the model exports to TF Serving (XLA disabled) and TFLite without rewrites.
+
+    Args: the fields of `GPTConfig` (see there).
+    """
+
+    def __init__(
+        self,
+        vocab_size,
+        context_length,
+        num_layers=4,
+        num_heads=4,
+        hidden_dim=128,
+        mlp_dim=None,
+        dropout=0.0,
+        position_embedding="sinusoidal",
+        tie_embeddings=True,
+        layer_norm_epsilon=1e-5,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        for name, value in [
+            ("vocab_size", vocab_size),
+            ("context_length", context_length),
+            ("num_layers", num_layers),
+            ("num_heads", num_heads),
+            ("hidden_dim", hidden_dim),
+        ]:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+        if hidden_dim % num_heads:
+            raise ValueError(
+                "`hidden_dim` must be divisible by `num_heads`. "
+                f"Received: hidden_dim={hidden_dim}, num_heads={num_heads}"
+            )
+        if position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(
+                f"`position_embedding` must be one of {POSITION_EMBEDDINGS}. "
+                f"Received: position_embedding={position_embedding!r}"
+            )
+        self.config = GPTConfig(
+            vocab_size=vocab_size,
+            context_length=context_length,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            hidden_dim=hidden_dim,
+            mlp_dim=mlp_dim,
+            dropout=dropout,
+            position_embedding=position_embedding,
+            tie_embeddings=tie_embeddings,
+            layer_norm_epsilon=layer_norm_epsilon,
+        )
+        weights_init = keras.initializers.RandomNormal(stddev=_INIT_STDDEV)
+        residual_init = keras.initializers.RandomNormal(
+            stddev=_INIT_STDDEV / math.sqrt(2 * num_layers)
+        )
+        self.token_embedding = keras.layers.Embedding(
+            vocab_size,
+            hidden_dim,
+            embeddings_initializer=weights_init,
+            dtype=self.dtype_policy,
+            name="token_embedding",
+        )
+        if position_embedding == "learned":
+            self.position_embedding = LearnedPositionalEmbedding(
+                context_length,
+                initializer=weights_init,
+                dtype=self.dtype_policy,
+                name="position_embedding",
+            )
+        else:
+            self.position_embedding = SinusoidalPositionalEncoding(
+                dtype=self.dtype_policy, name="position_embedding"
+            )
+        self.embedding_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
+        self.blocks = [
+            TransformerBlock(
+                num_heads,
+                mlp_dim or 4 * hidden_dim,
+                dropout=dropout,
+                layer_norm_epsilon=layer_norm_epsilon,
+                kernel_initializer=weights_init,
+                output_kernel_initializer=residual_init,
+                dtype=self.dtype_policy,
+                name=f"block_{i}",
+            )
+            for i in range(num_layers)
+        ]
+        self.final_norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="final_norm"
+        )
+        self.lm_head = None
+        if not tie_embeddings:
+            self.lm_head = keras.layers.Dense(
+                vocab_size,
+                use_bias=False,
+                kernel_initializer=weights_init,
+                dtype=self.dtype_policy,
+                name="lm_head",
+            )
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """A new, randomly initialised model of preset `name` with `overrides` (see `GPTConfig`)."""
+        return cls(**dataclasses.asdict(GPTConfig.from_preset(name, **overrides)))
+
+    def build(self, input_shape=None):
+        hidden_shape = (None, None, self.config.hidden_dim)
+        self.token_embedding.build((None, None))
+        self.position_embedding.build(hidden_shape)
+        for block in self.blocks:
+            block.build(hidden_shape)
+        self.final_norm.build(hidden_shape)
+        if self.lm_head is not None:
+            self.lm_head.build(hidden_shape)
+        self.built = True
+
+    def call(self, token_ids, padding_mask=None, training=None):
+        self._check_inputs(token_ids, limit=self.config.context_length, limit_name="context_length")
+        logits, _ = self._forward(token_ids, padding_mask, None, None, training)
+        return logits
+
+    def call_with_cache(self, token_ids, cache, cache_index, padding_mask=None, training=False):
+        """One forward pass over new tokens `[B, T]` at positions `cache_index .. cache_index+T-1`.
+
+        `cache` is `[B, L, 2, S, H, K]` from `init_cache`; `padding_mask` (optional) is `[B, S]`
+        over cache positions. Returns float32 logits `[B, T, V]` and the updated cache (same
+        shape). Prefill a prompt with `cache_index=0`, then decode one token at a time.
+        """
+        if _is_concrete(cache_index):
+            start = int(cache_index)
+            if start < 0:
+                raise ValueError(f"`cache_index` must be >= 0. Received: cache_index={start}")
+            limit = min(cache.shape[3], self.config.context_length) - start
+            self._check_inputs(token_ids, limit=limit, limit_name="cache length - cache_index")
+        return self._forward(token_ids, padding_mask, cache, cache_index, training)
+
+    def init_cache(self, batch_size, length=None):
+        """An all-zero KV cache `[batch_size, L, 2, length, H, K]` in the compute dtype;
+        `length` defaults to (and may not exceed) `context_length`."""
+        length = length or self.config.context_length
+        if length > self.config.context_length:
+            raise ValueError(
+                f"The cache length must be at most context_length={self.config.context_length}. "
+                f"Received: length={length}"
+            )
+        heads = self.config.num_heads
+        shape = (batch_size, self.config.num_layers, 2, length, heads, self.config.hidden_dim // heads)
+        return ops.zeros(shape, dtype=self.compute_dtype)
+
+    def _forward(self, token_ids, padding_mask, cache, cache_index, training):
+        """The one forward pass: full sequences (`cache is None`) and cached steps alike."""
+        start = 0 if cache is None else cache_index
+        x = self.token_embedding(token_ids)  # [B, T, D]
+        x = x + self.position_embedding(x, start_index=start)
+        x = self.embedding_dropout(x, training=training)
+        updated_caches = []
+        for i, block in enumerate(self.blocks):
+            if cache is None:
+                x = block(x, padding_mask=padding_mask, training=training)
+            else:
+                x, layer_cache = block(
+                    x,
+                    padding_mask=padding_mask,
+                    cache=cache[:, i],
+                    cache_index=cache_index,
+                    training=training,
+                )
+                updated_caches.append(layer_cache)  # [B, 2, S, H, K]
+        x = self.final_norm(x)
+        if self.lm_head is None:
+            # Tied embeddings (GPT-2): the output projection is the token embedding transposed.
+            embeddings = ops.cast(self.token_embedding.embeddings, x.dtype)
+            logits = ops.einsum("btd,vd->btv", x, embeddings)
+        else:
+            logits = self.lm_head(x)
+        logits = ops.cast(logits, "float32")  # [B, T, V]
+        return logits, (None if cache is None else ops.stack(updated_caches, axis=1))
+
+    def _check_inputs(self, token_ids, limit, limit_name):
+        """Raises `ValueError` for sequences longer than `limit` (when the length is known) and,
+        in eager calls, for token ids outside `[0, vocab_size)`."""
+        length = token_ids.shape[-1] if len(token_ids.shape) else None
+        if len(token_ids.shape) != 2:
+            raise ValueError(
+                f"`token_ids` must be a 2-D [batch, time] tensor. Received shape: {token_ids.shape}"
+            )
+        if length is not None and length > limit:
+            raise ValueError(
+                f"The sequence has {length} tokens, more than {limit_name}={limit}. "
+                "Pass at most that many tokens (keep the last ones for generation)."
+            )
+        if _is_concrete(token_ids) and ops.size(token_ids) > 0:
+            ids = ops.convert_to_numpy(token_ids)
+            low, high = ids.min(), ids.max()
+            if low < 0 or high >= self.config.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"Token id {bad} is outside the vocabulary [0, {self.config.vocab_size}). "
+                    "Check that the tokenizer matches the model's vocab_size."
+                )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(dataclasses.asdict(self.config))
+        return config
