@@ -1,0 +1,150 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gpt_keras.layers import MultiHeadAttention
+from gpt_keras.layers.multi_head_attention import write_cache
+from tests import numpy_reference as ref
+from tests.layer_checks import assert_config_round_trip, assert_keras_round_trip
+
+B, T, D, H = 2, 7, 12, 3
+INIT = keras.initializers.RandomNormal(stddev=0.3)
+
+
+def make_layer(**kwargs):
+    layer = MultiHeadAttention(H, kernel_initializer=INIT, bias_initializer=INIT, **kwargs)
+    layer.build((None, None, D))
+    return layer
+
+
+def numpy_attention(layer, x, padding_mask=None):
+    w = lambda v: np.asarray(v.numpy(), np.float64)  # noqa: E731
+    return ref.attention(
+        x.astype(np.float64),
+        w(layer.query_key_value.kernel), w(layer.query_key_value.bias),
+        w(layer.output_dense.kernel), w(layer.output_dense.bias),
+        H, padding_mask,
+    )
+
+
+def test_matches_numpy_reference():
+    layer = make_layer()
+    x = np.random.default_rng(0).normal(size=(B, T, D)).astype("float32")
+    np.testing.assert_allclose(layer(x), numpy_attention(layer, x), atol=1e-5)
+
+
+def test_padding_mask_matches_numpy_reference_and_hides_keys():
+    layer = make_layer()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(B, T, D)).astype("float32")
+    mask = np.ones((B, T), "int32")
+    mask[0, :2] = 0  # left padding
+    mask[1, 3] = 0  # a hole
+    out = np.asarray(layer(x, padding_mask=mask))
+    np.testing.assert_allclose(out, numpy_attention(layer, x, mask), atol=1e-5)
+    # Changing the hidden key's input changes nothing at the other positions.
+    x2 = x.copy()
+    x2[1, 3] += 5.0
+    out2 = np.asarray(layer(x2, padding_mask=mask))
+    keep = np.arange(T) != 3
+    np.testing.assert_allclose(out2[1, keep], out[1, keep], atol=1e-6)
+    assert np.isfinite(out).all()  # fully masked rows (left padding) give no NaN
+
+
+def test_is_causal():
+    layer = make_layer()
+    x = np.random.default_rng(2).normal(size=(1, T, D)).astype("float32")
+    out = layer(x)
+    for t in range(T - 1):
+        changed = x.copy()
+        changed[:, t + 1 :] = 0.0
+        np.testing.assert_allclose(layer(changed)[:, : t + 1], out[:, : t + 1], atol=1e-6)
+        assert not np.allclose(layer(changed)[:, t + 1 :], out[:, t + 1 :])
+
+
+def test_cached_steps_equal_full_pass_and_fill_the_cache():
+    layer = make_layer()
+    x = np.random.default_rng(3).normal(size=(B, T, D)).astype("float32")
+    full = layer(x)
+    cache_length = 10
+    cache = np.zeros((B, 2, cache_length, H, D // H), "float32")
+    prefill, cache = layer(x[:, :3], cache=cache, cache_index=0)  # a 3-token chunk
+    outputs = [prefill]
+    for t in range(3, T):
+        step, cache = layer(x[:, t : t + 1], cache=cache, cache_index=t)
+        outputs.append(step)
+    np.testing.assert_allclose(np.concatenate(outputs, 1), full, atol=1e-5)
+    # The cache holds every position's key/value, and zeros beyond the last written one.
+    _, full_cache = layer(x, cache=np.zeros_like(cache), cache_index=0)
+    np.testing.assert_allclose(cache, full_cache, atol=1e-6)
+    assert not np.any(np.asarray(cache)[:, :, T:])
+    projected = np.split(layer.query_key_value(x), 3, axis=-1)
+    np.testing.assert_allclose(cache[:, 0, :T], np.reshape(projected[1], (B, T, H, D // H)),
+                               atol=1e-6)
+
+
+def test_write_cache_writes_only_the_target_slots():
+    cache = np.full((1, 6, 1, 1), -1.0, "float32")
+    update = np.array([10.0, 20.0], "float32").reshape(1, 2, 1, 1)
+    written = np.asarray(write_cache(cache, update, 3)).ravel()
+    np.testing.assert_array_equal(written, [-1, -1, -1, 10, 20, -1])
+
+
+def test_cache_write_has_no_xla_ops():
+    """TF Serving runs with XLA disabled: the cached step must not lower to `Xla*` ops."""
+    layer = make_layer()
+    fn = tf.function(lambda x, c, i: layer(x, cache=c, cache_index=i))
+    graph = fn.get_concrete_function(
+        tf.TensorSpec((None, 1, D)), tf.TensorSpec((None, 2, 8, H, D // H)), tf.TensorSpec((), tf.int32)
+    ).graph
+    op_types = {op.type for op in graph.get_operations()}
+    assert not [t for t in op_types if t.startswith("Xla")], op_types
+
+
+def test_attention_dropout_only_in_training():
+    layer = make_layer(dropout=0.5)
+    x = np.random.default_rng(4).normal(size=(B, T, D)).astype("float32")
+    np.testing.assert_allclose(layer(x, training=False), numpy_attention(layer, x), atol=1e-5)
+    assert not np.allclose(layer(x, training=True), layer(x, training=False))
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision(policy):
+    layer = MultiHeadAttention(H, dtype=policy)
+    layer.build((None, None, D))
+    x = np.random.default_rng(5).normal(size=(B, T, D)).astype("float32")
+    out = layer(x)
+    assert keras.backend.standardize_dtype(out.dtype) == policy.split("_")[1]
+    assert all(w.dtype == "float32" for w in layer.weights)
+    np.testing.assert_allclose(np.asarray(out, "float32"), numpy_attention(layer, x), atol=0.05)
+
+
+def test_config_and_keras_round_trip(tmp_path):
+    layer = MultiHeadAttention(4, dropout=0.1, output_kernel_initializer="zeros")
+    assert_config_round_trip(layer)
+    x = np.random.default_rng(6).normal(size=(2, 5, 16)).astype("float32")
+    restored = assert_keras_round_trip(layer, x, tmp_path)
+    assert restored.layers[-1].get_config() == layer.get_config()
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5])
+def test_rejects_bad_num_heads(bad):
+    with pytest.raises(ValueError, match="num_heads.*Received: num_heads="):
+        MultiHeadAttention(bad)
+
+
+def test_rejects_hidden_size_not_divisible_by_heads():
+    with pytest.raises(ValueError, match="hidden size=10, num_heads=4"):
+        MultiHeadAttention(4).build((None, None, 10))
+
+
+def test_rejects_bad_dropout():
+    with pytest.raises(ValueError, match="dropout.*Received: dropout=1.0"):
+        MultiHeadAttention(2, dropout=1.0)
+
+
+def test_cache_requires_cache_index():
+    layer = make_layer()
+    with pytest.raises(ValueError, match="cache_index"):
+        layer(np.zeros((1, 1, D), "float32"), cache=np.zeros((1, 2, 4, H, D // H), "float32"))
