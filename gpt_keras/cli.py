@@ -1,0 +1,146 @@
+"""The `gpt-keras` command line: `gpt-keras train|evaluate ...` (`gpt-keras -h` lists them).
+
+Errors in the user's input print one line, `gpt-keras: error: ...`, and exit with status 2.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads: keep the CLI quiet
+
+DEFAULT_CORPUS_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+DEFAULT_CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+def default_corpus():
+    """Tiny Shakespeare: `../shared/data` beside a checkout if present, else downloaded once into
+    the Keras cache and checked against its sha256. Raises `ValueError` when it cannot be had."""
+    import keras
+
+    shared = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                          "tinyshakespeare.txt")
+    if os.path.isfile(shared):
+        return os.path.abspath(shared)
+    try:
+        return keras.utils.get_file(
+            "tinyshakespeare.txt", DEFAULT_CORPUS_URL, file_hash=DEFAULT_CORPUS_SHA256,
+            hash_algorithm="sha256", cache_subdir="gpt_keras",
+        )
+    except Exception as error:  # no network, proxy, or a corrupted download
+        raise ValueError(
+            f"Could not download the default corpus (Tiny Shakespeare) from {DEFAULT_CORPUS_URL}: "
+            f"{type(error).__name__}. Pass --data PATH to train on your own text files."
+        ) from None
+
+
+def _add_train_arguments(parser):
+    from gpt_keras.config import PRESETS
+    from gpt_keras.training import TOKENIZERS, TrainConfig
+
+    defaults = TrainConfig()
+    parser.add_argument("--data", nargs="+", help="text files, globs or directories "
+                        "(default: Tiny Shakespeare)")
+    parser.add_argument("--validation-data", nargs="+",
+                        help="separate validation text (default: the last 10%% of --data)")
+    parser.add_argument("--run-dir", required=True, help="where the run lives; re-run the same "
+                        "command to resume it")
+    parser.add_argument("--preset", default="shakespeare-char", choices=sorted(PRESETS))
+    parser.add_argument("--tokenizer", default="char", choices=TOKENIZERS)
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="BPE vocabulary size (with --tokenizer bpe; default 4096)")
+    parser.add_argument("--replicas", type=int, default=None,
+                        help="MirroredStrategy replicas: GPUs, or logical CPU devices without GPUs")
+    for field in ("context_length", "num_layers", "num_heads", "hidden_dim", "dropout"):
+        kind = float if field == "dropout" else int
+        parser.add_argument("--" + field.replace("_", "-"), type=kind, default=None,
+                            help=f"override the preset's {field}")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.name == "mixed_precision":
+            parser.add_argument(flag, choices=["float16", "bfloat16"], default=None)
+        else:
+            default = getattr(defaults, field.name)
+            parser.add_argument(flag, type=type(default), default=default,
+                                help=f"(default {default})")
+
+
+def _train(args):
+    from gpt_keras.config import GPTConfig
+    from gpt_keras.training import TrainConfig, train
+
+    overrides = {
+        field: getattr(args, field)
+        for field in ("context_length", "num_layers", "num_heads", "hidden_dim", "dropout")
+        if getattr(args, field) is not None
+    }
+    model_config = GPTConfig.from_preset(args.preset, **overrides)
+    train_values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if train_values["max_steps"] < train_values["checkpoint_every"]:
+        # Short runs: one checkpoint (and validation) at the end, without extra flags.
+        train_values["checkpoint_every"] = train_values["max_steps"]
+        train_values["eval_every"] = train_values["max_steps"]
+    if train_values["sample_every"] > train_values["max_steps"]:
+        train_values["sample_every"] = train_values["max_steps"]
+    train_config = TrainConfig(**train_values)
+    vocab_size = args.vocab_size
+    if args.tokenizer == "bpe" and vocab_size is None:
+        vocab_size = 4096
+    run = train(
+        args.run_dir,
+        args.data or [default_corpus()],
+        model_config,
+        train_config,
+        tokenizer=args.tokenizer,
+        tokenizer_vocab_size=vocab_size,
+        validation_paths=args.validation_data,
+        replicas=args.replicas,
+    )
+    print(f"Run directory: {run.directory}")
+    print(f"  model: {run.model_path}\n  checkpoints: {run.checkpoint_dir}\n"
+          f"  metrics: {run.metrics_path}\n  loss plot: {run.plot_path}\n"
+          f"  TensorBoard: tensorboard --logdir {run.tensorboard_dir}")
+
+
+def _evaluate(args):
+    from gpt_keras.training import evaluate
+
+    result = evaluate(args.run_dir, args.data or [default_corpus()], batch_size=args.batch_size)
+    print(f"tokens {result['tokens']}  loss {result['val_loss']:.4f}  "
+          f"perplexity {result['val_perplexity']:.3f}  "
+          f"bits/char {result['val_bits_per_char']:.4f}  "
+          f"bits/byte {result['val_bits_per_byte']:.4f}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="gpt-keras", description="Train, evaluate and use GPT models built with Keras."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    train_parser = commands.add_parser("train", help="train (or resume) a model on text files")
+    _add_train_arguments(train_parser)
+    train_parser.set_defaults(handler=_train)
+    evaluate_parser = commands.add_parser(
+        "evaluate", help="loss, perplexity and bits per char of a run on text files"
+    )
+    evaluate_parser.add_argument("run_dir")
+    evaluate_parser.add_argument("--data", nargs="+", help="text to score (default: Tiny Shakespeare)")
+    evaluate_parser.add_argument("--batch-size", type=int, default=32)
+    evaluate_parser.set_defaults(handler=_evaluate)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.handler(args)
+    except (ValueError, FloatingPointError) as error:
+        parser.exit(2, f"gpt-keras: error: {error}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

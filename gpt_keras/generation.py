@@ -1,0 +1,719 @@
+"""Autoregressive generation for `GPT`: a compiled KV-cache decoding loop, samplers and streaming.
+
+Shapes: B prompts in a batch, n_b tokens in prompt b, P the prefill width (a bucket ≥ max n_b),
+S the KV-cache length (a bucket ≥ max n_b + max_new_tokens, at most `context_length`), V the
+vocabulary.
+
+How a batch is decoded. Prompts are **right-padded**: token j of every row sits at cache slot j,
+which is also its position, so the model's scalar `cache_index` is right for every row and no
+padding mask is needed. One pass writes the first P slots of a fixed-size `[B, L, 2, S, H, K]`
+cache (prefill); then a `tf.while_loop` decides one slot per step for the whole batch, starting
+at the shortest prompt's length. A row whose prompt is longer than the current slot is fed its own
+prompt token instead of the sample (keras-hub's scheme), so its keys/values at that slot are
+rewritten from the right token before any later query can see them: every slot a query attends
+to holds a real token of its row. The cost of a ragged batch is `max n_b - min n_b` extra
+single-token steps. Everything in the loop is a core TensorFlow op (tokens are written into the
+`[B, S]` buffer with a one-hot `where`, random numbers come from stateless ops), so the same
+function runs under XLA (`jit_compile=True`, the default) or without it, for a SavedModel that
+TF Serving can load with XLA disabled.
+
+Compiled functions are cached per model and per shape bucket `(B, P, S)`; prompt contents,
+`max_new_tokens`, `temperature`, `top_k`, `top_p`, `seed` and stop tokens are tensors, so calls
+that differ only in those reuse the compiled function (`tracing_count(model)` counts traces).
+
+Sampling (float32): `temperature == 0` is greedy (argmax). Otherwise logits are divided by
+`temperature`, then restricted to the `top_k` largest, then to the nucleus (the fewest tokens,
+most likely first, whose probability reaches `top_p`), and a token is drawn with the Gumbel-max
+trick. Logits tied exactly at a cut-off are all kept. The random numbers for slot `i` come from
+`stateless_fold_in(seed, i)`, so a fixed `seed` gives the same tokens whatever the chunk size.
+
+Long generations (`sliding_window=True`, the default): when a sequence fills the context, the
+cache is rebuilt by prefilling its last `context_length // 2` tokens at positions
+`0 .. context_length // 2 - 1` (nanoGPT's crop, applied every `context_length // 2` tokens
+instead of every token), and decoding continues. Every token is thus predicted from at least half
+a context and at most a full one. With `sliding_window=False`, `max_new_tokens` must be below
+`context_length` and prompts are cut so that prompt + new tokens fit.
+
+Prompts longer than they may be keep their last tokens, with a `UserWarning`.
+
+Example:
+
+    model = gpt_keras.GPT.from_preset("tiny")
+    generation.generate(model, [[1, 2, 3], [4]], max_new_tokens=5, temperature=0)
+    for chunk in generation.stream(model, [1, 2, 3], max_new_tokens=64, chunk_size=8):
+        print(chunk)  # the next ≤ 8 new ids
+"""
+
+import codecs
+import math
+import numbers
+import random
+import warnings
+import weakref
+
+import numpy as np
+import tensorflow as tf
+
+# Cache and prefill lengths are rounded up to a power of two, at least this, so that nearby
+# prompt/generation lengths share one compiled function.
+_MIN_BUCKET = 16
+
+# When a sequence fills the context, it continues from its last `context_length // _SLIDE_DIVISOR`
+# tokens.
+_SLIDE_DIVISOR = 2
+
+# model -> {(kind, batch, prefill width, cache length, jit_compile): tf.function}
+_COMPILED = weakref.WeakKeyDictionary()
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def generate(
+    model,
+    prompts,
+    max_new_tokens,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    seed=None,
+    stop_token_ids=(),
+    include_stop_token=False,
+    lengths=None,
+    sliding_window=True,
+    cache_length=None,
+    jit_compile=True,
+):
+    """Generates up to `max_new_tokens` token ids after each prompt.
+
+    Args:
+        model: a built `GPT` (or any model with its `init_cache`/`call_with_cache`/`config`).
+        prompts: a batch of token-id prompts of any lengths (a list of int sequences, or a
+            `tf.RaggedTensor`), a `[B, T]` int array (with `lengths` `[B]` if rows are
+            right-padded), or a single 1-D sequence of ids. Every prompt needs at least one token.
+        max_new_tokens: how many tokens to generate per row (fewer if a stop token comes first).
+        temperature: ≥ 0; 0 means greedy decoding (`top_k`, `top_p` and `seed` are then unused).
+        top_k: None, or sample only among the `top_k` (≥ 1) most likely tokens.
+        top_p: None, or nucleus sampling with mass `top_p` in (0, 1].
+        seed: None (draw one from Python's `random`, which `keras.utils.set_random_seed` seeds)
+            or an int: the same seed, prompts and knobs give the same tokens.
+        stop_token_ids: ids that end a row. A row stops after emitting one.
+        include_stop_token: whether the stop token ends the returned row (default: dropped).
+        lengths: `[B]` prompt lengths when `prompts` is a right-padded `[B, T]` array.
+        sliding_window: allow generating past the context (see the module docstring); if False,
+            `max_new_tokens ≥ context_length` raises `ValueError`.
+        cache_length: the KV-cache length S (default: the smallest power of two ≥ 16 that holds
+            prompt + new tokens, at most `context_length`). Fixing it lets calls with different
+            lengths share one compiled function.
+        jit_compile: compile with XLA (True) or as a plain TensorFlow graph (False).
+
+    Returns:
+        A list (one per prompt) of lists of new token ids; a single list for a single 1-D prompt.
+    """
+    decoding = _Decoding(
+        model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids,
+        include_stop_token, lengths, sliding_window, cache_length, jit_compile, chunk_size=None,
+    )
+    rows = [[] for _ in range(decoding.batch_size)]
+    for chunk in decoding.chunks():
+        for row, ids in zip(rows, chunk):
+            row.extend(ids)
+    return rows[0] if decoding.single else rows
+
+
+def stream(
+    model,
+    prompts,
+    max_new_tokens,
+    chunk_size=8,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    seed=None,
+    stop_token_ids=(),
+    include_stop_token=False,
+    lengths=None,
+    sliding_window=True,
+    cache_length=None,
+    jit_compile=True,
+):
+    """Like `generate`, but decodes `chunk_size` slots per compiled call and yields the new ids
+    after each call; the KV cache stays in memory between calls.
+
+    Returns a `Stream`: iterate it to get, per chunk, a list (one per prompt) of lists of new ids
+    (a single list for a single 1-D prompt); chunks where no row got a new token are skipped.
+    Joining the chunks gives exactly `generate`'s output for the same arguments. `Stream.stop(b)`
+    ends row b before the next chunk (e.g. when its text reached a stop string).
+    """
+    return Stream(
+        _Decoding(
+            model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids,
+            include_stop_token, lengths, sliding_window, cache_length, jit_compile, chunk_size,
+        )
+    )
+
+
+def tracing_count(model):
+    """How many times the generation functions of `model` have been traced (all buckets)."""
+    return sum(fn.experimental_get_tracing_count() for fn in _COMPILED.get(model, {}).values())
+
+
+class Stream:
+    """An iterator over the chunks of a streamed generation (see `stream`)."""
+
+    def __init__(self, decoding):
+        self._decoding = decoding
+        self._chunks = decoding.chunks()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._chunks)
+
+    @property
+    def batch_size(self):
+        return self._decoding.batch_size
+
+    def stop(self, row):
+        """Ends row `row` (0-based) before the next chunk is decoded."""
+        self._decoding.stop_requests.add(row)
+
+
+class TextGenerator:
+    """Text in, text out: tokenizes prompts, generates with `generate`/`stream`, detokenizes.
+
+    `tokenizer` needs `tokenize(str) -> int [n]` and `detokenize(int [n]) -> scalar string`
+    (bytes); gpt_keras' tokenizers qualify. Streaming detokenizes each chunk of ids on its own and
+    joins the bytes, which is exact for tokenizers whose output is the concatenation of per-token
+    bytes (byte, character and byte-level BPE tokenizers). Bytes are decoded as UTF-8 incrementally:
+    a character split across chunks is emitted once complete, never in halves; invalid bytes
+    become U+FFFD.
+
+    Args:
+        model: a built `GPT` whose vocabulary matches the tokenizer.
+        tokenizer: see above. If it has an `end_of_text_id`, that id is the default stop token and
+            an empty prompt starts from it (unconditional sampling); otherwise an empty prompt
+            raises `ValueError`.
+        jit_compile: passed to `generate`/`stream`.
+    """
+
+    def __init__(self, model, tokenizer, jit_compile=True):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.jit_compile = jit_compile
+
+    def generate(self, prompts, max_new_tokens, stop_strings=(), **kwargs):
+        """The generated text (without the prompt) for a `str` prompt, or a list of texts for a
+        list of prompts. `stop_strings`: a row's text ends just before the first of them (checked
+        between chunks of `chunk_size`, default 16, so that decoding stops soon after). Other
+        keyword arguments are those of `generate` (`stop_token_ids` defaults to the tokenizer's
+        end-of-text id)."""
+        if stop_strings:
+            kwargs.setdefault("chunk_size", 16)
+        else:
+            kwargs.setdefault("chunk_size", None)
+        pieces = None
+        for chunk in self.stream(prompts, max_new_tokens, stop_strings=stop_strings, **kwargs):
+            if isinstance(chunk, str):
+                pieces = (pieces or "") + chunk
+            else:
+                pieces = chunk if pieces is None else [a + b for a, b in zip(pieces, chunk)]
+        if pieces is None:  # nothing was generated
+            return "" if isinstance(prompts, str) else [""] * len(prompts)
+        return pieces
+
+    def stream(self, prompts, max_new_tokens, chunk_size=8, stop_strings=(), **kwargs):
+        """Yields the new text as it is decoded: a `str` per chunk for a `str` prompt, a list of
+        `str` (one per prompt, possibly empty) for a list. Never yields half a character, nor
+        text that may turn out to be the start of a stop string."""
+        single = isinstance(prompts, str)
+        texts = [prompts] if single else list(prompts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError(
+                "`prompts` must be a `str` or a non-empty list of `str`. "
+                f"Received: prompts={prompts!r}"
+            )
+        stop_strings = _check_stop_strings(stop_strings)
+        end_of_text = getattr(self.tokenizer, "end_of_text_id", None)
+        if end_of_text is not None:
+            kwargs.setdefault("stop_token_ids", (end_of_text,))
+        ids = []
+        for text in texts:
+            row = [int(i) for i in np.asarray(self.tokenizer.tokenize(text)).reshape(-1)]
+            if not row and end_of_text is not None:
+                row = [int(end_of_text)]
+            ids.append(row)
+        kwargs.setdefault("jit_compile", self.jit_compile)
+        decoded = stream(self.model, ids, max_new_tokens, chunk_size=chunk_size, **kwargs)
+        rows = [_TextRow(stop_strings) for _ in texts]
+        for chunk in decoded:
+            pieces = []
+            for b, (row, new_ids) in enumerate(zip(rows, chunk)):
+                piece = row.feed(self._bytes(new_ids)) if new_ids else ""
+                if row.stopped:
+                    decoded.stop(b)
+                pieces.append(piece)
+            if any(pieces):
+                yield pieces[0] if single else pieces
+            if all(row.stopped for row in rows):
+                break
+        pieces = [row.finish() for row in rows]
+        if any(pieces):
+            yield pieces[0] if single else pieces
+
+    def _bytes(self, ids):
+        text = self.tokenizer.detokenize(tf.constant(ids, tf.int32))
+        return text.numpy() if hasattr(text, "numpy") else bytes(text)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text streaming helpers
+
+
+class _TextRow:
+    """One row's incremental bytes → text, holding back incomplete UTF-8 characters and any tail
+    that could be the start of a stop string."""
+
+    def __init__(self, stop_strings):
+        self.stop_strings = stop_strings
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = ""  # decoded, not yet emitted
+        self.stopped = False
+
+    def feed(self, data, final=False):
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.decode(data, final=final)
+        found = [i for i in (self.pending.find(s) for s in self.stop_strings) if i >= 0]
+        if found:
+            self.stopped = True
+            piece, self.pending = self.pending[: min(found)], ""
+            return piece
+        keep = 0 if final else _stop_prefix_length(self.pending, self.stop_strings)
+        piece, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        return piece
+
+    def finish(self):
+        return self.feed(b"", final=True)
+
+
+def _stop_prefix_length(text, stop_strings):
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    longest = 0
+    for stop in stop_strings:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+def _check_stop_strings(stop_strings):
+    if isinstance(stop_strings, str):
+        stop_strings = (stop_strings,)
+    stop_strings = tuple(stop_strings)
+    if not all(isinstance(s, str) and s for s in stop_strings):
+        raise ValueError(
+            "`stop_strings` must be non-empty strings. Received: "
+            f"stop_strings={stop_strings!r}"
+        )
+    return stop_strings
+
+
+# ----------------------------------------------------------------------------------------------
+# The Python driver: validation, buckets, chunks and the sliding window
+
+
+class _Decoding:
+    """Validated arguments of one `generate`/`stream` call and the loop that drives the compiled
+    functions, chunk by chunk."""
+
+    def __init__(
+        self, model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids,
+        include_stop_token, lengths, sliding_window, cache_length, jit_compile, chunk_size,
+    ):
+        config = model.config
+        self.model = model
+        self.context = config.context_length
+        self.vocab_size = config.vocab_size
+        self.rows, self.single = _normalize_prompts(prompts, lengths, self.vocab_size)
+        self.batch_size = len(self.rows)
+        self.max_new_tokens = _check_int("max_new_tokens", max_new_tokens, minimum=0)
+        if chunk_size is not None:
+            chunk_size = _check_int("chunk_size", chunk_size, minimum=1)
+        self.chunk_size = chunk_size
+        self.include_stop_token = bool(include_stop_token)
+        self.jit_compile = bool(jit_compile)
+        self.sliding_window = bool(sliding_window)
+        self.knobs, self.stop_ids = _knobs(
+            temperature, top_k, top_p, seed, stop_token_ids, self.vocab_size
+        )
+        self.stop_requests = set()
+
+        if not self.sliding_window and self.max_new_tokens >= self.context:
+            raise ValueError(
+                f"`max_new_tokens` must be below context_length={self.context} when "
+                f"`sliding_window=False`. Received: max_new_tokens={self.max_new_tokens}. "
+                "Generate fewer tokens or pass `sliding_window=True`."
+            )
+        keep = self.context - 1 if self.sliding_window else self.context - self.max_new_tokens
+        for b, row in enumerate(self.rows):
+            if len(row) > keep:
+                warnings.warn(
+                    f"Prompt {b} has {len(row)} tokens; keeping its last {keep} so that "
+                    f"{'new tokens fit' if not self.sliding_window else 'a new token fits'} in "
+                    f"context_length={self.context}.",
+                    stacklevel=3,
+                )
+                self.rows[b] = row[-keep:]
+        longest = max(len(row) for row in self.rows)
+        needed = min(self.context, longest + self.max_new_tokens)
+        if cache_length is None:
+            cache_length = min(self.context, _bucket(needed))
+        else:
+            cache_length = _check_int("cache_length", cache_length, minimum=1)
+            if not needed <= cache_length <= self.context:
+                raise ValueError(
+                    f"`cache_length` must lie in [{needed}, context_length={self.context}] to "
+                    f"hold the longest prompt ({longest} tokens) and the new tokens. "
+                    f"Received: cache_length={cache_length}"
+                )
+        self.cache_length = cache_length
+
+    def chunks(self):
+        """Yields, after each compiled call, the new ids of every row (list of lists)."""
+        if self.max_new_tokens == 0:
+            return
+        batch, cache_length = self.batch_size, self.cache_length
+        remaining = np.full([batch], self.max_new_tokens, np.int64)  # new tokens still allowed
+        finished = np.zeros([batch], bool)
+        prompts = self.rows
+        offset = 0  # absolute position of slot 0 (grows when the window slides)
+        state = None
+        steps = tf.constant(self.chunk_size or cache_length, tf.int32)
+        while True:
+            if state is None:  # prefill `prompts` (at the start, and after a slide)
+                width = min(cache_length, _bucket(max(len(p) for p in prompts)))
+                padded = np.zeros([batch, width], np.int32)
+                for b, p in enumerate(prompts):
+                    padded[b, : len(p)] = p
+                starts = np.array([len(p) for p in prompts], np.int64)
+                limits = np.minimum(starts + remaining, cache_length)
+                start = self._function("start", width)
+                state = start(
+                    tf.constant(padded),
+                    tf.constant(starts, tf.int32),
+                    tf.constant(limits, tf.int32),
+                    tf.constant(finished),
+                    tf.constant(offset, tf.int32),
+                    steps,
+                    self.knobs,
+                )
+            else:
+                if self.stop_requests:
+                    finished[list(self.stop_requests)] = True
+                    state = dict(state, done=tf.constant(state["done"].numpy() | finished))
+                state = self._function("resume")(state, steps, self.knobs)
+            tokens = state["tokens"].numpy()
+            ends = state["ends"].numpy()
+            done = state["done"].numpy()
+            cursor = int(state["cursor"])
+            chunk = []
+            for b in range(batch):
+                new = [] if finished[b] else tokens[b, starts[b] : ends[b]].tolist()
+                starts[b] = max(starts[b], ends[b])
+                remaining[b] -= len(new)
+                if new and new[-1] in self.stop_ids:
+                    finished[b] = True
+                    if not self.include_stop_token:
+                        new.pop()
+                if remaining[b] == 0 or b in self.stop_requests:
+                    finished[b] = True
+                chunk.append(new)
+            if any(chunk):
+                yield chunk
+            finished[list(self.stop_requests)] = True
+            if finished.all():
+                return
+            if done.all() or cursor >= cache_length:
+                # Every unfinished row has filled the cache: continue from its last tokens.
+                if not self.sliding_window or cursor != cache_length:
+                    raise AssertionError("generation ended before its rows finished")
+                keep = max(1, self.context // _SLIDE_DIVISOR)
+                prompts = [row[cache_length - keep : cache_length] for row in tokens]
+                offset += cache_length - keep
+                state = None
+
+    def _function(self, kind, width=None):
+        key = (kind, self.batch_size, width, self.cache_length, self.jit_compile)
+        functions = _COMPILED.setdefault(self.model, {})
+        if key not in functions:
+            functions[key] = _compile(self.model, kind, self.batch_size, self.cache_length, self.jit_compile)
+        return functions[key]
+
+
+def _bucket(n):
+    return max(_MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _normalize_prompts(prompts, lengths, vocab_size):
+    """→ (list of int64 arrays, whether a single 1-D prompt was given)."""
+    if isinstance(prompts, tf.RaggedTensor):
+        prompts = prompts.to_list()
+    elif isinstance(prompts, tf.Tensor):
+        prompts = prompts.numpy()
+    single = False
+    if isinstance(prompts, np.ndarray):
+        if prompts.ndim == 1:
+            prompts, single = prompts[None], True
+        if prompts.ndim != 2:
+            raise ValueError(
+                "`prompts` must be a list of token-id sequences, a 2-D [batch, time] array or one "
+                f"1-D sequence. Received an array of shape {prompts.shape}."
+            )
+        rows = list(prompts)
+        if lengths is not None:
+            lengths = [int(n) for n in np.asarray(lengths).reshape(-1)]
+            if len(lengths) != len(rows) or any(not 0 <= n <= prompts.shape[1] for n in lengths):
+                raise ValueError(
+                    f"`lengths` must hold one length in [0, {prompts.shape[1]}] per prompt row "
+                    f"({len(rows)} rows). Received: lengths={lengths}"
+                )
+            rows = [row[:n] for row, n in zip(rows, lengths)]
+    else:
+        if lengths is not None:
+            raise ValueError("`lengths` is only used with a 2-D array of padded prompts.")
+        prompts = list(prompts)
+        if prompts and all(isinstance(t, numbers.Integral) for t in prompts):
+            prompts, single = [prompts], True
+        rows = prompts
+    if not rows:
+        raise ValueError(
+            "`prompts` is empty: pass at least one prompt (a list of token-id lists). "
+            f"Received: prompts={prompts!r}"
+        )
+    checked = []
+    for b, row in enumerate(rows):
+        try:
+            array = np.asarray(row)
+        except ValueError:
+            array = None
+        if array is None or array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+            raise ValueError(
+                f"Prompt {b} must be a 1-D sequence of int token ids. Received: {row!r}"
+            )
+        if array.size == 0:
+            raise ValueError(
+                f"Prompt {b} is empty; every prompt needs at least one token (e.g. start from "
+                "the tokenizer's end-of-text id)."
+            )
+        bad = array[(array < 0) | (array >= vocab_size)]
+        if bad.size:
+            raise ValueError(
+                f"Prompt {b} has token id {int(bad[0])} outside the vocabulary [0, {vocab_size})."
+            )
+        checked.append(array.astype(np.int64))
+    return checked, single
+
+
+def _check_int(name, value, minimum):
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer ≥ {minimum}. Received: {name}={value!r}")
+    return int(value)
+
+
+def _knobs(temperature, top_k, top_p, seed, stop_token_ids, vocab_size):
+    """Validated sampling settings as tensors with fixed shapes and dtypes (so they never cause a
+    retrace), and the stop ids as a Python set."""
+    if (
+        not isinstance(temperature, numbers.Real)
+        or isinstance(temperature, bool)
+        or not math.isfinite(temperature)
+        or temperature < 0
+    ):
+        raise ValueError(
+            "`temperature` must be a finite number ≥ 0 (0 = greedy). "
+            f"Received: temperature={temperature!r}"
+        )
+    if top_k is not None:
+        top_k = _check_int("top_k", top_k, minimum=1)
+    if top_p is not None and (
+        not isinstance(top_p, numbers.Real) or isinstance(top_p, bool) or not 0 < top_p <= 1
+    ):
+        raise ValueError(f"`top_p` must be a number in (0, 1]. Received: top_p={top_p!r}")
+    if seed is None:
+        seed = random.getrandbits(62)
+    elif not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise ValueError(f"`seed` must be an int or None. Received: seed={seed!r}")
+    seed = int(seed) % (1 << 62)
+    if isinstance(stop_token_ids, numbers.Integral):
+        stop_token_ids = (stop_token_ids,)
+    stop_ids = set()
+    for token in stop_token_ids:
+        if not isinstance(token, numbers.Integral) or not 0 <= token < vocab_size:
+            raise ValueError(
+                f"`stop_token_ids` must be ids in [0, {vocab_size}). "
+                f"Received: stop_token_ids={stop_token_ids!r}"
+            )
+        stop_ids.add(int(token))
+    stop_mask = np.zeros([vocab_size], bool)
+    stop_mask[list(stop_ids)] = True
+    knobs = {
+        "temperature": tf.constant(float(temperature), tf.float32),
+        "top_k": tf.constant(min(top_k or vocab_size, vocab_size), tf.int32),
+        "top_p": tf.constant(1.0 if top_p is None else float(top_p), tf.float32),
+        "seed": tf.constant([seed >> 31, seed & ((1 << 31) - 1)], tf.int32),
+        "stop_mask": tf.constant(stop_mask),
+    }
+    return knobs, stop_ids
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled graph: prefill, per-slot sampling, and the decoding loop
+#
+# `state` is a dict of tensors:
+#   tokens  int32 [B, S]  prompts (right-padded) and the tokens decided so far
+#   lengths int32 [B]     prompt lengths: slots < lengths[b] are prompt tokens of row b
+#   limits  int32 [B]     a row stops once slot limits[b] - 1 is decided
+#   ends    int32 [B]     one past the last decided token of each row
+#   done    bool  [B]     rows that stopped (stop token, limit, or told to)
+#   cursor  int32 []      the next slot to decide; token `cursor - 1` is not in the cache yet
+#   offset  int32 []      absolute position of slot 0 (for random numbers after a slide)
+#   cache   [B, L, 2, S, H, K] the model's KV cache; slots < cursor - 1 are filled
+
+
+def _compile(model, kind, batch_size, cache_length, jit_compile):
+    """A `tf.function` for one shape bucket. It refers to `model` weakly so that the registry
+    entry disappears with the model."""
+    model_ref = weakref.ref(model)
+    if kind == "start":
+
+        def function(prompt, lengths, limits, done, offset, num_steps, knobs):
+            return _start(
+                model_ref(), batch_size, cache_length, prompt, lengths, limits, done, offset,
+                num_steps, knobs,
+            )
+
+    else:
+
+        def function(state, num_steps, knobs):
+            return _decode_loop(model_ref(), state, num_steps, knobs)
+
+    return tf.function(function, jit_compile=jit_compile, autograph=False)
+
+
+def _start(model, batch_size, cache_length, prompt, lengths, limits, done, offset, num_steps, knobs):
+    """Prefills the cache with `prompt` `[B, P]`, decides the first slot from the prefill's
+    logits, then runs `num_steps - 1` more decoding steps."""
+    width = prompt.shape[1]
+    tokens = tf.pad(prompt, [[0, 0], [0, cache_length - width]])  # [B, S]
+    cache = model.init_cache(batch_size, cache_length)
+    logits, cache = model.call_with_cache(prompt, cache, 0)  # [B, P, V]
+    cursor = tf.reduce_min(lengths)  # the shortest prompt's first new slot
+    state = {
+        "tokens": tokens,
+        "lengths": lengths,
+        "limits": limits,
+        "ends": lengths,
+        "done": done,
+        "cursor": cursor,
+        "offset": offset,
+        "cache": cache,
+    }
+    state = _decide(state, tf.gather(logits, cursor - 1, axis=1), knobs)  # logits [B, V]
+    return _decode_loop(model, state, num_steps - 1, knobs)
+
+
+def _decode_loop(model, state, num_steps, knobs):
+    """Up to `num_steps` steps, each feeding token `cursor - 1` to the model and deciding slot
+    `cursor`; stops early when every row is done or the cache is full."""
+    cache_length = state["tokens"].shape[1]
+    last = state["cursor"] + num_steps
+
+    def keep_going(state):
+        cursor = state["cursor"]
+        return tf.logical_and(
+            tf.logical_and(cursor < last, cursor < cache_length),
+            tf.logical_not(tf.reduce_all(state["done"])),
+        )
+
+    def step(state):
+        index = state["cursor"] - 1
+        token = tf.gather(state["tokens"], index, axis=1)  # [B]
+        logits, cache = model.call_with_cache(tf.expand_dims(token, 1), state["cache"], index)
+        state = dict(state, cache=cache)
+        return (_decide(state, logits[:, 0], knobs),)  # logits [B, V]
+
+    return tf.while_loop(keep_going, step, (state,))[0]
+
+
+def _decide(state, logits, knobs):
+    """Decides slot `cursor` of every row from `logits` `[B, V]` (predicting that slot): a sample
+    for rows past their prompt, the prompt token otherwise; then updates `ends` and `done`."""
+    index = state["cursor"]
+    tokens, done = state["tokens"], state["done"]
+    key = tf.random.experimental.stateless_fold_in(knobs["seed"], index + state["offset"])
+    sampled = sample(logits, knobs["temperature"], knobs["top_k"], knobs["top_p"], key)  # [B]
+    writes = tf.logical_and(tf.logical_not(done), index >= state["lengths"])  # [B]
+    column = tf.equal(tf.range(tokens.shape[1]), index)  # [S]: one-hot write, core ops only
+    tokens = tf.where(
+        tf.logical_and(tf.expand_dims(writes, 1), tf.expand_dims(column, 0)),
+        tf.expand_dims(sampled, 1),
+        tokens,
+    )
+    stops = tf.logical_or(tf.gather(knobs["stop_mask"], sampled), index + 1 >= state["limits"])
+    return dict(
+        state,
+        tokens=tokens,
+        ends=tf.where(writes, index + 1, state["ends"]),
+        done=tf.logical_or(done, tf.logical_and(writes, stops)),
+        cursor=index + 1,
+    )
+
+
+def sample(logits, temperature, top_k, top_p, seed):
+    """One token id per row of float logits `[B, V]`, in float32, with core TensorFlow ops.
+
+    `temperature` (scalar, 0 = argmax), `top_k` (int32 scalar in [1, V]; V = off), `top_p`
+    (scalar in (0, 1]; 1 = off) and `seed` (int32 `[2]`, for stateless random ops) are tensors,
+    so one graph serves every setting. Returns int32 `[B]`.
+    """
+    logits = tf.cast(logits, tf.float32)
+    vocab_size = logits.shape[-1]
+
+    def greedy():
+        return tf.argmax(logits, axis=-1, output_type=tf.int32)
+
+    def draw():
+        # Shifted so the maximum is 0: a tiny temperature sends the others to -inf, never NaN.
+        scaled = (logits - tf.reduce_max(logits, axis=-1, keepdims=True)) / temperature
+        restricted = tf.cond(
+            tf.logical_or(top_k < vocab_size, top_p < 1.0),
+            lambda: _top_k_top_p(scaled, top_k, top_p),
+            lambda: scaled,
+        )
+        uniform = tf.random.stateless_uniform(
+            tf.shape(scaled), seed, minval=np.finfo(np.float32).tiny, maxval=1.0
+        )
+        gumbel = -tf.math.log(-tf.math.log(uniform))  # argmax(logits + Gumbel) ~ softmax
+        return tf.argmax(restricted + gumbel, axis=-1, output_type=tf.int32)
+
+    return tf.cond(temperature > 0.0, draw, greedy)
+
+
+def _top_k_top_p(logits, top_k, top_p):
+    """`logits` `[B, V]` with everything outside the top `top_k` and then outside the nucleus of
+    mass `top_p` set to -inf. A sort with a tensor cut-off instead of `tf.math.top_k`, whose k XLA
+    needs at compile time."""
+    vocab_size = logits.shape[-1]
+    descending = tf.sort(logits, axis=-1, direction="DESCENDING")  # [B, V]
+    in_top_k = tf.expand_dims(tf.range(vocab_size) < top_k, 0)  # [1, V]
+    probabilities = tf.nn.softmax(tf.where(in_top_k, descending, -np.inf), axis=-1)
+    mass_before = tf.cumsum(probabilities, axis=-1, exclusive=True)
+    # The first (most likely) token always stays: its mass_before is 0 < top_p.
+    kept = tf.logical_and(in_top_k, mass_before < top_p)
+    count = tf.reduce_sum(tf.cast(kept, tf.int32), axis=-1)  # [B] ≥ 1
+    threshold = tf.gather(descending, count - 1, axis=1, batch_dims=1)  # [B]
+    return tf.where(logits >= tf.expand_dims(threshold, 1), logits, -np.inf)

@@ -1,0 +1,353 @@
+"""Training a `GPT` on a text corpus with `model.fit` under a `tf.distribute` strategy, in a run
+directory that holds everything needed to resume, evaluate, generate and export."""
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Optional
+
+import keras
+import numpy as np
+
+from gpt_keras import callbacks as run_callbacks
+from gpt_keras import checkpoints, data
+from gpt_keras.config import GPTConfig
+from gpt_keras.model import GPT
+from gpt_keras.tokenizers import ByteLevelBPETokenizer, CharTokenizer, load_tokenizer
+
+MIXED_PRECISION = {None: "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
+TOKENIZERS = ("char", "bpe")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping settings (defaults: nanoGPT's CPU Shakespeare run)."""
+
+    batch_size: int = 12  # global batch: split over all replicas, the same for any replica count
+    max_steps: int = 2000  # optimizer updates
+    learning_rate: float = 1e-3  # peak, after warmup
+    min_learning_rate: float = 1e-4  # end of the cosine decay
+    warmup_steps: int = 100  # linear warmup from 0
+    weight_decay: float = 0.1  # AdamW decay on weight matrices only (see `decay_groups`)
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    clip_norm: float = 1.0  # global gradient-norm clipping (0 disables)
+    gradient_accumulation_steps: int = 1  # micro-batches of `batch_size` per update
+    mixed_precision: Optional[str] = None  # None, "float16" or "bfloat16"
+    seed: int = 1337  # data order, initialisation and dropout
+    eval_every: int = 250  # steps between validations (a multiple of checkpoint_every)
+    eval_batches: int = 20  # fixed validation batches per evaluation
+    checkpoint_every: int = 250  # steps between checkpoints (divides max_steps)
+    keep_checkpoints: int = 3  # newest step checkpoints kept (plus the best one)
+    sample_every: int = 250  # steps between printed text samples (0: never)
+    sample_tokens: int = 200  # tokens per sample
+
+    def __post_init__(self):
+        positive = ["batch_size", "max_steps", "eval_every", "eval_batches", "checkpoint_every",
+                    "gradient_accumulation_steps"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer. Received: {name}={value!r}")
+        if self.max_steps % self.checkpoint_every:
+            raise ValueError(
+                f"max_steps={self.max_steps} must be a multiple of checkpoint_every="
+                f"{self.checkpoint_every}; change one of them."
+            )
+        if self.eval_every % self.checkpoint_every:
+            raise ValueError(
+                f"eval_every={self.eval_every} must be a multiple of checkpoint_every="
+                f"{self.checkpoint_every}; change one of them."
+            )
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                "mixed_precision must be None, 'float16' or 'bfloat16'. "
+                f"Received: {self.mixed_precision!r}"
+            )
+        if not 0 < self.min_learning_rate <= self.learning_rate:
+            raise ValueError(
+                "Need 0 < min_learning_rate <= learning_rate. Received: "
+                f"learning_rate={self.learning_rate}, min_learning_rate={self.min_learning_rate}"
+            )
+
+
+def decay_groups(model):
+    """Splits `model.trainable_variables` into `(decayed, not_decayed)`: AdamW's weight decay
+    applies to the weight matrices of attention, MLP and an untied output head; biases, LayerNorm
+    scales/offsets and the token/position embeddings are not decayed (GPT-2/minGPT practice)."""
+    embeddings = {id(v) for v in model.token_embedding.trainable_variables}
+    embeddings |= {id(v) for v in model.position_embedding.trainable_variables}
+    decayed, not_decayed = [], []
+    for variable in model.trainable_variables:
+        matrix = len(variable.shape) >= 2 and id(variable) not in embeddings
+        (decayed if matrix else not_decayed).append(variable)
+    return decayed, not_decayed
+
+
+def learning_rate_schedule(config):
+    """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then cosine decay to
+    `min_learning_rate` at `max_steps` (nanoGPT's schedule)."""
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0,
+        warmup_target=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=max(config.max_steps - config.warmup_steps, 1),
+        alpha=config.min_learning_rate / config.learning_rate,
+    )
+
+
+def build_optimizer(model, config):
+    """AdamW with the schedule, clipping and accumulation of `config`, decay groups applied."""
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=learning_rate_schedule(config),
+        weight_decay=config.weight_decay,
+        beta_1=config.beta_1,
+        beta_2=config.beta_2,
+        global_clipnorm=config.clip_norm or None,
+        gradient_accumulation_steps=(
+            config.gradient_accumulation_steps if config.gradient_accumulation_steps > 1 else None
+        ),
+    )
+    optimizer.exclude_from_weight_decay(var_list=decay_groups(model)[1])
+    return optimizer
+
+
+@dataclasses.dataclass
+class Run:
+    """A run directory and what lives in it."""
+
+    directory: str
+    model_config: GPTConfig
+    train_config: TrainConfig
+    token_file: Optional[data.TokenFile] = None
+
+    def path(self, *names):
+        return os.path.join(self.directory, *names)
+
+    config_path = property(lambda self: self.path("run.json"))
+    tokenizer_dir = property(lambda self: self.path("tokenizer"))
+    data_dir = property(lambda self: self.path("data"))
+    checkpoint_dir = property(lambda self: self.path("checkpoints"))
+    metrics_path = property(lambda self: self.path("metrics.csv"))
+    plot_path = property(lambda self: self.path("loss.png"))
+    samples_path = property(lambda self: self.path("samples.txt"))
+    model_path = property(lambda self: self.path("model.keras"))
+    tensorboard_dir = property(lambda self: self.path("tensorboard"))
+
+    @property
+    def tokens_per_step(self):
+        config = self.train_config
+        return config.batch_size * config.gradient_accumulation_steps * self.model_config.context_length
+
+
+def read_run_config(directory):
+    """The `run.json` of a run directory as a dict; `ValueError` if it is not a run directory."""
+    path = os.path.join(directory, "run.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{directory} is not a gpt_keras run directory (no run.json). "
+                         "Pass the --run-dir of a `gpt-keras train` run.")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_model(directory):
+    """The trained `GPT` of a run directory: `model.keras` if training finished, else the newest
+    checkpoint's weights."""
+    settings = read_run_config(directory)
+    model_path = os.path.join(directory, "model.keras")
+    if os.path.isfile(model_path):
+        return keras.saving.load_model(model_path, compile=False)
+    newest = checkpoints.latest(os.path.join(directory, "checkpoints"))
+    if newest is None:
+        raise ValueError(f"{directory} has no trained weights yet (no model.keras, no checkpoint).")
+    model = GPT(**settings["model"])
+    model.build()
+    checkpoints.load(newest, model)
+    return model
+
+
+def _train_tokenizer(kind, vocab_size, files):
+    texts = (text for path in files for text in data.read_text(path))
+    if kind == "char":
+        return CharTokenizer.train(texts)
+    if kind == "bpe":
+        return ByteLevelBPETokenizer.train(texts, vocab_size=vocab_size)
+    raise ValueError(f"--tokenizer must be one of {TOKENIZERS}. Received: {kind!r}")
+
+
+def _write_json(path, value):
+    text = json.dumps(value, indent=2, sort_keys=True).encode("utf-8")
+    checkpoints.atomic_write(path, lambda f: f.write(text))
+
+
+def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
+          tokenizer_vocab_size=None, validation_paths=None, replicas=None, sample=None,
+          verbose=True):
+    """Trains (or resumes) the run in `run_dir` and returns its `Run`.
+
+    `model_config.vocab_size` is replaced by the tokenizer's. Re-running with the same arguments
+    after an interruption continues from the newest checkpoint with the same step, learning
+    rate, optimizer state, data position and dropout RNG; different arguments raise `ValueError`
+    naming what changed. `sample(model) -> str`, if given, is printed every `sample_every` steps.
+    """
+    from gpt_keras.distribute import make_strategy  # splits the CPU: before TF runs any op
+
+    strategy = make_strategy(replicas)
+    if train_config.batch_size % strategy.num_replicas_in_sync:
+        raise ValueError(
+            f"The global batch size {train_config.batch_size} does not divide over "
+            f"{strategy.num_replicas_in_sync} replicas; use a multiple of "
+            f"{strategy.num_replicas_in_sync}."
+        )
+    train_files = data.resolve_text_files(data_paths)
+    validation_files = data.resolve_text_files(validation_paths) if validation_paths else None
+    requested = {
+        "model": dataclasses.asdict(model_config),
+        "train": dataclasses.asdict(train_config),
+        "tokenizer": {"kind": tokenizer, "vocab_size": tokenizer_vocab_size},
+        "data": {"train": train_files, "validation": validation_files},
+    }
+    run = Run(run_dir, model_config, train_config)
+    if os.path.isfile(run.config_path):
+        stored = read_run_config(run_dir)
+        stored_request = {**stored, "model": {**stored["model"], "vocab_size": model_config.vocab_size}}
+        changed = sorted(
+            f"{section}.{key}"
+            for section in requested
+            for key in set(requested[section] or {}) | set(stored_request.get(section) or {})
+            if (requested[section] or {}).get(key) != (stored_request.get(section) or {}).get(key)
+        )
+        if changed:
+            raise ValueError(
+                f"{run_dir} holds a run with other settings ({', '.join(changed)}). Re-run the "
+                "same command to resume it, or pass a new --run-dir."
+            )
+
+    if os.path.isfile(os.path.join(run.tokenizer_dir, "tokenizer.json")):
+        text_tokenizer = load_tokenizer(run.tokenizer_dir)
+    else:
+        text_tokenizer = _train_tokenizer(tokenizer, tokenizer_vocab_size, train_files)
+    if not os.path.isfile(os.path.join(run.data_dir, data.META_FILE)):
+        run.token_file = data.prepare_tokens(
+            train_files, text_tokenizer, run.data_dir, validation_files
+        )
+    else:
+        run.token_file = data.TokenFile.load(run.data_dir)
+    if run.token_file.fingerprint != data.fingerprint(train_files + (validation_files or [])):
+        raise ValueError(
+            f"The files under --data changed since {run_dir} was tokenized. "
+            "Pass a new --run-dir to train on the new text."
+        )
+    model_config = model_config.replace(vocab_size=text_tokenizer.vocab_size)
+    run.model_config = model_config
+    data.check_windows(run.token_file, model_config.context_length)
+    text_tokenizer.save(run.tokenizer_dir)
+    _write_json(run.config_path, {**requested, "model": dataclasses.asdict(model_config)})
+    return _fit(run, strategy, text_tokenizer, sample, verbose)
+
+
+def _fit(run, strategy, tokenizer, sample, verbose):
+    config = run.train_config
+    keras.config.set_dtype_policy(MIXED_PRECISION[config.mixed_precision])
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+        model = GPT(**dataclasses.asdict(run.model_config))
+        model.build()
+        optimizer = build_optimizer(model, config)
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        optimizer = model.optimizer  # a LossScaleOptimizer under mixed_float16
+        optimizer.build(model.trainable_variables)
+    state = {}
+    newest = checkpoints.latest(run.checkpoint_dir)
+    if newest is not None:
+        state = checkpoints.load(newest, model, optimizer)
+    start_step = int(optimizer.iterations.numpy())
+    if start_step >= config.max_steps:
+        print(f"{run.directory} is already trained to step {start_step}.")
+    else:
+        nan_stop = run_callbacks.StopOnNaN()
+        callbacks = [
+            nan_stop,
+            run_callbacks.RunState(run, state, nan_stop, sample, is_chief=_is_chief(strategy)),
+            keras.callbacks.TensorBoard(run.tensorboard_dir),
+        ]
+        if verbose:
+            callbacks.insert(0, run_callbacks.ProgressBar(
+                config.max_steps, start_step, run.tokens_per_step))
+        micro_steps = config.gradient_accumulation_steps
+        model.fit(
+            data.training_dataset(
+                run.token_file, run.model_config.context_length, config.batch_size, config.seed,
+                start_step * micro_steps, (config.max_steps - start_step) * micro_steps,
+            ),
+            epochs=config.max_steps // config.checkpoint_every,
+            initial_epoch=start_step // config.checkpoint_every,
+            steps_per_epoch=config.checkpoint_every * micro_steps,
+            validation_data=data.validation_dataset(
+                run.token_file, run.model_config.context_length, config.batch_size, config.seed,
+                config.eval_batches,
+            ),
+            validation_freq=config.eval_every // config.checkpoint_every,
+            callbacks=callbacks,
+            shuffle=False,  # batches are already drawn at random offsets
+            verbose=0,
+        )
+        if nan_stop.failed_at is not None:
+            raise FloatingPointError(
+                f"The loss became NaN/inf at step {nan_stop.failed_at}; training stopped. The "
+                f"newest checkpoint in {run.checkpoint_dir} is the last good one: lower the "
+                "learning rate or raise --clip-norm, then resume from it."
+            )
+    if _is_chief(strategy) and not os.path.isfile(run.model_path):
+        _save_inference_model(model, run.model_path)
+    keras.config.set_dtype_policy("float32")
+    return run
+
+
+def _is_chief(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return resolver is None or resolver.task_type in (None, "chief") or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+    )
+
+
+def _save_inference_model(model, path):
+    """Saves the weights in a fresh, uncompiled float32 `GPT` (no optimizer state) to `path`."""
+    keras.config.set_dtype_policy("float32")
+    clean = GPT(**dataclasses.asdict(model.config))
+    clean.build()
+    clean.set_weights([keras.ops.convert_to_numpy(w) for w in model.weights])
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(directory, ".tmp-model.keras")
+    clean.save(temporary)
+    os.replace(temporary, path)
+
+
+def evaluate(run_dir, data_paths, batch_size=32):
+    """Loss (nats/token), perplexity and bits per char/byte of the run's model on `data_paths`,
+    over all non-overlapping context windows of the text."""
+    model = load_model(run_dir)
+    tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
+    files = data.resolve_text_files(data_paths)
+    context = model.config.context_length
+    with tempfile.TemporaryDirectory() as scratch:
+        token_file = data.prepare_tokens(
+            files, tokenizer, os.path.join(scratch, "data"), validation_fraction=1.0
+        )
+        tokens = token_file.tokens()
+        count = (len(tokens) - 1) // context
+        if count < 1:
+            raise ValueError(f"{data_paths}: fewer than {context + 1} tokens; nothing to evaluate.")
+        starts = np.arange(count) * context
+        windows = tokens[starts[:, None] + np.arange(context + 1)].astype(np.int32)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
+        total = 0.0
+        for begin in range(0, count, batch_size):
+            batch = windows[begin : begin + batch_size]
+            total += float(loss_fn(batch[:, 1:], model(batch[:, :-1])))
+        loss = total / (count * context)
+        return {"tokens": count * context, **run_callbacks.validation_metrics(loss, token_file)}
