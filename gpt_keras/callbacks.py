@@ -19,12 +19,8 @@ METRIC_COLUMNS = [
 
 
 def learning_rate(optimizer):
-    """The optimizer's current learning rate as a float (schedules evaluated at `iterations`)."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer wraps one
-    rate = inner.learning_rate
-    if callable(rate):
-        rate = rate(inner.iterations)
-    return float(keras.ops.convert_to_numpy(rate))
+    """The learning rate the optimizer applies now, as a float."""
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
 
 
 class ProgressBar(keras.callbacks.Callback):

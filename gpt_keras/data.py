@@ -53,8 +53,10 @@ def resolve_text_files(paths):
 
 def read_text(path, chunk_bytes=CHUNK_BYTES):
     """Yields the text of the UTF-8 file `path` in chunks, each ending at a line break where the
-    file has one (so no word is cut). Invalid UTF-8 raises `ValueError` with the file and the byte
+    file has one (so no word is cut). An empty file or invalid UTF-8 raises `ValueError` with the file and the byte
     offset: gpt_keras never guesses an encoding or silently replaces characters."""
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: the file is empty. Remove it from --data.")
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0  # bytes of the file fed to the decoder so far
     carry = ""
@@ -124,8 +126,6 @@ def _tokenized_chunks(files, tokenizer):
     """Yields `(text, int32 ids)` per chunk of `files`, tokenized in a `tf.data` pipeline, with
     `None` between files (where the end-of-text token goes)."""
     for index, path in enumerate(files):
-        if os.path.getsize(path) == 0:
-            raise ValueError(f"{path}: the file is empty. Remove it from --data.")
         if index:
             yield None, None
         chunks = tf.data.Dataset.from_generator(

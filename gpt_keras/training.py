@@ -3,12 +3,15 @@ directory that holds everything needed to resume, evaluate, generate and export.
 
 import dataclasses
 import json
+import math
 import os
+import shutil
 import tempfile
 from typing import Optional
 
 import keras
 import numpy as np
+from keras import ops
 
 from gpt_keras import callbacks as run_callbacks
 from gpt_keras import checkpoints, data
@@ -85,15 +88,38 @@ def decay_groups(model):
     return decayed, not_decayed
 
 
+@keras.saving.register_keras_serializable(package="gpt_keras")
+class WarmupCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup from 0 to `peak` over `warmup_steps` updates, then cosine decay to `minimum`
+    at `total_steps` (nanoGPT's schedule). Keras evaluates schedules at micro-steps when
+    gradients are accumulated; dividing by `micro_steps` keeps the schedule in updates."""
+
+    def __init__(self, peak, minimum, warmup_steps, total_steps, micro_steps=1):
+        self.peak = peak
+        self.minimum = minimum
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.micro_steps = micro_steps
+
+    def __call__(self, step):
+        step = ops.cast(ops.floor_divide(step, self.micro_steps), "float32")
+        warmup = self.peak * step / max(self.warmup_steps, 1)
+        progress = ops.clip(
+            (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 0.0, 1.0
+        )
+        cosine = self.minimum + 0.5 * (self.peak - self.minimum) * (1 + ops.cos(math.pi * progress))
+        return ops.where(step < self.warmup_steps, warmup, cosine)
+
+    def get_config(self):
+        return {"peak": self.peak, "minimum": self.minimum, "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps, "micro_steps": self.micro_steps}
+
+
 def learning_rate_schedule(config):
-    """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then cosine decay to
-    `min_learning_rate` at `max_steps` (nanoGPT's schedule)."""
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0,
-        warmup_target=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        decay_steps=max(config.max_steps - config.warmup_steps, 1),
-        alpha=config.min_learning_rate / config.learning_rate,
+    """The `WarmupCosineSchedule` of `config`, counted in optimizer updates."""
+    return WarmupCosineSchedule(
+        config.learning_rate, config.min_learning_rate, config.warmup_steps, config.max_steps,
+        config.gradient_accumulation_steps,
     )
 
 
@@ -224,27 +250,39 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
                 "same command to resume it, or pass a new --run-dir."
             )
 
+    new_run = not os.path.exists(run_dir)
+    try:
+        text_tokenizer = _prepare(run, tokenizer, tokenizer_vocab_size, train_files,
+                                  validation_files)
+        _write_json(run.config_path, {**requested, "model": dataclasses.asdict(run.model_config)})
+    except BaseException:
+        if new_run and os.path.isdir(run_dir):
+            shutil.rmtree(run_dir)  # a failed first start leaves nothing behind
+        raise
+    return _fit(run, strategy, text_tokenizer, sample, verbose)
+
+
+def _prepare(run, kind, vocab_size, train_files, validation_files):
+    """Trains or loads the tokenizer and tokenizes the corpus into the run directory (or checks
+    that the stored tokens still match the files); sets `run.token_file` and the vocabulary size
+    of `run.model_config`. Returns the tokenizer."""
     if os.path.isfile(os.path.join(run.tokenizer_dir, "tokenizer.json")):
-        text_tokenizer = load_tokenizer(run.tokenizer_dir)
+        tokenizer = load_tokenizer(run.tokenizer_dir)
     else:
-        text_tokenizer = _train_tokenizer(tokenizer, tokenizer_vocab_size, train_files)
-    if not os.path.isfile(os.path.join(run.data_dir, data.META_FILE)):
-        run.token_file = data.prepare_tokens(
-            train_files, text_tokenizer, run.data_dir, validation_files
-        )
-    else:
+        tokenizer = _train_tokenizer(kind, vocab_size, train_files)
+    if os.path.isfile(os.path.join(run.data_dir, data.META_FILE)):
         run.token_file = data.TokenFile.load(run.data_dir)
+    else:
+        run.token_file = data.prepare_tokens(train_files, tokenizer, run.data_dir, validation_files)
     if run.token_file.fingerprint != data.fingerprint(train_files + (validation_files or [])):
         raise ValueError(
-            f"The files under --data changed since {run_dir} was tokenized. "
+            f"The files under --data changed since {run.directory} was tokenized. "
             "Pass a new --run-dir to train on the new text."
         )
-    model_config = model_config.replace(vocab_size=text_tokenizer.vocab_size)
-    run.model_config = model_config
-    data.check_windows(run.token_file, model_config.context_length)
-    text_tokenizer.save(run.tokenizer_dir)
-    _write_json(run.config_path, {**requested, "model": dataclasses.asdict(model_config)})
-    return _fit(run, strategy, text_tokenizer, sample, verbose)
+    run.model_config = run.model_config.replace(vocab_size=tokenizer.vocab_size)
+    data.check_windows(run.token_file, run.model_config.context_length)
+    tokenizer.save(run.tokenizer_dir)
+    return tokenizer
 
 
 def _fit(run, strategy, tokenizer, sample, verbose):

@@ -1,0 +1,276 @@
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from gpt_keras import GPT, GPTConfig, checkpoints
+from gpt_keras.callbacks import RunState, StopOnNaN
+from gpt_keras.cli import main
+from gpt_keras.training import (
+    Run, TrainConfig, build_optimizer, decay_groups, evaluate, learning_rate_schedule,
+    load_model, train,
+)
+
+SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                           "tinyshakespeare.txt")
+TINY_MODEL = GPTConfig.from_preset("tiny")  # context 16, 2 layers, 2 heads, 32 dims
+SMALL_MODEL_FLAGS = ["--context-length", "16", "--num-layers", "2", "--num-heads", "2",
+                     "--hidden-dim", "32"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The first 60,000 characters of Tiny Shakespeare."""
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        text = f.read(60_000)
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_directory_holds_everything(corpus, tmp_path):
+    run_dir = str(tmp_path / "run")
+    config = TrainConfig(batch_size=8, max_steps=40, learning_rate=1e-2, min_learning_rate=1e-3,
+                         warmup_steps=5, checkpoint_every=20, eval_every=20, eval_batches=3,
+                         keep_checkpoints=1, sample_every=0)
+    run = train(run_dir, [corpus], TINY_MODEL, config, verbose=False)
+    assert sorted(os.listdir(run_dir)) == sorted([
+        "run.json", "tokenizer", "data", "checkpoints", "metrics.csv", "loss.png",
+        "model.keras", "tensorboard",
+    ])
+    assert sorted(os.listdir(run.checkpoint_dir)) == ["best.ckpt.npz", "step-00000040.ckpt.npz"]
+    with open(run.plot_path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    rows = read_metrics(run_dir)
+    assert [int(row["step"]) for row in rows] == [20, 40]
+    assert float(rows[1]["loss"]) < float(rows[0]["loss"]) < math.log(run.model_config.vocab_size)
+    for row in rows:
+        val_loss = float(row["val_loss"])
+        assert float(row["val_perplexity"]) == pytest.approx(math.exp(val_loss))
+        # Character tokens: bits per character is the loss in bits.
+        assert float(row["val_bits_per_char"]) == pytest.approx(val_loss / math.log(2))
+    # model.keras holds the final weights (those of the last checkpoint), without optimizer.
+    model = load_model(run_dir)
+    reference = GPT.from_config(model.get_config())
+    reference.build()
+    state = checkpoints.load(checkpoints.latest(run.checkpoint_dir), reference)
+    assert state["step"] == 40
+    for a, b in zip(model.weights, reference.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert getattr(model, "optimizer", None) is None
+    # The same command again finds the run finished and changes nothing.
+    train(run_dir, [corpus], TINY_MODEL, config, verbose=False)
+    assert read_metrics(run_dir) == rows
+
+
+def test_evaluate_scores_every_window(corpus, tmp_path):
+    run_dir = str(tmp_path / "run")
+    config = TrainConfig(batch_size=4, max_steps=10, checkpoint_every=10, eval_every=10,
+                         eval_batches=1, sample_every=0)
+    train(run_dir, [corpus], TINY_MODEL, config, verbose=False)
+    result = evaluate(run_dir, [corpus], batch_size=64)
+    model = load_model(run_dir)
+    from gpt_keras.tokenizers import load_tokenizer
+
+    ids = load_tokenizer(os.path.join(run_dir, "tokenizer")).tokenize(open(corpus).read()).numpy()
+    count = (len(ids) - 1) // 16
+    windows = ids[np.arange(count)[:, None] * 16 + np.arange(17)]
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    expected = model.evaluate(windows[:, :-1], windows[:, 1:], batch_size=count, verbose=0)
+    assert result["tokens"] == count * 16
+    assert result["val_loss"] == pytest.approx(expected, rel=1e-5)
+    assert result["val_bits_per_char"] == pytest.approx(expected / math.log(2), rel=1e-5)
+
+
+def test_changed_settings_are_refused(corpus, tmp_path):
+    run_dir = str(tmp_path / "run")
+    config = TrainConfig(batch_size=4, max_steps=10, checkpoint_every=10, eval_every=10,
+                         eval_batches=1, sample_every=0)
+    train(run_dir, [corpus], TINY_MODEL, config, verbose=False)
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(model.num_layers, "
+                                         r"train.learning_rate\)"):
+        train(run_dir, [corpus], TINY_MODEL.replace(num_layers=3),
+              config.__class__(**{**vars(config), "learning_rate": 5e-3}), verbose=False)
+
+
+def test_weight_decay_groups():
+    for overrides in [{}, {"position_embedding": "learned", "tie_embeddings": False}]:
+        model = GPT(**vars(TINY_MODEL.replace(**overrides)))
+        model.build()
+        decayed, not_decayed = decay_groups(model)
+        ids = lambda variables: sorted(id(v) for v in variables)  # noqa: E731
+        assert ids(decayed + not_decayed) == ids(model.trainable_variables)  # exactly one group
+        assert not {id(v) for v in decayed} & {id(v) for v in not_decayed}
+        names = {v.path for v in decayed}
+        assert all(v.path.endswith("kernel") for v in decayed)
+        assert all(not v.path.endswith("kernel") for v in not_decayed)
+        assert not any("embedding" in name for name in names)
+        has_head = any(name.endswith("/lm_head/kernel") for name in names)
+        assert has_head == (not model.config.tie_embeddings)
+
+
+def test_adamw_decays_only_the_decayed_group():
+    model = GPT(**vars(TINY_MODEL))
+    model.build()
+    optimizer = build_optimizer(model, TrainConfig(warmup_steps=0, clip_norm=0.0))
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    zero_gradients = [np.zeros(v.shape, "float32") for v in model.trainable_variables]
+    optimizer.apply_gradients(zip(zero_gradients, model.trainable_variables))
+    decayed_ids = {id(v) for v in decay_groups(model)[0]}
+    for variable, old in zip(model.trainable_variables, before):
+        changed = not np.array_equal(variable.numpy(), old)
+        assert changed == (id(variable) in decayed_ids and np.any(old)), variable.path
+
+
+def test_learning_rate_schedule_warmup_then_cosine_to_minimum():
+    config = TrainConfig(max_steps=1000, warmup_steps=100, learning_rate=1e-3,
+                         min_learning_rate=1e-4, checkpoint_every=100, eval_every=100)
+    schedule = learning_rate_schedule(config)
+    rate = lambda step: float(schedule(step))  # noqa: E731
+    assert rate(0) == 0.0
+    assert rate(50) == pytest.approx(5e-4)
+    assert rate(100) == pytest.approx(1e-3)
+    midpoint = 1e-4 + 0.5 * (1e-3 - 1e-4)  # halfway through the decay
+    assert rate(550) == pytest.approx(midpoint, rel=1e-4)
+    assert rate(1000) == pytest.approx(1e-4)
+    accumulated = learning_rate_schedule(
+        TrainConfig(**{**vars(config), "gradient_accumulation_steps": 4}))
+    for update in [0, 50, 100, 550, 1000]:  # counted in updates, not micro-steps
+        for micro in range(4):
+            assert float(accumulated(4 * update + micro)) == pytest.approx(rate(update))
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    ids = np.random.default_rng(0).integers(0, 64, (8, 17)).astype("int32")
+    weights = None
+    results = []
+    for accumulation, batch in [(2, 4), (1, 8)]:
+        model = GPT(**vars(TINY_MODEL))
+        model.build()
+        weights = weights or model.get_weights()
+        model.set_weights(weights)
+        config = TrainConfig(gradient_accumulation_steps=accumulation, warmup_steps=0,
+                             learning_rate=1e-2, clip_norm=0.0)
+        model.compile(optimizer=build_optimizer(model, config),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(ids[:, :-1], ids[:, 1:], batch_size=batch, epochs=1, shuffle=False, verbose=0)
+        assert int(model.optimizer.iterations.numpy()) == 1
+        results.append(model.get_weights())
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_nan_loss_stops_without_checkpointing(corpus, tmp_path):
+    model = GPT(**vars(TINY_MODEL))
+    model.build()
+    model.compile(optimizer=build_optimizer(model, TrainConfig()), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    run = Run(str(tmp_path), TINY_MODEL, TrainConfig(checkpoint_every=10, eval_every=10,
+                                                      max_steps=10))
+    nan_stop = StopOnNaN()
+    state = RunState(run, {}, nan_stop)
+    for callback in (nan_stop, state):
+        callback.set_model(model)
+    state.on_train_begin()
+    state.on_epoch_begin(0)
+    nan_stop.on_train_batch_end(0, {"loss": float("nan")})
+    assert model.stop_training and nan_stop.failed_at == 0
+    state.on_epoch_end(0, {"loss": float("nan")})
+    assert not os.path.exists(run.checkpoint_dir)
+
+
+def _cli(run_dir, corpus, *extra):
+    return [sys.executable, "-m", "gpt_keras.cli", "train", "--data", corpus, "--run-dir", run_dir,
+            *SMALL_MODEL_FLAGS, "--batch-size", "8", "--max-steps", "30", "--checkpoint-every",
+            "5", "--eval-every", "5", "--eval-batches", "2", "--dropout", "0.1",
+            "--sample-every", "0", *extra]
+
+
+def test_killed_run_resumes_on_the_same_trajectory(corpus, tmp_path):
+    """A real SIGKILL after the checkpoint of step 15; the same command then finishes the run on
+    exactly the loss trajectory and weights of an uninterrupted run (dropout on, so the RNG state
+    must be restored too)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    whole, interrupted = str(tmp_path / "whole"), str(tmp_path / "interrupted")
+    subprocess.run(_cli(whole, corpus), check=True, env=env, capture_output=True, timeout=600)
+
+    process = subprocess.Popen(_cli(interrupted, corpus), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    target = checkpoints.step_path(os.path.join(interrupted, "checkpoints"), 15)
+    deadline = time.time() + 300
+    while not os.path.exists(target) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    steps = sorted(checkpoints.step_checkpoints(os.path.join(interrupted, "checkpoints")))
+    assert 15 <= steps[-1] < 30, steps  # killed mid-run
+    assert not os.path.exists(os.path.join(interrupted, "model.keras"))
+
+    subprocess.run(_cli(interrupted, corpus), check=True, env=env, capture_output=True,
+                   timeout=600)
+    expected, resumed = read_metrics(whole), read_metrics(interrupted)
+    assert [row["step"] for row in resumed] == [str(s) for s in range(5, 35, 5)]
+    for a, b in zip(expected, resumed):
+        for key in ("loss", "val_loss", "learning_rate"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-6), (a["step"], key)
+    for a, b in zip(load_model(whole).weights, load_model(interrupted).weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def _write(path, content, mode="w"):
+    with open(path, mode) as f:
+        f.write(content)
+    return str(path)
+
+
+@pytest.mark.parametrize("setup, extra, message", [
+    (lambda d: str(d / "missing.txt"), [], "missing.txt: no such file or directory"),
+    (lambda d: _write(d / "empty.txt", ""), [], "empty.txt: the file is empty"),
+    (lambda d: (os.makedirs(d / "nothing"), str(d / "nothing"))[1], [],
+     "nothing: the directory holds no text file"),
+    (lambda d: _write(d / "bad.txt", b"abc\xff\n" * 100, "wb"), [],
+     "bad.txt: invalid UTF-8 at byte offset 3"),
+    (lambda d: _write(d / "short.txt", "to be or not\n"), [],
+     "training split has 11 tokens, fewer than one window"),
+    (lambda d: _write(d / "ok.txt", "to be or not to be\n" * 50), ["--tokenizer", "bpe",
+     "--vocab-size", "200"], "vocab_size` must be an int of at least 257"),
+    (lambda d: _write(d / "ok.txt", "to be or not to be\n" * 50), ["--max-steps", "30",
+     "--checkpoint-every", "7"], "max_steps=30 must be a multiple of checkpoint_every=7"),
+])
+def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, capsys, setup, extra, message):
+    data_path = setup(tmp_path)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", data_path, "--run-dir", str(run_dir), *SMALL_MODEL_FLAGS,
+              "--max-steps", "10", *extra])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("gpt-keras: error: ") and error.count("\n") == 1, error
+    assert message in error
+    assert not run_dir.exists()
+
+
+def test_default_corpus_without_network_says_to_pass_data(monkeypatch):
+    from gpt_keras import cli
+
+    monkeypatch.setattr(cli.os.path, "isfile", lambda path: False)
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("network unreachable")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(ValueError, match="Could not download the default corpus .*ConnectionError"
+                                         ".* Pass --data PATH"):
+        cli.default_corpus()
