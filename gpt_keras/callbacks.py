@@ -104,13 +104,16 @@ class RunState(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.interval_started = time.perf_counter()
 
+    def on_train_batch_end(self, batch, logs=None):
+        self.interval_ended = time.perf_counter()  # training time only, not validation
+
     def on_epoch_end(self, epoch, logs=None):
         if self.nan_stop.failed_at is not None:
             return
         logs = logs or {}
         config = self.run.train_config
         step = int(self.model.optimizer.iterations.numpy())
-        interval = time.perf_counter() - self.interval_started
+        interval = self.interval_ended - self.interval_started
         row = {
             "step": step,
             "loss": float(logs["loss"]),

@@ -1,26 +1,64 @@
-"""Choosing the `tf.distribute` strategy that a training run always runs under."""
+"""The `tf.distribute` strategy a training run always runs under, and the train/test steps that
+make `model.fit` exact under it (one local device, N local devices, or several workers).
+
+How multi-worker training works here — it is `model.fit`, not a separate loop:
+
+- `make_strategy` picks `MultiWorkerMirroredStrategy` when `TF_CONFIG` describes a cluster of
+  2+ tasks, else `MirroredStrategy` over the local GPUs or over N logical CPU devices.
+- `GlobalBatchSteps` (mixed into the trained `GPT`, see `TrainingGPT`) overrides `train_step` and
+  `test_step`: each replica computes the loss and gradients of its slice, then one all-reduce
+  (over every replica of every worker) gives all replicas the global-batch gradient and loss
+  before `optimizer.apply`. Global-norm clipping, gradient accumulation and the loss-scale check
+  therefore see the gradient of the whole global batch, and every replica logs the same loss, so
+  Keras never has to reduce logs across workers (its reduction is what fails under
+  `MultiWorkerMirroredStrategy` in Keras 3.15: keras #20585, then `strategy.reduce(axis=0)` on
+  a scalar).
+- `stack_pairs` turns `(inputs, targets)` batches into one tensor: Keras 3.15's `fit` reduces the
+  first batch with `strategy.reduce`, which `MultiWorkerMirroredStrategy` only accepts for a
+  single tensor.
+
+The global batch is split over all replicas, so a run gives the same losses and weights (up to
+float rounding) with any number of replicas or workers. Every worker builds the same global
+batches from `(seed, step)` and keeps its own slice (`data.training_dataset`). Only the chief
+(`is_chief`) writes into the run directory; the other workers read the tokenizer, token file and
+checkpoints the chief wrote there, so the run directory must be on a file system that every
+worker can read (on one machine it is).
+"""
 
 import json
 import os
 
+import keras
+import numpy as np
 import tensorflow as tf
+
+from gpt_keras.model import GPT
+
+
+def _tf_config():
+    return json.loads(os.environ.get("TF_CONFIG") or "{}")
 
 
 def cluster_workers():
-    """Number of workers that `TF_CONFIG` describes (0 when it describes no cluster)."""
-    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
-    return len(config.get("cluster", {}).get("worker", []))
+    """Number of tasks (chief and workers) that `TF_CONFIG` describes (0 when no cluster)."""
+    cluster = _tf_config().get("cluster", {})
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
 
 
 def make_strategy(replicas=None):
-    """`MultiWorkerMirroredStrategy` when `TF_CONFIG` describes 2+ workers; otherwise
+    """`MultiWorkerMirroredStrategy` when `TF_CONFIG` describes 2+ tasks; otherwise
     `MirroredStrategy` over all local GPUs (the first `replicas` if given) or, without GPUs, over
     `replicas` logical CPU devices (1 by default). Splitting the CPU must happen before TensorFlow
     runs any op, so call this first."""
-    if cluster_workers() > 1:
-        return tf.distribute.MultiWorkerMirroredStrategy()
     if replicas is not None and replicas < 1:
         raise ValueError(f"--replicas must be at least 1. Received: {replicas}")
+    if cluster_workers() > 1:
+        if replicas not in (None, 1):
+            raise ValueError(
+                f"--replicas {replicas} cannot be combined with a TF_CONFIG cluster: each worker "
+                "uses all of its GPUs (or its CPU). Leave out --replicas, or unset TF_CONFIG."
+            )
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         if replicas and replicas > len(gpus):
@@ -43,3 +81,151 @@ def make_strategy(replicas=None):
                 "before the CPU could be split. Ask for replicas before any TensorFlow op runs."
             )
     return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+
+
+def is_chief(strategy):
+    """True for the one process that writes files: the only process without a cluster, else the
+    `chief` task, or worker 0 when the cluster has no `chief` task."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.task_type in (None, "chief"):
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def is_multi_worker(strategy):
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (
+        cluster_workers() > 1
+    )
+
+
+def worker_name(strategy):
+    """`worker 1`-style name of this process, for messages."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.task_type is None:
+        return "this process"
+    return f"{resolver.task_type} {resolver.task_id}"
+
+
+def gather_from_replicas(strategy, values):
+    """Every replica's copy of the integers `values`, as an int64 array `[replicas, len(values)]`.
+
+    A collective op under `MultiWorkerMirroredStrategy`: every worker must call it at the same
+    point, and it returns only when all have (so it doubles as a barrier).
+    """
+    local = np.asarray([values], np.int64)
+    per_replica = strategy.experimental_distribute_values_from_function(
+        lambda context: tf.constant(local)
+    )
+    return np.asarray(strategy.gather(per_replica, axis=0))
+
+
+def barrier(strategy):
+    """Returns once every worker has called it (no-op without a multi-worker cluster)."""
+    if is_multi_worker(strategy):
+        gather_from_replicas(strategy, [0])
+
+
+def check_same_on_workers(strategy, what, value):
+    """Raises `ValueError` on every worker unless all workers hold the same integer `value`
+    (no-op without a multi-worker cluster)."""
+    if not is_multi_worker(strategy):
+        return
+    found = gather_from_replicas(strategy, [value])[:, 0]
+    if len(set(found.tolist())) > 1:
+        raise ValueError(
+            f"The workers see different {what} ({', '.join(map(str, found.tolist()))}, one per "
+            "replica). Put --run-dir on a file system that every worker reads, and start every "
+            "worker with the same command."
+        )
+
+
+def stack_pairs(dataset):
+    """`(inputs, targets)` batches `[B, T]` → one int32 tensor `[B, 2, T]` per batch (see the
+    module docstring for why; `GlobalBatchSteps` unstacks it)."""
+    return dataset.map(lambda inputs, targets: tf.stack([inputs, targets], axis=1))
+
+
+def _skip_optimizer_all_reduce(optimizer):
+    """Works around Keras 3.15's TensorFlow optimizer summing gradients over replicas inside
+    `apply`, *after* global-norm clipping, gradient accumulation and the loss-scale finiteness
+    check have seen each replica's partial gradient (so 2 replicas clip at the wrong norm, and
+    workers can disagree on finiteness). `GlobalBatchSteps.train_step` all-reduces before
+    `apply`; this makes the optimizer's own all-reduce (`_all_reduce_sum_gradients`) a no-op."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer wraps one
+    if not callable(getattr(inner, "_all_reduce_sum_gradients", None)):
+        raise RuntimeError(
+            f"This Keras version ({keras.__version__}) changed how its optimizer all-reduces "
+            "gradients; gpt_keras.distribute._skip_optimizer_all_reduce needs updating."
+        )
+    inner._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)
+
+
+class GlobalBatchSteps:
+    """Mixin for a Keras language model (before the model class in the bases): `train_step` and
+    `test_step` that reduce across all replicas themselves, so `fit` is exact under
+    `MirroredStrategy` and `MultiWorkerMirroredStrategy` alike.
+
+    Batches are `(inputs, targets)` int `[B, T]` pairs or the `[B, 2, T]` tensors of
+    `stack_pairs`; the loss is the mean token cross-entropy of the global batch (logits from
+    `self(inputs)`). Compile with an optimizer only (`compile(optimizer=...)`): the loss is
+    computed here, and the one metric, `loss`, is the running mean over the steps since the last
+    reset (a Keras epoch), identical on every replica.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        # Logs are identical on every replica: take them from the first, reduce nothing.
+        self.distribute_reduction_method = "first"
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker]
+
+    def compile(self, optimizer, **kwargs):
+        if kwargs.get("loss") is not None:
+            raise ValueError(
+                f"{type(self).__name__} computes its own loss; compile it with an optimizer only."
+            )
+        super().compile(optimizer=optimizer, **kwargs)
+        _skip_optimizer_all_reduce(self.optimizer)
+
+    @staticmethod
+    def _unpack(data):
+        if isinstance(data, (tuple, list)):
+            return data[0], data[1]
+        return data[:, 0], data[:, 1]  # stacked by `stack_pairs`: [B, 2, T]
+
+    def _token_loss(self, targets, logits):
+        """Mean cross-entropy over this replica's tokens (float32)."""
+        losses = keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True)
+        return keras.ops.mean(keras.ops.cast(losses, "float32"))
+
+    def train_step(self, data):
+        inputs, targets = self._unpack(data)
+        with tf.GradientTape() as tape:
+            logits = self(inputs, training=True)
+            loss = self._token_loss(targets, logits)
+            scaled_loss = self.optimizer.scale_loss(loss)  # loss scaling under mixed_float16
+        gradients = tape.gradient(scaled_loss, self.trainable_variables)
+        # Equal slices per replica: the mean of the replicas' gradients (and losses) is the
+        # gradient (and loss) of the global batch. One all-reduce over all workers.
+        loss, *gradients = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.MEAN, [loss, *gradients]
+        )
+        self.optimizer.apply(gradients, self.trainable_variables)
+        self.loss_tracker.update_state(loss)
+        return {"loss": self.loss_tracker.result()}
+
+    def test_step(self, data):
+        inputs, targets = self._unpack(data)
+        loss = self._token_loss(targets, self(inputs, training=False))
+        loss = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MEAN, loss)
+        self.loss_tracker.update_state(loss)
+        return {"loss": self.loss_tracker.result()}
+
+
+class TrainingGPT(GlobalBatchSteps, GPT):
+    """The `GPT` that `gpt_keras.training` trains: same weights and forward pass, with the
+    train/test steps of `GlobalBatchSteps`. Saved models are plain `GPT`s."""

@@ -13,7 +13,7 @@ prompt token instead of the sample (keras-hub's scheme), so its keys/values at t
 rewritten from the right token before any later query can see them: every slot a query attends
 to holds a real token of its row. The cost of a ragged batch is `max n_b - min n_b` extra
 single-token steps. Everything in the loop is a core TensorFlow op (tokens are written into the
-`[B, S]` buffer with a one-hot `where`, random numbers come from stateless ops), so the same
+`[B, S]` buffer with a one-hot `where`, random numbers come from an integer hash), so the same
 function runs under XLA (`jit_compile=True`, the default) or without it, for a SavedModel that
 TF Serving can load with XLA disabled.
 
@@ -24,8 +24,9 @@ that differ only in those reuse the compiled function (`tracing_count(model)` co
 Sampling (float32): `temperature == 0` is greedy (argmax). Otherwise logits are divided by
 `temperature`, then restricted to the `top_k` largest, then to the nucleus (the fewest tokens,
 most likely first, whose probability reaches `top_p`), and a token is drawn with the Gumbel-max
-trick. Logits tied exactly at a cut-off are all kept. The random numbers for slot `i` come from
-`stateless_fold_in(seed, i)`, so a fixed `seed` gives the same tokens whatever the chunk size.
+trick. Logits tied exactly at a cut-off are all kept. The random numbers for slot `i` are a hash of
+`(seed, i, row, token)` in integer arithmetic, so a fixed `seed` gives the same tokens whatever
+the chunk size, with or without XLA.
 
 Long generations (`sliding_window=True`, the default): when a sequence fills the context, the
 cache is rebuilt by prefilling its last `context_length // 2` tokens at positions
@@ -654,8 +655,14 @@ def _decide(state, logits, knobs):
     for rows past their prompt, the prompt token otherwise; then updates `ends` and `done`."""
     index = state["cursor"]
     tokens, done = state["tokens"], state["done"]
-    key = tf.random.experimental.stateless_fold_in(knobs["seed"], index + state["offset"])
-    sampled = sample(logits, knobs["temperature"], knobs["top_k"], knobs["top_p"], key)  # [B]
+    sampled = sample(  # [B]
+        logits,
+        knobs["temperature"],
+        knobs["top_k"],
+        knobs["top_p"],
+        knobs["seed"],
+        index + state["offset"],
+    )
     writes = tf.logical_and(tf.logical_not(done), index >= state["lengths"])  # [B]
     column = tf.equal(tf.range(tokens.shape[1]), index)  # [S]: one-hot write, core ops only
     tokens = tf.where(
@@ -673,12 +680,13 @@ def _decide(state, logits, knobs):
     )
 
 
-def sample(logits, temperature, top_k, top_p, seed):
+def sample(logits, temperature, top_k, top_p, seed, position=0):
     """One token id per row of float logits `[B, V]`, in float32, with core TensorFlow ops.
 
     `temperature` (scalar, 0 = argmax), `top_k` (int32 scalar in [1, V]; V = off), `top_p`
-    (scalar in (0, 1]; 1 = off) and `seed` (int32 `[2]`, for stateless random ops) are tensors,
-    so one graph serves every setting. Returns int32 `[B]`.
+    (scalar in (0, 1]; 1 = off), `seed` (int32 `[2]`, each in [0, 2**31)) and `position` (int32
+    scalar, mixed into the random numbers) are tensors, so one graph serves every setting.
+    Returns int32 `[B]`.
     """
     logits = tf.cast(logits, tf.float32)
     vocab_size = logits.shape[-1]
@@ -694,13 +702,37 @@ def sample(logits, temperature, top_k, top_p, seed):
             lambda: _top_k_top_p(scaled, top_k, top_p),
             lambda: scaled,
         )
-        uniform = tf.random.stateless_uniform(
-            tf.shape(scaled), seed, minval=np.finfo(np.float32).tiny, maxval=1.0
-        )
+        uniform = _uniform(tf.shape(scaled), seed, position)
         gumbel = -tf.math.log(-tf.math.log(uniform))  # argmax(logits + Gumbel) ~ softmax
         return tf.argmax(restricted + gumbel, axis=-1, output_type=tf.int32)
 
     return tf.cond(temperature > 0.0, draw, greedy)
+
+
+def _uniform(shape, seed, position):
+    """Uniform float32 numbers in (0, 1) of `shape` `[B, V]`, a function of `seed` `[2]`,
+    `position` and the element's index only: a counter-based hash in uint32 arithmetic.
+
+    TensorFlow's stateless random ops would do, but their XLA kernels lay the Philox stream out
+    differently from the plain-TensorFlow ones (measured: different numbers for one seed), so
+    the same seed would sample different tokens with and without `jit_compile`. Integer
+    multiply/xor/shift are bit-exact everywhere.
+    """
+    seed = tf.cast(seed, tf.uint32)
+    key = _mix(tf.bitwise.bitwise_xor(seed[0], _mix(tf.cast(position, tf.uint32))))
+    key2 = _mix(tf.bitwise.bitwise_xor(seed[1], key))
+    counter = tf.reshape(tf.cast(tf.range(tf.reduce_prod(shape)), tf.uint32), shape)
+    bits = _mix(tf.bitwise.bitwise_xor(_mix(tf.bitwise.bitwise_xor(counter, key)), key2))
+    top24 = tf.cast(tf.bitwise.right_shift(bits, tf.constant(8, tf.uint32)), tf.int32)
+    return (tf.cast(top24, tf.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def _mix(x):
+    """A 32-bit integer hash with good avalanche (Chris Wellons' "lowbias32"); a bijection."""
+    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(shift, tf.uint32)))
+        x = x * tf.constant(multiplier, tf.uint32)
+    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(16, tf.uint32)))
 
 
 def _top_k_top_p(logits, top_k, top_p):

@@ -79,9 +79,10 @@ def gpt_logits(model, token_ids, padding_mask=None):
     t = token_ids.shape[1]
     if cfg.position_embedding == "learned":
         positions = np.asarray(model.position_embedding.position_embeddings.numpy(), np.float64)[:t]
-    else:
-        positions = sinusoidal_table(range(t), cfg.hidden_dim)
-    x = token_table[token_ids] + positions[None]
+        x = token_table[token_ids] + positions[None]
+    else:  # the Transformer paper scales token embeddings by sqrt(D) before adding the encoding
+        x = token_table[token_ids] * math.sqrt(cfg.hidden_dim)
+        x = x + sinusoidal_table(range(t), cfg.hidden_dim)[None]
     for keras_block in model.blocks:
         x = block(x, block_weights(keras_block), cfg.num_heads, cfg.layer_norm_epsilon, padding_mask)
     x = layer_norm(

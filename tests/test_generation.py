@@ -1,0 +1,357 @@
+import codecs
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gpt_keras import GPT, GPTConfig, generation
+from tests import numpy_reference as ref
+
+TINY = GPTConfig.from_preset("tiny")  # vocab 64, context 16, 2 layers, 2 heads, 32 dims
+RAGGED = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [20, 30, 40, 50]]  # lengths 3, 7, 1, 4
+
+
+def random_model(**overrides):
+    """A tiny GPT with weights of scale 0.3, so that greedy decisions are not near-ties.
+    Untied embeddings: with tied ones, random models mostly repeat one token."""
+    model = GPT(**dataclasses.asdict(TINY.replace(tie_embeddings=False, **overrides)))
+    model.build()
+    ref.randomize_weights(model, scale=0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(position_embedding="learned")
+
+
+class ScriptedGPT(GPT):
+    """A test-only GPT whose cached forward pass ignores the tokens: the logits at position p are
+    row p of `table` `[context_length, V]`. Forces exactly the tokens (or distribution) a test
+    needs."""
+
+    def __init__(self, table, **kwargs):
+        super().__init__(**kwargs)
+        self._table = np.asarray(table, np.float32)
+
+    def call_with_cache(self, token_ids, cache, cache_index, padding_mask=None, training=False):
+        batch, length = tf.shape(token_ids)[0], tf.shape(token_ids)[1]
+        positions = cache_index + tf.range(length)
+        logits = tf.gather(tf.constant(self._table), positions)  # [T, V]
+        return tf.broadcast_to(logits, [batch, length, self._table.shape[1]]), cache
+
+
+def scripted_model(script, vocab_size=256, context_length=32, base=None):
+    """Emits `script[p]` after position p (greedy, or any temperature: its logit leads by 30)."""
+    table = np.zeros([context_length, vocab_size], np.float32) if base is None else base
+    for position, token in enumerate(script):
+        table[position, token] = 30.0
+    return ScriptedGPT(
+        table,
+        vocab_size=vocab_size,
+        context_length=context_length,
+        num_layers=1,
+        num_heads=1,
+        hidden_dim=4,
+    )
+
+
+def oracle_logits(model, sequence):
+    """Logits predicting the token after `sequence`, re-running the full model (no cache)."""
+    return np.asarray(model(np.array([sequence], np.int32)))[0, -1]
+
+
+def oracle_greedy(model, prompt, max_new_tokens, window=None, keep=None):
+    """nanoGPT-style greedy decoding: the whole visible sequence through `model` every step.
+    With `window`, once the visible part reaches `window` tokens it restarts from the last
+    `keep` tokens (the documented sliding window)."""
+    sequence, start = list(prompt), 0
+    for _ in range(max_new_tokens):
+        if window is not None and len(sequence) - start == window:
+            start = len(sequence) - keep
+        logits = oracle_logits(model, sequence[start:])
+        top_two = np.sort(logits)[-2:]
+        assert top_two[1] - top_two[0] > 1e-3, "near-tie: pick other weights"
+        sequence.append(int(np.argmax(logits)))
+    return sequence[len(prompt) :]
+
+
+# -- Correctness against the oracle ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("position_embedding", ["learned", "sinusoidal"])
+def test_greedy_ragged_batch_matches_full_model_oracle(position_embedding, model):
+    if position_embedding == "sinusoidal":
+        model = random_model(position_embedding="sinusoidal")
+    out = generation.generate(model, RAGGED, max_new_tokens=9, temperature=0)
+    assert out == [oracle_greedy(model, p, 9) for p in RAGGED]
+    assert len({tuple(row) for row in out}) == len(RAGGED)  # not one degenerate answer
+
+
+def test_without_xla_gives_the_same_tokens(model):
+    fast = generation.generate(model, RAGGED, max_new_tokens=9, temperature=0)
+    graph = generation.generate(model, RAGGED, max_new_tokens=9, temperature=0, jit_compile=False)
+    assert graph == fast
+    sampled = dict(max_new_tokens=9, temperature=1.0, top_k=10, top_p=0.9, seed=7)
+    assert generation.generate(model, RAGGED, jit_compile=False, **sampled) == (
+        generation.generate(model, RAGGED, **sampled)
+    )
+
+
+def test_array_prompts_with_lengths_and_single_prompt(model):
+    padded = np.zeros([4, 7], np.int32)
+    for b, p in enumerate(RAGGED):
+        padded[b, : len(p)] = p
+    lengths = [len(p) for p in RAGGED]
+    expected = generation.generate(model, RAGGED, max_new_tokens=4, temperature=0)
+    assert generation.generate(model, padded, 4, temperature=0, lengths=lengths) == expected
+    assert generation.generate(model, tf.ragged.constant(RAGGED), 4, temperature=0) == expected
+    assert generation.generate(model, RAGGED[1], 4, temperature=0) == oracle_greedy(
+        model, RAGGED[1], 4
+    )
+
+
+def test_sliding_window_matches_oracle(model):
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12]]
+    out = generation.generate(model, prompts, max_new_tokens=30, temperature=0)
+    keep = TINY.context_length // 2
+    assert out == [oracle_greedy(model, p, 30, window=TINY.context_length, keep=keep) for p in prompts]
+
+
+def test_long_prompt_keeps_its_last_tokens_and_warns(model):
+    prompt = list(np.random.default_rng(0).integers(0, TINY.vocab_size, 20))
+    with pytest.warns(UserWarning, match="Prompt 0 has 20 tokens; keeping its last 15"):
+        out = generation.generate(model, [prompt], max_new_tokens=3, temperature=0)
+    keep = TINY.context_length // 2
+    assert out == [oracle_greedy(model, prompt[-15:], 3, window=TINY.context_length, keep=keep)]
+    with pytest.warns(UserWarning, match="keeping its last 12"):
+        out = generation.generate(model, [prompt], 4, temperature=0, sliding_window=False)
+    assert out == [oracle_greedy(model, prompt[-12:], 4)]
+
+
+# -- Sampling ------------------------------------------------------------------------------
+
+
+def test_same_seed_same_sample_and_different_seeds_differ(model):
+    def run(seed):
+        return generation.generate(model, RAGGED, max_new_tokens=9, temperature=1.5, seed=seed)
+
+    assert run(1) == run(1)
+    assert len({str(run(seed)) for seed in range(4)}) == 4
+
+
+def test_seed_none_follows_keras_random_seed(model):
+    import keras
+
+    keras.utils.set_random_seed(5)
+    first = generation.generate(model, RAGGED, max_new_tokens=6, temperature=1.5)
+    keras.utils.set_random_seed(5)
+    assert generation.generate(model, RAGGED, max_new_tokens=6, temperature=1.5) == first
+
+
+def test_top_k_one_is_greedy(model):
+    greedy = generation.generate(model, RAGGED, max_new_tokens=9, temperature=0)
+    assert generation.generate(model, RAGGED, 9, temperature=3.0, top_k=1, seed=3) == greedy
+
+
+def test_top_k_and_top_p_stay_inside_the_oracle_sets(model):
+    temperature = 2.0
+    for seed in range(3):
+        top_k_out = generation.generate(
+            model, RAGGED, max_new_tokens=9, temperature=temperature, top_k=3, seed=seed
+        )
+        top_p_out = generation.generate(
+            model, RAGGED, max_new_tokens=9, temperature=temperature, top_p=0.5, seed=seed
+        )
+        for prompt, k_row, p_row in zip(RAGGED, top_k_out, top_p_out):
+            for j, token in enumerate(k_row):
+                logits = oracle_logits(model, prompt + k_row[:j])
+                assert token in np.argsort(logits)[-3:]
+            for j, token in enumerate(p_row):
+                logits = oracle_logits(model, prompt + p_row[:j]) / temperature
+                probabilities = np.exp(logits - logits.max())
+                probabilities /= probabilities.sum()
+                order = np.argsort(-probabilities)
+                mass_before = np.cumsum(probabilities[order]) - probabilities[order]
+                nucleus = order[mass_before < 0.5 + 1e-5]
+                assert token in nucleus
+
+
+def test_sampled_frequencies_follow_the_restricted_distribution():
+    probabilities = np.array([0.5, 0.3, 0.15, 0.05])
+    base = np.full([32, 256], -1e4, np.float32)
+    base[:, :4] = np.log(probabilities)
+    model = scripted_model([], base=base)
+    prompts = [[0]] * 2048
+    for kwargs, expected in [
+        ({}, probabilities),
+        ({"top_k": 3}, probabilities[:3] / probabilities[:3].sum()),
+        ({"top_p": 0.7}, np.array([0.5, 0.3]) / 0.8),
+        ({"temperature": 0.5}, probabilities**2 / (probabilities**2).sum()),
+    ]:
+        kwargs = {"temperature": 1.0, **kwargs}
+        out = generation.generate(model, prompts, max_new_tokens=1, seed=11, **kwargs)
+        counts = np.bincount([row[0] for row in out], minlength=4)[:4] / len(prompts)
+        expected = np.pad(expected, (0, 4 - len(expected)))
+        np.testing.assert_allclose(counts, expected, atol=4 * np.sqrt(0.25 / len(prompts)))
+
+
+# -- Stop tokens ---------------------------------------------------------------------------
+
+
+def test_stop_token_ends_each_row_of_a_ragged_batch():
+    stop = 7
+    model = scripted_model([1, 2, 3, 4, stop, 5, 6, 8, 9])  # token after position p
+    prompts = [[0, 0], [0, 0, 0, 0], [0] * 6]
+    # Row b's first new token is the one after position len(prompt) - 1; all-zero logits after
+    # the script give token 0.
+    out = generation.generate(model, prompts, 10, temperature=0, stop_token_ids=[stop])
+    assert out == [[2, 3, 4], [4], [5, 6, 8, 9, 0, 0, 0, 0, 0, 0]]
+    out = generation.generate(
+        model, prompts, 10, temperature=0, stop_token_ids=[stop, 9], include_stop_token=True
+    )
+    assert out == [[2, 3, 4, stop], [4, stop], [5, 6, 8, 9]]
+    out = generation.generate(model, prompts, 2, temperature=0, stop_token_ids=stop)
+    assert out == [[2, 3], [4], [5, 6]]
+
+
+# -- Compiled-function reuse ---------------------------------------------------------------
+
+
+def test_compiled_function_is_reused_across_prompts_knobs_and_seeds(model):
+    generation.generate(model, RAGGED, max_new_tokens=6, temperature=0)
+    traced = generation.tracing_count(model)
+    assert traced >= 1
+    other_prompts = [[9, 9, 9, 9, 9, 9], [1], [2, 3], [4, 5, 6, 7, 8, 9, 10, 11]]
+    for kwargs in [
+        dict(temperature=0.7, seed=1),
+        dict(temperature=1.3, top_k=5, seed=2),
+        dict(temperature=0.9, top_p=0.8, seed=3, stop_token_ids=[4, 5]),
+        dict(temperature=1.0, top_k=2, top_p=0.5, include_stop_token=True),
+    ]:
+        generation.generate(model, other_prompts, max_new_tokens=3, **kwargs)
+        generation.generate(model, RAGGED, max_new_tokens=6, **kwargs)
+    assert generation.tracing_count(model) == traced
+    list(generation.stream(model, RAGGED, max_new_tokens=6, chunk_size=2, temperature=0))
+    traced = generation.tracing_count(model)
+    for chunk_size, seed in [(3, 1), (1, 2), (5, 3)]:
+        list(generation.stream(model, other_prompts, 4, chunk_size=chunk_size, seed=seed))
+    assert generation.tracing_count(model) == traced
+
+
+# -- Streaming -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(temperature=0),
+    dict(temperature=1.2, top_k=8, top_p=0.9, seed=4),
+])
+def test_streaming_joins_to_the_non_streaming_tokens(model, kwargs):
+    expected = generation.generate(model, RAGGED, max_new_tokens=30, **kwargs)
+    chunks = list(generation.stream(model, RAGGED, max_new_tokens=30, chunk_size=4, **kwargs))
+    assert len(chunks) > 3
+    assert all(len(ids) <= 4 for chunk in chunks for ids in chunk)
+    joined = [sum((chunk[b] for chunk in chunks), []) for b in range(len(RAGGED))]
+    assert joined == expected
+
+
+class ByteTokenizer:
+    """Ids 0..255 are bytes (test-only)."""
+
+    def tokenize(self, text):
+        return tf.constant(list(text.encode("utf-8")), tf.int32)
+
+    def detokenize(self, ids):
+        return tf.constant(bytes(np.asarray(ids, np.uint8).tolist()))
+
+
+def byte_script(text):
+    return list(text.encode("utf-8"))
+
+
+def test_text_streaming_never_splits_a_character():
+    text = "aé€😀b ü中"
+    model = scripted_model(byte_script(text + "!"))  # a 1-token prompt continues from position 0
+    generator = generation.TextGenerator(model, ByteTokenizer())
+    n = len(text.encode("utf-8"))
+    assert generator.generate("x", max_new_tokens=n) == text
+    pieces = list(generator.stream("x", max_new_tokens=n, chunk_size=1))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "😀" in pieces and "€" in pieces  # whole, in one piece each
+    batch = list(generator.stream(["x", "yz"], max_new_tokens=n, chunk_size=3))
+    assert "".join(chunk[0] for chunk in batch) == text
+    assert "".join(chunk[1] for chunk in batch) == text[1:] + "!"  # one position later
+
+
+def test_text_generation_incomplete_bytes_become_replacement_at_the_end():
+    model = scripted_model(byte_script("ok") + [0xE2, 0x82])  # "€" cut short
+    generator = generation.TextGenerator(model, ByteTokenizer())
+    assert generator.generate("x", max_new_tokens=4) == "ok\ufffd"
+
+
+def test_text_stop_strings_end_the_text_and_are_never_streamed():
+    text = "hello STOP world"
+    model = scripted_model(byte_script(text))
+    generator = generation.TextGenerator(model, ByteTokenizer())
+    assert generator.generate("x", max_new_tokens=len(text), stop_strings=["STOP"]) == "hello "
+    pieces = list(generator.stream("x", max_new_tokens=len(text), chunk_size=2, stop_strings="STOP"))
+    assert "".join(pieces) == "hello " and all("S" not in piece for piece in pieces)
+    assert generator.generate("x", max_new_tokens=len(text), stop_strings=["STOPS"]) == text
+
+
+def test_incremental_utf8_matches_codecs():
+    data = "añ€😀".encode("utf-8") + b"\xff" + "z".encode("utf-8")
+    row = generation._TextRow(())
+    pieces = [row.feed(data[i : i + 1]) for i in range(len(data))] + [row.finish()]
+    assert "".join(pieces) == codecs.decode(data, "utf-8", errors="replace")
+
+
+# -- Errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(top_k=0), "`top_k` must be an integer ≥ 1. Received: top_k=0"),
+    (dict(top_k=2.5), "top_k=2.5"),
+    (dict(top_p=0.0), r"`top_p` must be a number in \(0, 1\]. Received: top_p=0.0"),
+    (dict(top_p=1.5), "top_p=1.5"),
+    (dict(temperature=-0.1), "`temperature` must be a finite number ≥ 0 .* temperature=-0.1"),
+    (dict(temperature=float("nan")), "temperature=nan"),
+    (dict(prompts=[]), "`prompts` is empty"),
+    (dict(prompts=[[1, 2], []]), "Prompt 1 is empty"),
+    (dict(prompts=[[1, 64]]), r"Prompt 0 has token id 64 outside the vocabulary \[0, 64\)"),
+    (dict(prompts=[[1.5]]), "Prompt 0 must be a 1-D sequence of int token ids"),
+    (dict(max_new_tokens=-1), "`max_new_tokens` must be an integer ≥ 0. Received: max_new_tokens=-1"),
+    (dict(max_new_tokens=16, sliding_window=False), "must be below context_length=16 .* max_new_tokens=16"),
+    (dict(stop_token_ids=[64]), r"`stop_token_ids` must be ids in \[0, 64\)"),
+    (dict(seed="a"), "`seed` must be an int or None"),
+    (dict(cache_length=4), r"`cache_length` must lie in \[7, context_length=16\]"),
+    (dict(chunk_size=0), "`chunk_size` must be an integer ≥ 1. Received: chunk_size=0"),
+])
+def test_invalid_arguments_raise(kwargs, message):
+    model = scripted_model([], vocab_size=64, context_length=16)
+    arguments = dict(prompts=[[1, 2, 3]], max_new_tokens=4)
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        generation.stream(model, **arguments)
+    if "chunk_size" not in kwargs:
+        with pytest.raises(ValueError, match=message):
+            generation.generate(model, **arguments)
+
+
+def test_text_generator_errors():
+    generator = generation.TextGenerator(scripted_model([]), ByteTokenizer())
+    with pytest.raises(ValueError, match="`stop_strings` must be non-empty strings"):
+        list(generator.stream("x", 2, stop_strings=[""]))
+    with pytest.raises(ValueError, match="Prompt 0 is empty"):
+        generator.generate("", 2)
+    with pytest.raises(ValueError, match="`prompts` must be a `str` or a non-empty list"):
+        generator.generate([], 2)
+
+
+def test_zero_new_tokens_returns_empty_rows(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert generation.generate(model, RAGGED, max_new_tokens=0) == [[], [], [], []]
