@@ -1,0 +1,17 @@
+"""The README's Python examples run as written (so the docs cannot drift from the code)."""
+
+import os
+import re
+
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+
+
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    with open(README, encoding="utf-8") as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)  # the examples write model.keras
+    namespace = {}
+    exec(compile("\n".join(blocks), "README.md", "exec"), namespace)
+    assert namespace["logits"].shape == (2, 1, 65)
+    assert namespace["classifier"].output_shape == (None, 2)
