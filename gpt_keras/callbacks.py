@@ -24,13 +24,17 @@ def learning_rate(optimizer):
 
 
 class ProgressBar(keras.callbacks.Callback):
-    """One progress line over all steps of the run: step, bar, interval-mean loss, learning rate,
-    tokens/s (after the first, compiling step) and the time left. Redrawn in place on a terminal,
-    printed every `log_every` steps otherwise."""
+    """One progress line over all updates of the run: step, bar, interval-mean loss, learning
+    rate, tokens/s (after the first, compiling step) and the time left. Redrawn in place on a
+    terminal, printed every `log_every` steps otherwise. `micro_steps` `fit` batches (gradient
+    accumulation) make one update."""
 
-    def __init__(self, total_steps, start_step, tokens_per_step, log_every=50, stream=None):
+    def __init__(self, total_steps, start_step, tokens_per_step, micro_steps=1, log_every=50,
+                 stream=None):
         super().__init__()
         self.total_steps = total_steps
+        self.micro_steps = micro_steps
+        self.batches = start_step * micro_steps
         self.step = start_step
         self.tokens_per_step = tokens_per_step
         self.log_every = log_every
@@ -41,7 +45,10 @@ class ProgressBar(keras.callbacks.Callback):
         self.clock_step, self.clock = self.step, None
 
     def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
+        self.batches += 1
+        if self.batches % self.micro_steps:
+            return
+        self.step = self.batches // self.micro_steps
         if self.clock is None:  # the first step includes tracing and compilation
             self.clock_step, self.clock = self.step, time.perf_counter()
         if not self.interactive and self.step % self.log_every and self.step != self.total_steps:

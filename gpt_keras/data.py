@@ -123,17 +123,13 @@ class TokenFile:
 
 
 def _tokenized_chunks(files, tokenizer):
-    """Yields `(text, int32 ids)` per chunk of `files`, tokenized in a `tf.data` pipeline, with
-    `None` between files (where the end-of-text token goes)."""
+    """Yields the int32 ids of each text chunk of `files` (see `read_text`), and `None` between
+    files (where the end-of-text token goes)."""
     for index, path in enumerate(files):
         if index:
-            yield None, None
-        chunks = tf.data.Dataset.from_generator(
-            lambda path=path: read_text(path), output_signature=tf.TensorSpec((), tf.string)
-        )
-        pairs = chunks.map(lambda text: (text, tokenizer.tokenize(text))).prefetch(2)
-        for text, ids in pairs.as_numpy_iterator():
-            yield text.decode("utf-8"), ids
+            yield None
+        for text in read_text(path):
+            yield tokenizer.tokenize(text).numpy()
 
 
 def prepare_tokens(train_files, tokenizer, directory, validation_files=None,
@@ -160,7 +156,7 @@ def prepare_tokens(train_files, tokenizer, directory, validation_files=None,
         with open(os.path.join(temporary, TOKENS_FILE), "wb") as out:
             for files in [train_files] + ([validation_files] if validation_files else []):
                 count = 0
-                for text, ids in _tokenized_chunks(files, tokenizer):
+                for ids in _tokenized_chunks(files, tokenizer):
                     ids = end_of_text if ids is None else ids.astype(dtype)
                     out.write(ids.tobytes())
                     count += len(ids)

@@ -1,27 +1,28 @@
 """The `tf.distribute` strategy a training run always runs under, and the train/test steps that
-make `model.fit` exact under it (one local device, N local devices, or several workers).
+make `model.fit` exact under it: one device, N local devices, or several workers.
 
-How multi-worker training works here — it is `model.fit`, not a separate loop:
+Multi-worker training is `model.fit` with our own `train_step`/`test_step`, not a separate loop:
 
 - `make_strategy` picks `MultiWorkerMirroredStrategy` when `TF_CONFIG` describes a cluster of
   2+ tasks, else `MirroredStrategy` over the local GPUs or over N logical CPU devices.
-- `GlobalBatchSteps` (mixed into the trained `GPT`, see `TrainingGPT`) overrides `train_step` and
-  `test_step`: each replica computes the loss and gradients of its slice, then one all-reduce
-  (over every replica of every worker) gives all replicas the global-batch gradient and loss
-  before `optimizer.apply`. Global-norm clipping, gradient accumulation and the loss-scale check
-  therefore see the gradient of the whole global batch, and every replica logs the same loss, so
-  Keras never has to reduce logs across workers (its reduction is what fails under
-  `MultiWorkerMirroredStrategy` in Keras 3.15: keras #20585, then `strategy.reduce(axis=0)` on
-  a scalar).
-- `stack_pairs` turns `(inputs, targets)` batches into one tensor: Keras 3.15's `fit` reduces the
-  first batch with `strategy.reduce`, which `MultiWorkerMirroredStrategy` only accepts for a
-  single tensor.
+- `GlobalBatchSteps` (mixed into the trained `GPT`: `TrainingGPT`) computes the loss itself.
+  Each replica takes the gradient of its slice of the global batch, then one all-reduce over
+  every replica of every worker gives all of them the global-batch gradient and loss *before*
+  `optimizer.apply`, so global-norm clipping and the loss-scale check see the whole batch (Keras
+  3.15 all-reduces inside the optimizer, after clipping: 2 replicas clipped at the wrong norm).
+  Gradient accumulation happens in the model too: the optimizer's own fails with 2+ replicas.
+- Keras 3.15's `fit` fails under `MultiWorkerMirroredStrategy` in two places, worked around
+  here: it reduces the first batch with `strategy.reduce`, which takes no `(inputs, targets)`
+  tuple there (`Attempt to convert a value (PerReplica...)`, keras #20585) — `stack_pairs` makes
+  each batch one tensor; and it reduces every step's logs with `strategy.reduce(..., axis=0)`,
+  which fails for a scalar — `GlobalBatchSteps` logs the loss (equal on all replicas) with a
+  batch axis of 1 there.
 
 The global batch is split over all replicas, so a run gives the same losses and weights (up to
 float rounding) with any number of replicas or workers. Every worker builds the same global
 batches from `(seed, step)` and keeps its own slice (`data.training_dataset`). Only the chief
 (`is_chief`) writes into the run directory; the other workers read the tokenizer, token file and
-checkpoints the chief wrote there, so the run directory must be on a file system that every
+checkpoints that the chief wrote there, so the run directory must be on a file system that every
 worker can read (on one machine it is).
 """
 
@@ -111,13 +112,20 @@ def gather_from_replicas(strategy, values):
     """Every replica's copy of the integers `values`, as an int64 array `[replicas, len(values)]`.
 
     A collective op under `MultiWorkerMirroredStrategy`: every worker must call it at the same
-    point, and it returns only when all have (so it doubles as a barrier).
+    point, and it returns only when all have (so it doubles as a barrier). Raises `ValueError`
+    when another worker stopped instead (its own output says why).
     """
     local = np.asarray([values], np.int64)
     per_replica = strategy.experimental_distribute_values_from_function(
         lambda context: tf.constant(local)
     )
-    return np.asarray(strategy.gather(per_replica, axis=0))
+    try:
+        return np.asarray(strategy.gather(per_replica, axis=0))
+    except tf.errors.OpError as error:
+        raise ValueError(
+            f"{worker_name(strategy)} lost the other workers ({type(error).__name__}): one of "
+            "them stopped; its output says why."
+        ) from None
 
 
 def barrier(strategy):
@@ -134,7 +142,7 @@ def check_same_on_workers(strategy, what, value):
     found = gather_from_replicas(strategy, [value])[:, 0]
     if len(set(found.tolist())) > 1:
         raise ValueError(
-            f"The workers see different {what} ({', '.join(map(str, found.tolist()))}, one per "
+            f"The workers see different {what}: {', '.join(map(str, found.tolist()))} (one per "
             "replica). Put --run-dir on a file system that every worker reads, and start every "
             "worker with the same command."
         )
@@ -148,10 +156,10 @@ def stack_pairs(dataset):
 
 def _skip_optimizer_all_reduce(optimizer):
     """Works around Keras 3.15's TensorFlow optimizer summing gradients over replicas inside
-    `apply`, *after* global-norm clipping, gradient accumulation and the loss-scale finiteness
-    check have seen each replica's partial gradient (so 2 replicas clip at the wrong norm, and
-    workers can disagree on finiteness). `GlobalBatchSteps.train_step` all-reduces before
-    `apply`; this makes the optimizer's own all-reduce (`_all_reduce_sum_gradients`) a no-op."""
+    `apply`, *after* global-norm clipping and the loss-scale finiteness check have seen each
+    replica's partial gradient (so 2 replicas clip at the wrong norm, and replicas can disagree
+    on finiteness). `GlobalBatchSteps.train_step` all-reduces before `apply`; this makes the
+    optimizer's own all-reduce (`_all_reduce_sum_gradients`) a no-op, or it would sum again."""
     inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer wraps one
     if not callable(getattr(inner, "_all_reduce_sum_gradients", None)):
         raise RuntimeError(
@@ -168,28 +176,47 @@ class GlobalBatchSteps:
 
     Batches are `(inputs, targets)` int `[B, T]` pairs or the `[B, 2, T]` tensors of
     `stack_pairs`; the loss is the mean token cross-entropy of the global batch (logits from
-    `self(inputs)`). Compile with an optimizer only (`compile(optimizer=...)`): the loss is
-    computed here, and the one metric, `loss`, is the running mean over the steps since the last
-    reset (a Keras epoch), identical on every replica.
+    `self(inputs)`). Compile with an optimizer and no loss: the loss is computed here, and the one
+    metric, `loss`, is the running mean over the steps since the last reset (a Keras epoch),
+    identical on every replica.
+
+    `compile(optimizer, gradient_accumulation_steps=k)` accumulates here, not in the optimizer
+    (whose own accumulation fails with 2+ replicas in Keras 3.15: a `merge_call` inside a
+    replica-context `cond`): every `fit` step is a micro-batch, and every k-th applies the mean
+    of the last k global-batch gradients, so `optimizer.iterations` counts updates.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_tracker = keras.metrics.Mean(name="loss")
-        # Logs are identical on every replica: take them from the first, reduce nothing.
-        self.distribute_reduction_method = "first"
 
     @property
     def metrics(self):
         return [self.loss_tracker]
 
-    def compile(self, optimizer, **kwargs):
+    def compile(self, optimizer, gradient_accumulation_steps=1, **kwargs):
         if kwargs.get("loss") is not None:
             raise ValueError(
                 f"{type(self).__name__} computes its own loss; compile it with an optimizer only."
             )
+        if getattr(optimizer, "gradient_accumulation_steps", None):
+            raise ValueError(
+                f"Pass gradient_accumulation_steps to {type(self).__name__}.compile, not to the "
+                "optimizer (its accumulation fails with more than one replica)."
+            )
         super().compile(optimizer=optimizer, **kwargs)
         _skip_optimizer_all_reduce(self.optimizer)
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self._accumulators = None
+        if gradient_accumulation_steps > 1:
+            # Plain `tf.Variable`s, not Keras weights: outside `model.variables` (checkpoints
+            # are written at update boundaries, where the accumulators are zero).
+            self._accumulators = [
+                tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
+                            name=v.path.replace("/", "_") + "_accumulator")
+                for v in self.trainable_variables
+            ]
+            self._micro_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="micro_step")
 
     @staticmethod
     def _unpack(data):
@@ -211,19 +238,58 @@ class GlobalBatchSteps:
         gradients = tape.gradient(scaled_loss, self.trainable_variables)
         # Equal slices per replica: the mean of the replicas' gradients (and losses) is the
         # gradient (and loss) of the global batch. One all-reduce over all workers.
-        loss, *gradients = tf.distribute.get_replica_context().all_reduce(
-            tf.distribute.ReduceOp.MEAN, [loss, *gradients]
-        )
-        self.optimizer.apply(gradients, self.trainable_variables)
+        replica = tf.distribute.get_replica_context()
+        if replica.num_replicas_in_sync > 1:
+            loss, *gradients = replica.all_reduce(tf.distribute.ReduceOp.MEAN, [loss, *gradients])
+        if self._accumulators is None:
+            self.optimizer.apply(gradients, self.trainable_variables)
+        else:
+            replica.merge_call(self._accumulate_or_apply, args=(gradients,))
         self.loss_tracker.update_state(loss)
-        return {"loss": self.loss_tracker.result()}
+        return self._step_logs()
+
+    def _accumulate_or_apply(self, strategy, gradients):
+        """Cross-replica half of an accumulating `train_step`: adds the (all-reduced, so
+        identical) `gradients` to the accumulators, or on every k-th call applies their mean.
+        The `cond` sits in cross-replica context because the optimizer's update `merge_call`s
+        (Keras' LossScaleOptimizer does the same)."""
+        steps = self.gradient_accumulation_steps
+        update = strategy.extended.update
+
+        def apply():
+            def apply_mean(gradients):
+                mean = [(accumulator + gradient) / steps
+                        for accumulator, gradient in zip(self._accumulators, gradients)]
+                self.optimizer.apply(mean, self.trainable_variables)
+
+            strategy.extended.call_for_each_replica(apply_mean, args=(gradients,))
+            for accumulator in self._accumulators:
+                update(accumulator, lambda v: v.assign(tf.zeros_like(v)), group=False)
+
+        def accumulate():
+            for accumulator, gradient in zip(self._accumulators, gradients):
+                update(accumulator, lambda v, g: v.assign_add(g), args=(gradient,), group=False)
+
+        tf.cond(tf.equal((self._micro_step + 1) % steps, 0), apply, accumulate)
+        update(self._micro_step, lambda v: v.assign_add(1), group=False)
 
     def test_step(self, data):
         inputs, targets = self._unpack(data)
         loss = self._token_loss(targets, self(inputs, training=False))
-        loss = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MEAN, loss)
+        replica = tf.distribute.get_replica_context()
+        if replica.num_replicas_in_sync > 1:
+            loss = replica.all_reduce(tf.distribute.ReduceOp.MEAN, loss)
         self.loss_tracker.update_state(loss)
-        return {"loss": self.loss_tracker.result()}
+        return self._step_logs()
+
+    def _step_logs(self):
+        """The step's logs, equal on every replica. Works around Keras 3.15 reducing step logs
+        with `strategy.reduce("MEAN", value, axis=0)` under `MultiWorkerMirroredStrategy`, which
+        fails for a scalar: there the loss gets a batch axis of 1, which that reduce removes."""
+        loss = self.loss_tracker.result()
+        if is_multi_worker(self.distribute_strategy):
+            loss = keras.ops.reshape(loss, (1,))
+        return {"loss": loss}
 
 
 class TrainingGPT(GlobalBatchSteps, GPT):

@@ -14,7 +14,7 @@ import numpy as np
 from keras import ops
 
 from gpt_keras import callbacks as run_callbacks
-from gpt_keras import checkpoints, data
+from gpt_keras import checkpoints, data, distribute
 from gpt_keras.config import GPTConfig
 from gpt_keras.model import GPT
 from gpt_keras.tokenizers import ByteLevelBPETokenizer, CharTokenizer, load_tokenizer
@@ -91,18 +91,16 @@ def decay_groups(model):
 @keras.saving.register_keras_serializable(package="gpt_keras")
 class WarmupCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warmup from 0 to `peak` over `warmup_steps` updates, then cosine decay to `minimum`
-    at `total_steps` (nanoGPT's schedule). Keras evaluates schedules at micro-steps when
-    gradients are accumulated; dividing by `micro_steps` keeps the schedule in updates."""
+    at `total_steps` (nanoGPT's schedule)."""
 
-    def __init__(self, peak, minimum, warmup_steps, total_steps, micro_steps=1):
+    def __init__(self, peak, minimum, warmup_steps, total_steps):
         self.peak = peak
         self.minimum = minimum
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
-        self.micro_steps = micro_steps
 
     def __call__(self, step):
-        step = ops.cast(ops.floor_divide(step, self.micro_steps), "float32")
+        step = ops.cast(step, "float32")
         warmup = self.peak * step / max(self.warmup_steps, 1)
         progress = ops.clip(
             (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 0.0, 1.0
@@ -112,28 +110,25 @@ class WarmupCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def get_config(self):
         return {"peak": self.peak, "minimum": self.minimum, "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps, "micro_steps": self.micro_steps}
+                "total_steps": self.total_steps}
 
 
 def learning_rate_schedule(config):
     """The `WarmupCosineSchedule` of `config`, counted in optimizer updates."""
     return WarmupCosineSchedule(
-        config.learning_rate, config.min_learning_rate, config.warmup_steps, config.max_steps,
-        config.gradient_accumulation_steps,
+        config.learning_rate, config.min_learning_rate, config.warmup_steps, config.max_steps
     )
 
 
 def build_optimizer(model, config):
-    """AdamW with the schedule, clipping and accumulation of `config`, decay groups applied."""
+    """AdamW with the schedule and clipping of `config`, decay groups applied. (Gradient
+    accumulation is the model's job: see `distribute.GlobalBatchSteps`.)"""
     optimizer = keras.optimizers.AdamW(
         learning_rate=learning_rate_schedule(config),
         weight_decay=config.weight_decay,
         beta_1=config.beta_1,
         beta_2=config.beta_2,
         global_clipnorm=config.clip_norm or None,
-        gradient_accumulation_steps=(
-            config.gradient_accumulation_steps if config.gradient_accumulation_steps > 1 else None
-        ),
     )
     optimizer.exclude_from_weight_decay(var_list=decay_groups(model)[1])
     return optimizer
@@ -217,9 +212,7 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
     rate, optimizer state, data position and dropout RNG; different arguments raise `ValueError`
     naming what changed. `sample(model) -> str`, if given, is printed every `sample_every` steps.
     """
-    from gpt_keras.distribute import make_strategy  # splits the CPU: before TF runs any op
-
-    strategy = make_strategy(replicas)
+    strategy = distribute.make_strategy(replicas)  # splits the CPU: before TF runs any op
     if train_config.batch_size % strategy.num_replicas_in_sync:
         raise ValueError(
             f"The global batch size {train_config.batch_size} does not divide over "
@@ -250,15 +243,21 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
                 "same command to resume it, or pass a new --run-dir."
             )
 
-    new_run = not os.path.exists(run_dir)
-    try:
-        text_tokenizer = _prepare(run, tokenizer, tokenizer_vocab_size, train_files,
-                                  validation_files)
-        _write_json(run.config_path, {**requested, "model": dataclasses.asdict(run.model_config)})
-    except BaseException:
-        if new_run and os.path.isdir(run_dir):
-            shutil.rmtree(run_dir)  # a failed first start leaves nothing behind
-        raise
+    chief = distribute.is_chief(strategy)
+    if chief:
+        new_run = not os.path.exists(run_dir)
+        try:
+            text_tokenizer = _prepare(run, tokenizer, tokenizer_vocab_size, train_files,
+                                      validation_files)
+            _write_json(run.config_path,
+                        {**requested, "model": dataclasses.asdict(run.model_config)})
+        except BaseException:
+            if new_run and os.path.isdir(run_dir):
+                shutil.rmtree(run_dir)  # a failed first start leaves nothing behind
+            raise
+    distribute.barrier(strategy)  # other workers wait until the chief has prepared the run
+    if not chief:
+        text_tokenizer = _read_prepared(run, strategy)
     return _fit(run, strategy, text_tokenizer, sample, verbose)
 
 
@@ -285,18 +284,37 @@ def _prepare(run, kind, vocab_size, train_files, validation_files):
     return tokenizer
 
 
+def _read_prepared(run, strategy):
+    """A non-chief worker's `_prepare`: reads the tokenizer and token file that the chief wrote
+    into the run directory (it writes nothing itself); sets `run.token_file` and the vocabulary
+    size of `run.model_config`. Returns the tokenizer."""
+    if not (os.path.isfile(os.path.join(run.tokenizer_dir, "tokenizer.json"))
+            and os.path.isfile(os.path.join(run.data_dir, data.META_FILE))):
+        raise ValueError(
+            f"{distribute.worker_name(strategy)} finds no tokenizer or tokens in {run.directory} "
+            "after the chief prepared them. Multi-worker training needs --run-dir on a file "
+            "system that every worker reads (the chief writes it)."
+        )
+    tokenizer = load_tokenizer(run.tokenizer_dir)
+    run.token_file = data.TokenFile.load(run.data_dir)
+    run.model_config = run.model_config.replace(vocab_size=tokenizer.vocab_size)
+    return tokenizer
+
+
 def _fit(run, strategy, tokenizer, sample, verbose):
+    """`model.fit` under `strategy` with `distribute.GlobalBatchSteps` (see `gpt_keras.distribute`
+    for how multi-worker training works); only the chief writes into the run directory."""
     config = run.train_config
+    chief = distribute.is_chief(strategy)
     keras.config.set_dtype_policy(MIXED_PRECISION[config.mixed_precision])
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
-        model = GPT(**dataclasses.asdict(run.model_config))
+        model = distribute.TrainingGPT(**dataclasses.asdict(run.model_config))
         model.build()
-        optimizer = build_optimizer(model, config)
-        model.compile(
-            optimizer=optimizer,
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
+        # The model computes the loss and accumulates gradients (`distribute.GlobalBatchSteps`),
+        # so its optimizer applies every update it gets and counts updates.
+        model.compile(optimizer=build_optimizer(model, config),
+                      gradient_accumulation_steps=config.gradient_accumulation_steps)
         optimizer = model.optimizer  # a LossScaleOptimizer under mixed_float16
         optimizer.build(model.trainable_variables)
     state = {}
@@ -304,31 +322,34 @@ def _fit(run, strategy, tokenizer, sample, verbose):
     if newest is not None:
         state = checkpoints.load(newest, model, optimizer)
     start_step = int(optimizer.iterations.numpy())
+    distribute.check_same_on_workers(strategy, "newest checkpoint steps", start_step)
     if start_step >= config.max_steps:
         print(f"{run.directory} is already trained to step {start_step}.")
     else:
         nan_stop = run_callbacks.StopOnNaN()
         callbacks = [
             nan_stop,
-            run_callbacks.RunState(run, state, nan_stop, sample, is_chief=_is_chief(strategy)),
-            keras.callbacks.TensorBoard(run.tensorboard_dir),
+            run_callbacks.RunState(run, state, nan_stop, sample, is_chief=chief),
         ]
+        if chief:  # TensorBoard runs no collective op: other workers can skip it
+            callbacks.append(keras.callbacks.TensorBoard(run.tensorboard_dir))
         if verbose:
             callbacks.insert(0, run_callbacks.ProgressBar(
-                config.max_steps, start_step, run.tokens_per_step))
+                config.max_steps, start_step, run.tokens_per_step,
+                config.gradient_accumulation_steps))
         micro_steps = config.gradient_accumulation_steps
         model.fit(
-            data.training_dataset(
+            distribute.stack_pairs(data.training_dataset(
                 run.token_file, run.model_config.context_length, config.batch_size, config.seed,
                 start_step * micro_steps, (config.max_steps - start_step) * micro_steps,
-            ),
+            )),
             epochs=config.max_steps // config.checkpoint_every,
             initial_epoch=start_step // config.checkpoint_every,
             steps_per_epoch=config.checkpoint_every * micro_steps,
-            validation_data=data.validation_dataset(
+            validation_data=distribute.stack_pairs(data.validation_dataset(
                 run.token_file, run.model_config.context_length, config.batch_size, config.seed,
                 config.eval_batches,
-            ),
+            )),
             validation_freq=config.eval_every // config.checkpoint_every,
             callbacks=callbacks,
             shuffle=False,  # batches are already drawn at random offsets
@@ -340,17 +361,11 @@ def _fit(run, strategy, tokenizer, sample, verbose):
                 f"newest checkpoint in {run.checkpoint_dir} is the last good one: lower the "
                 "learning rate or raise --clip-norm, then resume from it."
             )
-    if _is_chief(strategy) and not os.path.isfile(run.model_path):
+    if chief and not os.path.isfile(run.model_path):
         _save_inference_model(model, run.model_path)
+    distribute.barrier(strategy)  # all workers finish together, after the chief's last write
     keras.config.set_dtype_policy("float32")
     return run
-
-
-def _is_chief(strategy):
-    resolver = getattr(strategy, "cluster_resolver", None)
-    return resolver is None or resolver.task_type in (None, "chief") or (
-        resolver.task_type == "worker" and resolver.task_id == 0
-    )
 
 
 def _save_inference_model(model, path):
