@@ -14,6 +14,8 @@ _EXPORTS = {
     "PRESETS": "gpt_keras.config",
     "num_parameters": "gpt_keras.config",
     "layers": "gpt_keras.layers",
+    "load_gpt2": "gpt_keras.hf",
+    "save_gpt2": "gpt_keras.hf",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -35,6 +35,8 @@ class GPT(keras.Model):
 
     - `model(token_ids, padding_mask=None)`: int `[B, T]` (T ≤ `context_length`) → float32 logits
       `[B, T, V]`. `padding_mask` `[B, T]` (1 = real token) hides padded keys from attention.
+      With `return_hidden_states=True`: the final LayerNorm's outputs `[B, T, D]` (float32)
+      instead of logits, as features for other heads (a classifier's pooling + `Dense`).
     - `model.call_with_cache(token_ids, cache, cache_index)`: the same forward pass for T new
       tokens at positions `cache_index ..`, reading and writing a fixed-size KV cache
       `[B, L, 2, S, H, K]` (see `init_cache`); returns `(logits, updated_cache)`.
@@ -167,10 +169,12 @@ class GPT(keras.Model):
             self.lm_head.build(hidden_shape)
         self.built = True
 
-    def call(self, token_ids, padding_mask=None, training=None):
+    def call(self, token_ids, padding_mask=None, training=None, return_hidden_states=False):
         self._check_inputs(token_ids, limit=self.config.context_length, limit_name="context_length")
-        logits, _ = self._forward(token_ids, padding_mask, None, None, training)
-        return logits
+        outputs, _ = self._forward(
+            token_ids, padding_mask, None, None, training, head=not return_hidden_states
+        )
+        return outputs
 
     def call_with_cache(self, token_ids, cache, cache_index, padding_mask=None, training=False):
         """One forward pass over new tokens `[B, T]` at positions `cache_index .. cache_index+T-1`.
@@ -200,8 +204,9 @@ class GPT(keras.Model):
         shape = (batch_size, self.config.num_layers, 2, length, heads, self.config.hidden_dim // heads)
         return ops.zeros(shape, dtype=self.compute_dtype)
 
-    def _forward(self, token_ids, padding_mask, cache, cache_index, training):
-        """The one forward pass: full sequences (`cache is None`) and cached steps alike."""
+    def _forward(self, token_ids, padding_mask, cache, cache_index, training, head=True):
+        """The one forward pass: full sequences (`cache is None`) and cached steps alike; without
+        the output projection (`head=False`) it returns the final hidden states `[B, T, D]`."""
         start = 0 if cache is None else cache_index
         x = self.token_embedding(token_ids)  # [B, T, D]
         if self.config.position_embedding == "sinusoidal":
@@ -225,7 +230,9 @@ class GPT(keras.Model):
                 )
                 updated_caches.append(layer_cache)  # [B, 2, S, H, K]
         x = self.final_norm(x)
-        if self.lm_head is None:
+        if not head:
+            logits = x  # [B, T, D]: hidden states, not logits
+        elif self.lm_head is None:
             # Tied embeddings (GPT-2): the output projection is the token embedding transposed.
             embeddings = ops.cast(self.token_embedding.embeddings, x.dtype)
             logits = ops.einsum("btd,vd->btv", x, embeddings)

@@ -37,6 +37,16 @@ def test_matches_numpy_forward_pass(overrides):
     np.testing.assert_allclose(logits, ref.gpt_logits(model, ids), atol=1e-5, rtol=1e-5)
 
 
+def test_hidden_states_times_the_embedding_are_the_logits():
+    model = tiny_model()
+    ref.randomize_weights(model)
+    ids = random_ids((2, 6))
+    hidden = np.asarray(model(ids, return_hidden_states=True))
+    assert hidden.shape == (2, 6, TINY.hidden_dim)
+    np.testing.assert_allclose(hidden @ model.token_embedding.embeddings.numpy().T, model(ids),
+                               atol=1e-4, rtol=1e-5)
+
+
 def test_padding_mask_matches_numpy_forward_pass():
     model = tiny_model()
     ref.randomize_weights(model)

@@ -6,8 +6,9 @@ import os
 from gpt_keras.tokenizers import _common
 from gpt_keras.tokenizers.byte_bpe import ByteLevelBPETokenizer
 from gpt_keras.tokenizers.char import CharTokenizer
+from gpt_keras.tokenizers.gpt2 import GPT2Tokenizer
 
-_KINDS = {cls.kind: cls for cls in (CharTokenizer, ByteLevelBPETokenizer)}
+_KINDS = {cls.kind: cls for cls in (CharTokenizer, ByteLevelBPETokenizer, GPT2Tokenizer)}
 
 
 def load_tokenizer(directory):
@@ -21,4 +22,4 @@ def load_tokenizer(directory):
     return _KINDS[kind].load(directory)
 
 
-__all__ = ["ByteLevelBPETokenizer", "CharTokenizer", "load_tokenizer"]
+__all__ = ["ByteLevelBPETokenizer", "CharTokenizer", "GPT2Tokenizer", "load_tokenizer"]
