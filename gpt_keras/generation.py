@@ -23,10 +23,11 @@ that differ only in those reuse the compiled function (`tracing_count(model)` co
 
 Sampling (float32): `temperature == 0` is greedy (argmax). Otherwise logits are divided by
 `temperature`, then restricted to the `top_k` largest, then to the nucleus (the fewest tokens,
-most likely first, whose probability reaches `top_p`), and a token is drawn with the Gumbel-max
-trick. Logits tied exactly at a cut-off are all kept. The random numbers for slot `i` are a hash of
-`(seed, i, row, token)` in integer arithmetic, so a fixed `seed` gives the same tokens whatever
-the chunk size, with or without XLA.
+most likely first, whose probability reaches `top_p`; renormalised after the top-k cut, as in
+Hugging Face transformers), and a token is drawn by inverting the cumulative distribution with one
+uniform number per row. Logits tied exactly at a cut-off are all kept. The uniform number for
+slot `i` of row `b` is an integer hash of `(seed, i, b)`, so a fixed `seed` gives the same tokens
+whatever the chunk size, and with or without XLA (up to float rounding in the cumulative sums).
 
 Long generations (`sliding_window=True`, the default): when a sequence fills the context, the
 cache is rebuilt by prefilling its last `context_length // 2` tokens at positions
@@ -35,7 +36,8 @@ instead of every token), and decoding continues. Every token is thus predicted f
 a context and at most a full one. With `sliding_window=False`, `max_new_tokens` must be below
 `context_length` and prompts are cut so that prompt + new tokens fit.
 
-Prompts longer than they may be keep their last tokens, with a `UserWarning`.
+A prompt keeps at most its last `context_length - 1` tokens (with `sliding_window=False`, its
+last `context_length - max_new_tokens`); longer ones are cut with a `UserWarning`.
 
 Example:
 
@@ -45,7 +47,6 @@ Example:
         print(chunk)  # the next ≤ 8 new ids
 """
 
-import codecs
 import math
 import numbers
 import random
@@ -55,9 +56,14 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-# Cache and prefill lengths are rounded up to a power of two, at least this, so that nearby
+__all__ = ["Stream", "TextGenerator", "generate", "sample", "stream", "tracing_count"]
+
+# Cache and prefill lengths are rounded up (see `_bucket`) to at least this, so that nearby
 # prompt/generation lengths share one compiled function.
 _MIN_BUCKET = 16
+
+# `top_k`/`top_p` sampling looks at this many most likely tokens first (see `sample`).
+_CANDIDATES = 256
 
 # When a sequence fills the context, it continues from its last `context_length // _SLIDE_DIVISOR`
 # tokens.
@@ -75,6 +81,7 @@ def generate(
     model,
     prompts,
     max_new_tokens,
+    *,
     temperature=1.0,
     top_k=None,
     top_p=None,
@@ -89,7 +96,8 @@ def generate(
     """Generates up to `max_new_tokens` token ids after each prompt.
 
     Args:
-        model: a built `GPT` (or any model with its `init_cache`/`call_with_cache`/`config`).
+        model: a built `GPT` (or any model with its `init_layer_caches`/`call_with_layer_caches`
+            and `config`).
         prompts: a batch of token-id prompts of any lengths (a list of int sequences, or a
             `tf.RaggedTensor`), a `[B, T]` int array (with `lengths` `[B]` if rows are
             right-padded), or a single 1-D sequence of ids. Every prompt needs at least one token.
@@ -100,13 +108,14 @@ def generate(
         seed: None (draw one from Python's `random`, which `keras.utils.set_random_seed` seeds)
             or an int: the same seed, prompts and knobs give the same tokens.
         stop_token_ids: ids that end a row. A row stops after emitting one.
-        include_stop_token: whether the stop token ends the returned row (default: dropped).
+        include_stop_token: whether a row that stopped keeps its stop token as its last id
+            (default: dropped).
         lengths: `[B]` prompt lengths when `prompts` is a right-padded `[B, T]` array.
         sliding_window: allow generating past the context (see the module docstring); if False,
             `max_new_tokens ≥ context_length` raises `ValueError`.
-        cache_length: the KV-cache length S (default: the smallest power of two ≥ 16 that holds
-            prompt + new tokens, at most `context_length`). Fixing it lets calls with different
-            lengths share one compiled function.
+        cache_length: the KV-cache length S (default: the smallest of 16, 24, 32, 48, 64, 96, ...
+            that holds prompt + new tokens, at most `context_length`). Fixing it lets calls with
+            different lengths share one compiled function.
         jit_compile: compile with XLA (True) or as a plain TensorFlow graph (False).
 
     Returns:
@@ -127,6 +136,7 @@ def stream(
     model,
     prompts,
     max_new_tokens,
+    *,
     chunk_size=8,
     temperature=1.0,
     top_k=None,
@@ -140,7 +150,8 @@ def stream(
     jit_compile=True,
 ):
     """Like `generate`, but decodes `chunk_size` slots per compiled call and yields the new ids
-    after each call; the KV cache stays in memory between calls.
+    after each call; the KV cache stays in memory between calls. `chunk_size=None` decodes
+    everything in one call. Arguments are checked here, before iteration starts.
 
     Returns a `Stream`: iterate it to get, per chunk, a list (one per prompt) of lists of new ids
     (a single list for a single 1-D prompt); chunks where no row got a new token are skipped.
@@ -179,18 +190,23 @@ class Stream:
 
     def stop(self, row):
         """Ends row `row` (0-based) before the next chunk is decoded."""
-        self._decoding.stop_requests.add(row)
+        if not isinstance(row, numbers.Integral) or not 0 <= row < self.batch_size:
+            raise ValueError(
+                f"`row` must be an int in [0, {self.batch_size}). Received: row={row!r}"
+            )
+        self._decoding.stop_requests.add(int(row))
 
 
 class TextGenerator:
     """Text in, text out: tokenizes prompts, generates with `generate`/`stream`, detokenizes.
 
     `tokenizer` needs `tokenize(str) -> int [n]` and `detokenize(int [n]) -> scalar string`
-    (bytes); gpt_keras' tokenizers qualify. Streaming detokenizes each chunk of ids on its own and
-    joins the bytes, which is exact for tokenizers whose output is the concatenation of per-token
-    bytes (byte, character and byte-level BPE tokenizers). Bytes are decoded as UTF-8 incrementally:
-    a character split across chunks is emitted once complete, never in halves; invalid bytes
-    become U+FFFD.
+    (bytes); gpt_keras' tokenizers qualify. Streaming never emits half a character: a row's new ids
+    are detokenized together with those since the text last ended on a whole character, and up to
+    3 trailing U+FFFD (an incomplete UTF-8 sequence, whether the tokenizer returns its raw bytes or
+    already replaced them) are held back until the next chunk completes them or generation ends.
+    This is exact for tokenizers whose text is the concatenation of per-token bytes (byte,
+    character and byte-level BPE tokenizers); invalid bytes become U+FFFD.
 
     Args:
         model: a built `GPT` whose vocabulary matches the tokenizer.
@@ -205,7 +221,7 @@ class TextGenerator:
         self.tokenizer = tokenizer
         self.jit_compile = jit_compile
 
-    def generate(self, prompts, max_new_tokens, stop_strings=(), **kwargs):
+    def generate(self, prompts, max_new_tokens, *, stop_strings=(), **kwargs):
         """The generated text (without the prompt) for a `str` prompt, or a list of texts for a
         list of prompts. `stop_strings`: a row's text ends just before the first of them (checked
         between chunks of `chunk_size`, default 16, so that decoding stops soon after). Other
@@ -225,10 +241,11 @@ class TextGenerator:
             return "" if isinstance(prompts, str) else [""] * len(prompts)
         return pieces
 
-    def stream(self, prompts, max_new_tokens, chunk_size=8, stop_strings=(), **kwargs):
-        """Yields the new text as it is decoded: a `str` per chunk for a `str` prompt, a list of
-        `str` (one per prompt, possibly empty) for a list. Never yields half a character, nor
-        text that may turn out to be the start of a stop string."""
+    def stream(self, prompts, max_new_tokens, *, chunk_size=8, stop_strings=(), **kwargs):
+        """An iterator over the new text as it is decoded: a `str` per chunk for a `str` prompt,
+        a list of `str` (one per prompt, possibly empty) for a list. Never yields half a
+        character, nor text that may turn out to be the start of a stop string. Arguments are
+        checked here, before iteration starts."""
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
         if not texts or not all(isinstance(t, str) for t in texts):
@@ -248,11 +265,14 @@ class TextGenerator:
             ids.append(row)
         kwargs.setdefault("jit_compile", self.jit_compile)
         decoded = stream(self.model, ids, max_new_tokens, chunk_size=chunk_size, **kwargs)
-        rows = [_TextRow(stop_strings) for _ in texts]
+        rows = [_TextRow(self._bytes, stop_strings) for _ in texts]
+        return self._texts(decoded, rows, single)
+
+    def _texts(self, decoded, rows, single):
         for chunk in decoded:
             pieces = []
             for b, (row, new_ids) in enumerate(zip(rows, chunk)):
-                piece = row.feed(self._bytes(new_ids)) if new_ids else ""
+                piece = row.feed(new_ids) if new_ids else ""
                 if row.stopped:
                     decoded.stop(b)
                 pieces.append(piece)
@@ -274,30 +294,48 @@ class TextGenerator:
 
 
 class _TextRow:
-    """One row's incremental bytes → text, holding back incomplete UTF-8 characters and any tail
-    that could be the start of a stop string."""
+    """One row's token ids → text that can no longer change: holds back an unfinished character
+    (see `TextGenerator`) and any tail that could be the start of a stop string."""
 
-    def __init__(self, stop_strings):
+    def __init__(self, detokenize, stop_strings):
+        self.detokenize = detokenize  # ids -> bytes
         self.stop_strings = stop_strings
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.pending = ""  # decoded, not yet emitted
+        self.block = []  # ids since the text last ended on a whole character
+        self.block_emitted = 0  # characters of the block's text already decoded
+        self.pending = ""  # decoded, not yet emitted (may start a stop string)
         self.stopped = False
 
-    def feed(self, data, final=False):
+    def feed(self, ids, final=False):
         if self.stopped:
             return ""
-        self.pending += self.decoder.decode(data, final=final)
+        self.block.extend(ids)
+        text = self.detokenize(self.block).decode("utf-8", errors="replace") if self.block else ""
+        held = 0 if final else _unfinished_length(text)
+        self.pending += text[self.block_emitted : len(text) - held]
+        if held:
+            self.block_emitted = max(self.block_emitted, len(text) - held)
+        else:
+            self.block, self.block_emitted = [], 0
         found = [i for i in (self.pending.find(s) for s in self.stop_strings) if i >= 0]
         if found:
             self.stopped = True
             piece, self.pending = self.pending[: min(found)], ""
             return piece
         keep = 0 if final else _stop_prefix_length(self.pending, self.stop_strings)
-        piece, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        cut = len(self.pending) - keep
+        piece, self.pending = self.pending[:cut], self.pending[cut:]
         return piece
 
     def finish(self):
-        return self.feed(b"", final=True)
+        return self.feed([], final=True)
+
+
+def _unfinished_length(text):
+    """Trailing U+FFFD characters (at most 3) that may be an incomplete UTF-8 sequence."""
+    count = 0
+    while count < 3 and count < len(text) and text[len(text) - 1 - count] == "\ufffd":
+        count += 1
+    return count
 
 
 def _stop_prefix_length(text, stop_strings):
@@ -441,7 +479,9 @@ class _Decoding:
             if done.all() or cursor >= cache_length:
                 # Every unfinished row has filled the cache: continue from its last tokens.
                 if not self.sliding_window or cursor != cache_length:
-                    raise AssertionError("generation ended before its rows finished")
+                    raise RuntimeError(  # cannot happen: limits never exceed the cache
+                        "gpt_keras internal error: decoding stopped before its rows finished."
+                    )
                 keep = max(1, self.context // _SLIDE_DIVISOR)
                 prompts = [row[cache_length - keep : cache_length] for row in tokens]
                 offset += cache_length - keep
@@ -451,12 +491,19 @@ class _Decoding:
         key = (kind, self.batch_size, width, self.cache_length, self.jit_compile)
         functions = _COMPILED.setdefault(self.model, {})
         if key not in functions:
-            functions[key] = _compile(self.model, kind, self.batch_size, self.cache_length, self.jit_compile)
+            functions[key] = _compile(
+                self.model, kind, self.batch_size, self.cache_length, self.jit_compile
+            )
         return functions[key]
 
 
 def _bucket(n):
-    return max(_MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
+    """The smallest of 16, 24, 32, 48, 64, 96, ... (powers of two and 1.5 times them) that is
+    ≥ `n`: at most a third of a cache is wasted, and few shapes need compiling."""
+    size = _MIN_BUCKET
+    while size < n:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    return size
 
 
 def _normalize_prompts(prompts, lengths, vocab_size):
@@ -605,13 +652,17 @@ def _compile(model, kind, batch_size, cache_length, jit_compile):
     return tf.function(function, jit_compile=jit_compile, autograph=False)
 
 
-def _start(model, batch_size, cache_length, prompt, lengths, limits, done, offset, num_steps, knobs):
+def _start(
+    model, batch_size, cache_length, prompt, lengths, limits, done, offset, num_steps, knobs
+):
     """Prefills the cache with `prompt` `[B, P]`, decides the first slot from the prefill's
-    logits, then runs `num_steps - 1` more decoding steps."""
-    width = prompt.shape[1]
+    logits, then runs `num_steps - 1` more decoding steps. `batch_size` None: read from `prompt`
+    (a graph with a dynamic batch, e.g. for export)."""
+    width = tf.shape(prompt)[1]
     tokens = tf.pad(prompt, [[0, 0], [0, cache_length - width]])  # [B, S]
-    cache = model.init_cache(batch_size, cache_length)
-    logits, cache = model.call_with_cache(prompt, cache, 0)  # [B, P, V]
+    tokens = tf.ensure_shape(tokens, [batch_size, cache_length])
+    cache = model.init_layer_caches(batch_size or tf.shape(prompt)[0], cache_length)
+    logits, cache = model.call_with_layer_caches(prompt, cache, 0)  # [B, P, V]
     cursor = tf.reduce_min(lengths)  # the shortest prompt's first new slot
     state = {
         "tokens": tokens,
@@ -643,7 +694,9 @@ def _decode_loop(model, state, num_steps, knobs):
     def step(state):
         index = state["cursor"] - 1
         token = tf.gather(state["tokens"], index, axis=1)  # [B]
-        logits, cache = model.call_with_cache(tf.expand_dims(token, 1), state["cache"], index)
+        logits, cache = model.call_with_layer_caches(
+            tf.expand_dims(token, 1), state["cache"], index
+        )
         state = dict(state, cache=cache)
         return (_decide(state, logits[:, 0], knobs),)  # logits [B, V]
 
@@ -687,6 +740,12 @@ def sample(logits, temperature, top_k, top_p, seed, position=0):
     (scalar in (0, 1]; 1 = off), `seed` (int32 `[2]`, each in [0, 2**31)) and `position` (int32
     scalar, mixed into the random numbers) are tensors, so one graph serves every setting.
     Returns int32 `[B]`.
+
+    A token is drawn by inverting the cumulative distribution with one uniform number per row.
+    `top_k`/`top_p` work on the `_CANDIDATES` most likely tokens (`tf.math.top_k` with a static
+    k, fast under XLA) when the kept set is known to lie among them (`top_k ≤ _CANDIDATES`, or a
+    nucleus whose mass they reach); otherwise on the whole vocabulary, with cut-offs found by
+    bisection (a full sort of 50k logits costs ~8 ms per row on CPU, under XLA or not).
     """
     logits = tf.cast(logits, tf.float32)
     vocab_size = logits.shape[-1]
@@ -697,21 +756,115 @@ def sample(logits, temperature, top_k, top_p, seed, position=0):
     def draw():
         # Shifted so the maximum is 0: a tiny temperature sends the others to -inf, never NaN.
         scaled = (logits - tf.reduce_max(logits, axis=-1, keepdims=True)) / temperature
-        restricted = tf.cond(
+        uniform = _uniform(tf.shape(scaled)[:1], seed, position)  # [B]
+        return tf.cond(
             tf.logical_or(top_k < vocab_size, top_p < 1.0),
-            lambda: _top_k_top_p(scaled, top_k, top_p),
-            lambda: scaled,
+            lambda: _sample_restricted(scaled, top_k, top_p, uniform),
+            lambda: _inverse_cdf(tf.nn.softmax(scaled, axis=-1), uniform),
         )
-        uniform = _uniform(tf.shape(scaled), seed, position)
-        gumbel = -tf.math.log(-tf.math.log(uniform))  # argmax(logits + Gumbel) ~ softmax
-        return tf.argmax(restricted + gumbel, axis=-1, output_type=tf.int32)
 
     return tf.cond(temperature > 0.0, draw, greedy)
 
 
+def _sample_restricted(logits, top_k, top_p, uniform):
+    """A sample from softmax(`logits` `[B, V]`) restricted to the `top_k` largest, then to the
+    nucleus of mass `top_p` (probabilities renormalised after the top-k cut, as in Hugging Face
+    transformers)."""
+    vocab_size = logits.shape[-1]
+    count = min(vocab_size, _CANDIDATES)
+    values, ids = tf.math.top_k(logits, k=count)  # [B, C], descending
+    # Probabilities of the candidates under the full softmax.
+    probabilities = tf.exp(values - tf.reduce_logsumexp(logits, axis=-1, keepdims=True))
+    top_k_fits = top_k <= count
+    nucleus_fits = tf.logical_and(
+        tf.logical_and(top_k >= vocab_size, top_p < 1.0),
+        tf.reduce_all(tf.reduce_sum(probabilities, axis=-1) >= top_p),
+    )
+
+    def among_candidates():
+        in_top_k = tf.expand_dims(tf.range(count) < top_k, 0)  # [1, C]
+        kept = tf.where(in_top_k, probabilities, 0.0)
+        if_cut = tf.reduce_sum(kept, axis=-1, keepdims=True)
+        kept = kept / tf.where(top_k_fits, if_cut, 1.0)  # renormalised after a top-k cut
+        mass_before = tf.cumsum(kept, axis=-1, exclusive=True)
+        # The most likely token always stays: its mass_before is 0 < top_p.
+        kept = tf.where(mass_before < top_p, kept, 0.0)
+        return tf.gather(ids, _inverse_cdf(kept, uniform), axis=1, batch_dims=1)
+
+    def whole_vocabulary():
+        restricted = tf.cond(
+            top_k < vocab_size,
+            lambda: tf.where(
+                logits >= tf.expand_dims(_top_k_floor(logits, top_k), 1), logits, -np.inf
+            ),
+            lambda: logits,
+        )
+        kept = tf.nn.softmax(restricted, axis=-1)
+        kept = tf.cond(
+            top_p < 1.0,
+            lambda: tf.where(kept >= tf.expand_dims(_nucleus_floor(kept, top_p), 1), kept, 0.0),
+            lambda: kept,
+        )
+        return _inverse_cdf(kept, uniform)
+
+    return tf.cond(tf.logical_or(top_k_fits, nucleus_fits), among_candidates, whole_vocabulary)
+
+
+def _inverse_cdf(weights, uniform):
+    """Per row of non-negative `weights` `[B, n]` (not all zero), the index j with
+    `cumsum[j-1] ≤ uniform · total < cumsum[j]`: a draw from `weights / total`. int32 `[B]`."""
+    size = weights.shape[-1]
+    cumulative = tf.cumsum(weights, axis=-1)  # [B, n]
+    target = tf.expand_dims(uniform * cumulative[:, -1], 1)
+    index = tf.reduce_sum(tf.cast(cumulative <= target, tf.int32), axis=-1)
+    # Rounding can put the target at the total: fall back to the last token of non-zero weight.
+    last = tf.reduce_max(tf.where(weights > 0, tf.range(size), 0), axis=-1)
+    return tf.minimum(index, last)
+
+
+def _top_k_floor(logits, top_k):
+    """Per row `[B]`, a value t with at least `top_k` logits ≥ t and within float rounding of the
+    `top_k`-th largest: bisection on the value (no sort)."""
+    finite = tf.where(tf.math.is_finite(logits), logits, 0.0)
+    return _bisect(
+        tf.reduce_min(finite, axis=-1),  # at least top_k logits are ≥ this (all the finite ones)
+        tf.reduce_max(logits, axis=-1),
+        lambda floor: tf.reduce_sum(
+            tf.cast(logits >= tf.expand_dims(floor, 1), tf.int32), axis=-1
+        ) >= top_k,
+    )
+
+
+def _nucleus_floor(probabilities, top_p):
+    """Per row `[B]`, the largest probability t (up to bisection precision) such that the
+    tokens with probability ≥ t hold mass ≥ `top_p`: those tokens are the nucleus."""
+    return _bisect(
+        tf.zeros_like(probabilities[:, 0]),  # all tokens: mass 1 ≥ top_p
+        tf.reduce_max(probabilities, axis=-1),
+        lambda floor: tf.reduce_sum(
+            tf.where(probabilities >= tf.expand_dims(floor, 1), probabilities, 0.0), axis=-1
+        ) >= top_p,
+    )
+
+
+def _bisect(low, high, holds, iterations=32):
+    """Moves `low` `[B]` up towards `high` while `holds(low)` stays true (it must hold at the
+    start and be monotone); returns `low`."""
+
+    def step(i, low, high):
+        middle = (low + high) / 2
+        ok = holds(middle)
+        return i + 1, tf.where(ok, middle, low), tf.where(ok, high, middle)
+
+    _, low, _ = tf.while_loop(
+        lambda i, low, high: i < iterations, step, (tf.constant(0), low, high)
+    )
+    return low
+
+
 def _uniform(shape, seed, position):
-    """Uniform float32 numbers in (0, 1) of `shape` `[B, V]`, a function of `seed` `[2]`,
-    `position` and the element's index only: a counter-based hash in uint32 arithmetic.
+    """Uniform float32 numbers in (0, 1) of `shape`, a function of `seed` `[2]`, `position`
+    and the element's index only: a counter-based hash in uint32 arithmetic.
 
     TensorFlow's stateless random ops would do, but their XLA kernels lay the Philox stream out
     differently from the plain-TensorFlow ones (measured: different numbers for one seed), so
@@ -733,19 +886,3 @@ def _mix(x):
         x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(shift, tf.uint32)))
         x = x * tf.constant(multiplier, tf.uint32)
     return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(16, tf.uint32)))
-
-
-def _top_k_top_p(logits, top_k, top_p):
-    """`logits` `[B, V]` with everything outside the top `top_k` and then outside the nucleus of
-    mass `top_p` set to -inf. A sort with a tensor cut-off instead of `tf.math.top_k`, whose k XLA
-    needs at compile time."""
-    vocab_size = logits.shape[-1]
-    descending = tf.sort(logits, axis=-1, direction="DESCENDING")  # [B, V]
-    in_top_k = tf.expand_dims(tf.range(vocab_size) < top_k, 0)  # [1, V]
-    probabilities = tf.nn.softmax(tf.where(in_top_k, descending, -np.inf), axis=-1)
-    mass_before = tf.cumsum(probabilities, axis=-1, exclusive=True)
-    # The first (most likely) token always stays: its mass_before is 0 < top_p.
-    kept = tf.logical_and(in_top_k, mass_before < top_p)
-    count = tf.reduce_sum(tf.cast(kept, tf.int32), axis=-1)  # [B] ≥ 1
-    threshold = tf.gather(descending, count - 1, axis=1, batch_dims=1)  # [B]
-    return tf.where(logits >= tf.expand_dims(threshold, 1), logits, -np.inf)

@@ -183,13 +183,24 @@ class GPT(keras.Model):
         over cache positions. Returns float32 logits `[B, T, V]` and the updated cache (same
         shape). Prefill a prompt with `cache_index=0`, then decode one token at a time.
         """
+        logits, caches = self.call_with_layer_caches(
+            token_ids, ops.unstack(cache, axis=1), cache_index, padding_mask, training
+        )
+        return logits, ops.stack(caches, axis=1)
+
+    def call_with_layer_caches(self, token_ids, caches, cache_index, padding_mask=None,
+                               training=False):
+        """`call_with_cache` with the cache as a list of L per-layer `[B, 2, S, H, K]` tensors
+        (see `init_layer_caches`); returns `(logits, updated caches)`. A decoding loop that
+        carries the list does not slice and re-stack the whole cache at every step (-30% per
+        decoded token, BENCHMARKS.md)."""
         if _is_concrete(cache_index):
             start = int(cache_index)
             if start < 0:
                 raise ValueError(f"`cache_index` must be >= 0. Received: cache_index={start}")
-            limit = min(cache.shape[3], self.config.context_length) - start
+            limit = min(caches[0].shape[2], self.config.context_length) - start
             self._check_inputs(token_ids, limit=limit, limit_name="cache length - cache_index")
-        return self._forward(token_ids, padding_mask, cache, cache_index, training)
+        return self._forward(token_ids, padding_mask, list(caches), cache_index, training)
 
     def init_cache(self, batch_size, length=None):
         """An all-zero KV cache `[batch_size, L, 2, length, H, K]` in the compute dtype;
@@ -204,8 +215,13 @@ class GPT(keras.Model):
         shape = (batch_size, self.config.num_layers, 2, length, heads, self.config.hidden_dim // heads)
         return ops.zeros(shape, dtype=self.compute_dtype)
 
+    def init_layer_caches(self, batch_size, length=None):
+        """`init_cache` as a list of L all-zero per-layer caches `[batch_size, 2, length, H, K]`."""
+        return ops.unstack(self.init_cache(batch_size, length), axis=1)
+
     def _forward(self, token_ids, padding_mask, cache, cache_index, training, head=True):
-        """The one forward pass: full sequences (`cache is None`) and cached steps alike; without
+        """The one forward pass: full sequences (`cache is None`) and cached steps alike (`cache`:
+        a list of L per-layer `[B, 2, S, H, K]` caches); without
         the output projection (`head=False`) it returns the final hidden states `[B, T, D]`."""
         start = 0 if cache is None else cache_index
         x = self.token_embedding(token_ids)  # [B, T, D]
@@ -224,7 +240,7 @@ class GPT(keras.Model):
                 x, layer_cache = block(
                     x,
                     padding_mask=padding_mask,
-                    cache=cache[:, i],
+                    cache=cache[i],
                     cache_index=cache_index,
                     training=training,
                 )
@@ -239,7 +255,7 @@ class GPT(keras.Model):
         else:
             logits = self.lm_head(x)
         logits = ops.cast(logits, "float32")  # [B, T, V]
-        return logits, (None if cache is None else ops.stack(updated_caches, axis=1))
+        return logits, (None if cache is None else updated_caches)
 
     def _check_inputs(self, token_ids, limit, limit_name):
         """Raises `ValueError` for sequences longer than `limit` (when the length is known) and,

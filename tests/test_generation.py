@@ -1,4 +1,3 @@
-import codecs
 import dataclasses
 import warnings
 
@@ -36,7 +35,8 @@ class ScriptedGPT(GPT):
         super().__init__(**kwargs)
         self._table = np.asarray(table, np.float32)
 
-    def call_with_cache(self, token_ids, cache, cache_index, padding_mask=None, training=False):
+    def call_with_layer_caches(self, token_ids, cache, cache_index, padding_mask=None,
+                               training=False):
         batch, length = tf.shape(token_ids)[0], tf.shape(token_ids)[1]
         positions = cache_index + tf.range(length)
         logits = tf.gather(tf.constant(self._table), positions)  # [T, V]
@@ -100,6 +100,36 @@ def test_without_xla_gives_the_same_tokens(model):
     )
 
 
+def test_graph_without_xla_uses_no_xla_ops_and_takes_any_batch(model):
+    """The loop as it would be exported for TF Serving (XLA disabled): no `Xla*` op anywhere
+    (while body and cond branches included), and one graph for every batch size."""
+    start = generation._compile(model, "start", None, TINY.context_length, jit_compile=False)
+    kwargs = dict(temperature=1.0, top_k=5, top_p=0.9, seed=3)
+    knobs, _ = generation._knobs(stop_token_ids=(), vocab_size=TINY.vocab_size, **kwargs)
+    specs = [tf.TensorSpec([None, None], tf.int32)] + [tf.TensorSpec([None], tf.int32)] * 2
+    specs += [tf.TensorSpec([None], tf.bool)] + [tf.TensorSpec([], tf.int32)] * 2
+    specs.append({name: tf.TensorSpec.from_tensor(value) for name, value in knobs.items()})
+    concrete = start.get_concrete_function(*specs)
+    graph = concrete.graph.as_graph_def()
+    op_types = {node.op for node in graph.node}
+    op_types |= {node.op for function in graph.library.function for node in function.node_def}
+    assert "While" in op_types or "StatelessWhile" in op_types
+    assert not [op for op in op_types if op.startswith("Xla")]
+    for prompts in [RAGGED[:3], RAGGED[3:]]:
+        padded = np.zeros([len(prompts), 8], np.int32)
+        for b, p in enumerate(prompts):
+            padded[b, : len(p)] = p
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        state = concrete(
+            padded, lengths, lengths + 6, np.zeros(len(prompts), bool), 0, TINY.context_length,
+            knobs,
+        )
+        tokens, ends = state["tokens"].numpy(), state["ends"].numpy()
+        out = [tokens[b, n:end].tolist() for b, (n, end) in enumerate(zip(lengths, ends))]
+        # The same tokens as the XLA-compiled loop: the random numbers are bit-exact.
+        assert out == generation.generate(model, prompts, 6, **kwargs)
+
+
 def test_array_prompts_with_lengths_and_single_prompt(model):
     padded = np.zeros([4, 7], np.int32)
     for b, p in enumerate(RAGGED):
@@ -117,7 +147,8 @@ def test_sliding_window_matches_oracle(model):
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12]]
     out = generation.generate(model, prompts, max_new_tokens=30, temperature=0)
     keep = TINY.context_length // 2
-    assert out == [oracle_greedy(model, p, 30, window=TINY.context_length, keep=keep) for p in prompts]
+    window = TINY.context_length
+    assert out == [oracle_greedy(model, p, 30, window=window, keep=keep) for p in prompts]
 
 
 def test_long_prompt_keeps_its_last_tokens_and_warns(model):
@@ -180,22 +211,41 @@ def test_top_k_and_top_p_stay_inside_the_oracle_sets(model):
 
 
 def test_sampled_frequencies_follow_the_restricted_distribution():
-    probabilities = np.array([0.5, 0.3, 0.15, 0.05])
-    base = np.full([32, 256], -1e4, np.float32)
-    base[:, :4] = np.log(probabilities)
-    model = scripted_model([], base=base)
-    prompts = [[0]] * 2048
-    for kwargs, expected in [
-        ({}, probabilities),
-        ({"top_k": 3}, probabilities[:3] / probabilities[:3].sum()),
-        ({"top_p": 0.7}, np.array([0.5, 0.3]) / 0.8),
-        ({"temperature": 0.5}, probabilities**2 / (probabilities**2).sum()),
-    ]:
+    """Frequencies of 2048 draws against the exact restricted distributions, on a vocabulary of
+    512 > `_CANDIDATES`, so that both the candidate path and the whole-vocabulary path run."""
+    vocab_size, draws = 512, 2048
+    table = np.full([32, vocab_size], -1e4, np.float32)
+    peaked = np.array([0.5, 0.3, 0.15, 0.05])
+    table[0, :4] = np.log(peaked)  # after a 1-token prompt
+    broad = np.arange(400, 0, -1) / np.arange(400, 0, -1).sum()  # p_i ∝ 400 - i
+    table[1, :400] = np.log(broad)  # after a 2-token prompt
+    model = scripted_model([], vocab_size=vocab_size, base=table)
+
+    def expect(probabilities):
+        return np.pad(probabilities, (0, vocab_size - len(probabilities))) / probabilities.sum()
+
+    cases = [
+        (1, {}, expect(peaked)),
+        (1, {"top_k": 3}, expect(peaked[:3])),  # candidates
+        (1, {"top_p": 0.7}, expect(peaked[:2])),  # candidates: the first two reach 0.8
+        (1, {"temperature": 0.5}, expect(peaked**2)),
+        (1, {"top_k": 3, "top_p": 0.6}, expect(peaked[:2])),  # 0.5 / 0.95 < 0.6
+        (2, {"top_k": 300}, expect(broad[:300])),  # k > 256: whole vocabulary
+        # The top 256 hold 0.87 < 0.99: whole vocabulary; the nucleus is the first 361.
+        (2, {"top_p": 0.99}, expect(broad[:361])),
+    ]
+    for prompt_length, kwargs, expected in cases:
         kwargs = {"temperature": 1.0, **kwargs}
-        out = generation.generate(model, prompts, max_new_tokens=1, seed=11, **kwargs)
-        counts = np.bincount([row[0] for row in out], minlength=4)[:4] / len(prompts)
-        expected = np.pad(expected, (0, 4 - len(expected)))
-        np.testing.assert_allclose(counts, expected, atol=4 * np.sqrt(0.25 / len(prompts)))
+        out = generation.generate(model, [[0] * prompt_length] * draws, 1, seed=11, **kwargs)
+        tokens = np.array([row[0] for row in out])
+        assert expected[tokens].min() > 0, (kwargs, sorted(set(tokens[expected[tokens] == 0])))
+        # Compare 8 bins of equal expected mass... or single tokens when there are few.
+        edges = np.searchsorted(np.cumsum(expected), np.linspace(0, 1, 9)[1:-1])
+        bins = np.split(np.arange(vocab_size), np.unique(edges))
+        observed = np.array([np.isin(tokens, b).mean() for b in bins])
+        wanted = np.array([expected[b].sum() for b in bins])
+        tolerance = 4 * np.sqrt(0.25 / draws)  # 4 standard deviations at worst
+        np.testing.assert_allclose(observed, wanted, atol=tolerance, err_msg=str(kwargs))
 
 
 # -- Stop tokens ---------------------------------------------------------------------------
@@ -258,23 +308,31 @@ def test_streaming_joins_to_the_non_streaming_tokens(model, kwargs):
 
 
 class ByteTokenizer:
-    """Ids 0..255 are bytes (test-only)."""
+    """Ids 0..255 are bytes (test-only). `sanitize=True` replaces invalid UTF-8 in `detokenize`'s
+    output by U+FFFD, as gpt_keras' byte-level BPE does; otherwise it returns the raw bytes."""
+
+    def __init__(self, sanitize=False):
+        self.sanitize = sanitize
 
     def tokenize(self, text):
         return tf.constant(list(text.encode("utf-8")), tf.int32)
 
     def detokenize(self, ids):
-        return tf.constant(bytes(np.asarray(ids, np.uint8).tolist()))
+        data = bytes(np.asarray(ids, np.uint8).tolist())
+        if self.sanitize:
+            data = data.decode("utf-8", errors="replace").encode("utf-8")
+        return tf.constant(data)
 
 
 def byte_script(text):
     return list(text.encode("utf-8"))
 
 
-def test_text_streaming_never_splits_a_character():
+@pytest.mark.parametrize("sanitize", [False, True])
+def test_text_streaming_never_splits_a_character(sanitize):
     text = "aé€😀b ü中"
     model = scripted_model(byte_script(text + "!"))  # a 1-token prompt continues from position 0
-    generator = generation.TextGenerator(model, ByteTokenizer())
+    generator = generation.TextGenerator(model, ByteTokenizer(sanitize))
     n = len(text.encode("utf-8"))
     assert generator.generate("x", max_new_tokens=n) == text
     pieces = list(generator.stream("x", max_new_tokens=n, chunk_size=1))
@@ -297,16 +355,20 @@ def test_text_stop_strings_end_the_text_and_are_never_streamed():
     model = scripted_model(byte_script(text))
     generator = generation.TextGenerator(model, ByteTokenizer())
     assert generator.generate("x", max_new_tokens=len(text), stop_strings=["STOP"]) == "hello "
-    pieces = list(generator.stream("x", max_new_tokens=len(text), chunk_size=2, stop_strings="STOP"))
+    pieces = list(generator.stream("x", len(text), chunk_size=2, stop_strings="STOP"))
     assert "".join(pieces) == "hello " and all("S" not in piece for piece in pieces)
     assert generator.generate("x", max_new_tokens=len(text), stop_strings=["STOPS"]) == text
 
 
-def test_incremental_utf8_matches_codecs():
-    data = "añ€😀".encode("utf-8") + b"\xff" + "z".encode("utf-8")
-    row = generation._TextRow(())
-    pieces = [row.feed(data[i : i + 1]) for i in range(len(data))] + [row.finish()]
-    assert "".join(pieces) == codecs.decode(data, "utf-8", errors="replace")
+@pytest.mark.parametrize("sanitize", [False, True])
+def test_incremental_text_matches_decoding_everything_at_once(sanitize):
+    data = "añ€😀".encode("utf-8") + b"\xff" + "z€".encode("utf-8") + b"\xe2\x82"
+    tokenizer = ByteTokenizer(sanitize)
+    row = generation._TextRow(lambda ids: tokenizer.detokenize(ids).numpy(), ())
+    pieces = [row.feed([byte]) for byte in data] + [row.finish()]
+    assert "".join(pieces) == data.decode("utf-8", errors="replace")
+    # Fed one byte at a time, each multi-byte character still comes out whole, in one piece.
+    assert {"ñ", "€", "😀"} <= {character for piece in pieces for character in [piece[-1:]]}
 
 
 # -- Errors --------------------------------------------------------------------------------
@@ -323,8 +385,11 @@ def test_incremental_utf8_matches_codecs():
     (dict(prompts=[[1, 2], []]), "Prompt 1 is empty"),
     (dict(prompts=[[1, 64]]), r"Prompt 0 has token id 64 outside the vocabulary \[0, 64\)"),
     (dict(prompts=[[1.5]]), "Prompt 0 must be a 1-D sequence of int token ids"),
-    (dict(max_new_tokens=-1), "`max_new_tokens` must be an integer ≥ 0. Received: max_new_tokens=-1"),
-    (dict(max_new_tokens=16, sliding_window=False), "must be below context_length=16 .* max_new_tokens=16"),
+    (dict(max_new_tokens=-1), "`max_new_tokens` must be an integer ≥ 0. .* max_new_tokens=-1"),
+    (
+        dict(max_new_tokens=16, sliding_window=False),
+        "must be below context_length=16 .* max_new_tokens=16",
+    ),
     (dict(stop_token_ids=[64]), r"`stop_token_ids` must be ids in \[0, 64\)"),
     (dict(seed="a"), "`seed` must be an int or None"),
     (dict(cache_length=4), r"`cache_length` must lie in \[7, context_length=16\]"),
@@ -344,11 +409,13 @@ def test_invalid_arguments_raise(kwargs, message):
 def test_text_generator_errors():
     generator = generation.TextGenerator(scripted_model([]), ByteTokenizer())
     with pytest.raises(ValueError, match="`stop_strings` must be non-empty strings"):
-        list(generator.stream("x", 2, stop_strings=[""]))
+        generator.stream("x", 2, stop_strings=[""])  # raised before iterating
     with pytest.raises(ValueError, match="Prompt 0 is empty"):
         generator.generate("", 2)
     with pytest.raises(ValueError, match="`prompts` must be a `str` or a non-empty list"):
         generator.generate([], 2)
+    with pytest.raises(ValueError, match=r"`row` must be an int in \[0, 1\). Received: row=1"):
+        generation.stream(generator.model, [[1]], 2).stop(1)
 
 
 def test_zero_new_tokens_returns_empty_rows(model):
