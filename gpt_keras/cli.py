@@ -1,4 +1,4 @@
-"""The `gpt-keras` command line: `gpt-keras train|evaluate ...` (`gpt-keras -h` lists them).
+"""The `gpt-keras` command line: `gpt-keras train|evaluate|generate ...` (`gpt-keras -h`).
 
 Errors in the user's input print one line, `gpt-keras: error: ...`, and exit with status 2.
 """
@@ -115,6 +115,29 @@ def _evaluate(args):
           f"bits/byte {result['val_bits_per_byte']:.4f}")
 
 
+def _generate(args):
+    from gpt_keras.generation import TextGenerator
+    from gpt_keras.tokenizers import load_tokenizer
+    from gpt_keras.training import load_model, read_run_config
+
+    read_run_config(args.run_dir)  # a clear error for a directory that is not a run
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    generator = TextGenerator(load_model(args.run_dir),
+                              load_tokenizer(os.path.join(args.run_dir, "tokenizer")))
+    knobs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for index in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {index + 1} ---")
+        seeded = dict(knobs, seed=None if args.seed is None else args.seed + index)
+        if args.stream:
+            print(prompt, end="", flush=True)
+            for piece in generator.stream(prompt, args.max_new_tokens, **seeded):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            print(prompt + generator.generate(prompt, args.max_new_tokens, **seeded))
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="gpt-keras", description="Train, evaluate and use GPT models built with Keras."
@@ -130,6 +153,22 @@ def build_parser():
     evaluate_parser.add_argument("--data", nargs="+", help="text to score (default: Tiny Shakespeare)")
     evaluate_parser.add_argument("--batch-size", type=int, default=32)
     evaluate_parser.set_defaults(handler=_evaluate)
+    generate_parser = commands.add_parser(
+        "generate", help="sample text from a trained run (streams tokens as they are decoded)"
+    )
+    generate_parser.add_argument("run_dir")
+    generate_parser.add_argument("--prompt", default="", help="text to continue; '-' reads stdin "
+                                 "(default: empty, i.e. unconditional)")
+    generate_parser.add_argument("--max-new-tokens", type=int, default=200)
+    generate_parser.add_argument("--temperature", type=float, default=0.8,
+                                 help="0 for greedy decoding")
+    generate_parser.add_argument("--top-k", type=int, default=None)
+    generate_parser.add_argument("--top-p", type=float, default=None)
+    generate_parser.add_argument("--seed", type=int, default=None)
+    generate_parser.add_argument("--num-samples", type=int, default=1)
+    generate_parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                                 help="print tokens as they are produced (default)")
+    generate_parser.set_defaults(handler=_generate)
     return parser
 
 

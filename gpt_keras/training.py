@@ -210,7 +210,8 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
     `model_config.vocab_size` is replaced by the tokenizer's. Re-running with the same arguments
     after an interruption continues from the newest checkpoint with the same step, learning
     rate, optimizer state, data position and dropout RNG; different arguments raise `ValueError`
-    naming what changed. `sample(model) -> str`, if given, is printed every `sample_every` steps.
+    naming what changed. `sample(model) -> str` (default: `text_sampler`) is printed every
+    `sample_every` steps.
     """
     strategy = distribute.make_strategy(replicas)  # splits the CPU: before TF runs any op
     if train_config.batch_size % strategy.num_replicas_in_sync:
@@ -301,10 +302,25 @@ def _read_prepared(run, strategy):
     return tokenizer
 
 
+def text_sampler(tokenizer, config):
+    """The default `sample(model) -> str` of a run: `sample_tokens` tokens after an end-of-text
+    token (unconditional), temperature 0.8, top-k 200 (nanoGPT's sampling defaults), fixed seed."""
+    from gpt_keras.generation import TextGenerator
+
+    def sample(model):
+        return TextGenerator(model, tokenizer).generate(
+            "", config.sample_tokens, temperature=0.8, top_k=200, seed=config.seed
+        )
+
+    return sample
+
+
 def _fit(run, strategy, tokenizer, sample, verbose):
     """`model.fit` under `strategy` with `distribute.GlobalBatchSteps` (see `gpt_keras.distribute`
     for how multi-worker training works); only the chief writes into the run directory."""
     config = run.train_config
+    if sample is None and config.sample_every:
+        sample = text_sampler(tokenizer, config)
     chief = distribute.is_chief(strategy)
     keras.config.set_dtype_policy(MIXED_PRECISION[config.mixed_precision])
     keras.utils.set_random_seed(config.seed)
