@@ -15,3 +15,5 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     exec(compile("\n".join(blocks), "README.md", "exec"), namespace)
     assert namespace["logits"].shape == (2, 1, 65)
     assert namespace["classifier"].output_shape == (None, 2)
+    assert [len(row) for row in namespace["ids"]] == [5, 5]
+    assert isinstance(namespace["text"], str)
