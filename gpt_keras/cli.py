@@ -1,4 +1,4 @@
-"""The `gpt-keras` command line: `gpt-keras train|evaluate|generate ...` (`gpt-keras -h`).
+"""The `gpt-keras` command line: `gpt-keras train|evaluate|generate|convert ...` (`gpt-keras -h`).
 
 Errors in the user's input print one line, `gpt-keras: error: ...`, and exit with status 2.
 """
@@ -138,6 +138,38 @@ def _generate(args):
             print(prompt + generator.generate(prompt, args.max_new_tokens, **seeded))
 
 
+def _convert(args):
+    import json
+
+    from gpt_keras.checkpoints import atomic_write
+    from gpt_keras.hf import load_gpt2, save_gpt2
+    from gpt_keras.tokenizers import GPT2Tokenizer, load_tokenizer
+    from gpt_keras.training import create_run, load_model
+
+    if args.to == "gpt_keras":
+        model = load_gpt2(args.source)
+        tokenizer = GPT2Tokenizer.from_directory(args.vocab or args.source)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"The tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's vocabulary "
+                f"has {model.config.vocab_size}; pass the --vocab files of this checkpoint."
+            )
+        create_run(args.destination, model, tokenizer, {"huggingface": os.path.abspath(args.source)})
+        print(f"Run directory {args.destination}: try `gpt-keras generate {args.destination} "
+              "--prompt TEXT`.")
+        return
+    tokenizer = load_tokenizer(os.path.join(args.source, "tokenizer"))
+    directory = save_gpt2(load_model(args.source), args.destination,
+                          end_of_text_id=tokenizer.end_of_text_id)
+    if isinstance(tokenizer, GPT2Tokenizer):  # Hugging Face's file names, for GPT2TokenizerFast
+        vocabulary = json.dumps(tokenizer.vocabulary, ensure_ascii=False).encode("utf-8")
+        merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in tokenizer.merges)
+        atomic_write(os.path.join(directory, "vocab.json"), lambda f: f.write(vocabulary))
+        atomic_write(os.path.join(directory, "merges.txt"),
+                     lambda f: f.write(merges.encode("utf-8")))
+    print(f"Hugging Face checkpoint written to {directory}.")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="gpt-keras", description="Train, evaluate and use GPT models built with Keras."
@@ -169,6 +201,15 @@ def build_parser():
     generate_parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                                  help="print tokens as they are produced (default)")
     generate_parser.set_defaults(handler=_generate)
+    convert_parser = commands.add_parser(
+        "convert", help="Hugging Face GPT-2 checkpoint -> run directory, or back (--to hf)"
+    )
+    convert_parser.add_argument("source", help="HF_DIR (default) or RUN_DIR (with --to hf)")
+    convert_parser.add_argument("destination", help="RUN_DIR (default) or HF_DIR (with --to hf)")
+    convert_parser.add_argument("--to", choices=["gpt_keras", "hf"], default="gpt_keras")
+    convert_parser.add_argument("--vocab", help="directory with encoder.json + vocab.bpe (or "
+                                "vocab.json + merges.txt) when HF_DIR has none")
+    convert_parser.set_defaults(handler=_convert)
     return parser
 
 

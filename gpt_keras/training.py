@@ -188,6 +188,29 @@ def load_model(directory):
     return model
 
 
+def create_run(run_dir, model, tokenizer, source):
+    """Makes a run directory for an already trained `model` (e.g. an imported GPT-2): `run.json`
+    (model config and `source`), `tokenizer/` and `model.keras`, which `generate`, `evaluate`
+    and the exporters read. Written in a temporary directory and renamed into place; refuses an
+    existing `run_dir`."""
+    if os.path.exists(run_dir):
+        raise ValueError(f"{run_dir} already exists; pass a new run directory.")
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    os.makedirs(parent, exist_ok=True)
+    temporary = tempfile.mkdtemp(dir=parent, prefix=".run-")
+    try:
+        run = Run(temporary, model.config, TrainConfig())
+        _write_json(run.config_path, {"model": dataclasses.asdict(model.config), "source": source})
+        tokenizer.save(run.tokenizer_dir)
+        _save_inference_model(model, run.model_path)
+        os.chmod(temporary, 0o755)
+        os.rename(temporary, run_dir)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return run_dir
+
+
 def _train_tokenizer(kind, vocab_size, files):
     texts = (text for path in files for text in data.read_text(path))
     if kind == "char":

@@ -1,0 +1,85 @@
+"""`gpt-keras convert`: a Hugging Face GPT-2 directory becomes a run directory that `generate` and
+`evaluate` accept, and a run directory goes back to Hugging Face with equal logits."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from gpt_keras.cli import main
+from gpt_keras.generation import TextGenerator
+from gpt_keras.tokenizers import GPT2Tokenizer, load_tokenizer
+from gpt_keras.training import load_model, read_run_config
+from tests.test_hf_conversion import hf_greedy, hf_logits, random_hf_model
+
+transformers = pytest.importorskip("transformers")
+GPT2_VOCAB = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gpt2")
+SHAKESPEARE = os.path.join(GPT2_VOCAB, "..", "tinyshakespeare.txt")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    hf_model = random_hf_model(vocab_size=50257, n_positions=64)
+    hf_dir = str(root / "hf")
+    hf_model.save_pretrained(hf_dir)
+    for name in ("encoder.json", "vocab.bpe"):  # a checkpoint that ships its tokenizer files
+        shutil.copy(os.path.join(GPT2_VOCAB, name), hf_dir)
+    run_dir = str(root / "run")
+    main(["convert", hf_dir, run_dir])
+    return hf_model, hf_dir, run_dir
+
+
+def test_hf_checkpoint_becomes_a_run_directory(converted, capsys):
+    hf_model, hf_dir, run_dir = converted
+    assert read_run_config(run_dir)["source"] == {"huggingface": os.path.abspath(hf_dir)}
+    tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
+    assert isinstance(tokenizer, GPT2Tokenizer) and tokenizer.vocab_size == 50257
+    prompt = "To be, or not to be"
+    ids = tokenizer.tokenize(prompt).numpy().tolist()
+    expected = tokenizer.detokenize(np.array(hf_greedy(hf_model, ids, 8), np.int32)).numpy()
+    capsys.readouterr()
+    main(["generate", run_dir, "--prompt", prompt, "--max-new-tokens", "8", "--temperature",
+          "0", "--no-stream"])
+    printed = capsys.readouterr().out
+    generated = TextGenerator(load_model(run_dir), tokenizer).generate(prompt, 8, temperature=0,
+                                                                      stop_token_ids=())
+    assert generated.encode("utf-8") == expected
+    assert printed.startswith(prompt)
+    sample = os.path.join(os.path.dirname(run_dir), "sample.txt")
+    with open(SHAKESPEARE, encoding="utf-8") as source, open(sample, "w") as target:
+        target.write(source.read(5_000))
+    main(["evaluate", run_dir, "--data", sample, "--batch-size", "8"])
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_run_directory_goes_back_to_hugging_face(converted, tmp_path):
+    hf_model, _, run_dir = converted
+    out = str(tmp_path / "back")
+    main(["convert", run_dir, out, "--to", "hf"])
+    assert {"config.json", "model.safetensors", "vocab.json", "merges.txt"} <= set(os.listdir(out))
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    tokens = np.random.default_rng(1).integers(0, 50257, (2, 12))
+    np.testing.assert_allclose(hf_logits(reloaded, tokens), hf_logits(hf_model, tokens), atol=1e-5)
+    fast = transformers.GPT2TokenizerFast(vocab=os.path.join(out, "vocab.json"),
+                                          merges=os.path.join(out, "merges.txt"))
+    text = "Hello world, it's me"
+    assert fast(text)["input_ids"] == load_tokenizer(
+        os.path.join(run_dir, "tokenizer")).tokenize(text).numpy().tolist()
+
+
+def test_convert_errors_are_one_line(converted, tmp_path, capsys):
+    _, hf_dir, run_dir = converted
+    with pytest.raises(SystemExit):
+        main(["convert", hf_dir, run_dir])  # the run directory exists
+    assert "already exists" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    os.makedirs(bare)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(hf_dir, name), bare)
+    with pytest.raises(SystemExit):
+        main(["convert", str(bare), str(tmp_path / "run2")])
+    assert "holds neither encoder.json + vocab.bpe nor vocab.json + merges.txt" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "run2").exists()
