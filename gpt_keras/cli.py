@@ -49,6 +49,9 @@ def _add_train_arguments(parser):
     parser.add_argument("--run-dir", required=True, help="where the run lives; re-run the same "
                         "command to resume it")
     parser.add_argument("--preset", default="shakespeare-char", choices=sorted(PRESETS))
+    parser.add_argument("--init-from", help="fine-tune: start from this run directory or Hugging "
+                        "Face GPT-2 directory (its model and tokenizer replace --preset and "
+                        "--tokenizer)")
     parser.add_argument("--tokenizer", default="char", choices=TOKENIZERS)
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="BPE vocabulary size (with --tokenizer bpe; default 4096)")
@@ -98,6 +101,7 @@ def _train(args):
         tokenizer_vocab_size=vocab_size,
         validation_paths=args.validation_data,
         replicas=args.replicas,
+        init_from=args.init_from,
     )
     print(f"Run directory: {run.directory}")
     print(f"  model: {run.model_path}\n  checkpoints: {run.checkpoint_dir}\n"

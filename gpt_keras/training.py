@@ -45,6 +45,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest step checkpoints kept (plus the best one)
     sample_every: int = 250  # steps between printed text samples (0: never)
     sample_tokens: int = 200  # tokens per sample
+    freeze_blocks: int = 0  # fine-tuning: keep the first k transformer blocks fixed
 
     def __post_init__(self):
         positive = ["batch_size", "max_steps", "eval_every", "eval_batches", "checkpoint_every",
@@ -225,12 +226,28 @@ def _write_json(path, value):
     checkpoints.atomic_write(path, lambda f: f.write(text))
 
 
+def load_source(path):
+    """`(model, tokenizer)` to fine-tune from: a run directory, or a Hugging Face GPT-2 directory
+    (with its `vocab.json`/`merges.txt` or `encoder.json`/`vocab.bpe`)."""
+    from gpt_keras.hf import load_gpt2
+    from gpt_keras.tokenizers import GPT2Tokenizer
+
+    if os.path.isfile(os.path.join(path, "run.json")):
+        return load_model(path), load_tokenizer(os.path.join(path, "tokenizer"))
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return load_gpt2(path), GPT2Tokenizer.from_directory(path)
+    raise ValueError(f"--init-from {path}: neither a run directory (run.json) nor a Hugging Face "
+                     "checkpoint (config.json).")
+
+
 def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
           tokenizer_vocab_size=None, validation_paths=None, replicas=None, sample=None,
-          verbose=True):
+          verbose=True, init_from=None):
     """Trains (or resumes) the run in `run_dir` and returns its `Run`.
 
-    `model_config.vocab_size` is replaced by the tokenizer's. Re-running with the same arguments
+    `model_config.vocab_size` is replaced by the tokenizer's. With `init_from` (see
+    `load_source`), the model's config, weights and tokenizer come from there instead (fine-tuning;
+    `train_config.freeze_blocks` keeps the first blocks fixed). Re-running with the same arguments
     after an interruption continues from the newest checkpoint with the same step, learning
     rate, optimizer state, data position and dropout RNG; different arguments raise `ValueError`
     naming what changed. `sample(model) -> str` (default: `text_sampler`) is printed every
@@ -245,7 +262,15 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
         )
     train_files = data.resolve_text_files(data_paths)
     validation_files = data.resolve_text_files(validation_paths) if validation_paths else None
+    source_model = source_tokenizer = None
+    if init_from is not None:
+        source_model, source_tokenizer = load_source(init_from)
+        model_config, tokenizer = source_model.config, source_tokenizer.kind
+    if train_config.freeze_blocks > model_config.num_layers:
+        raise ValueError(f"--freeze-blocks {train_config.freeze_blocks} is more than the model's "
+                         f"{model_config.num_layers} blocks.")
     requested = {
+        "source": {"init_from": os.path.abspath(init_from) if init_from else None},
         "model": dataclasses.asdict(model_config),
         "train": dataclasses.asdict(train_config),
         "tokenizer": {"kind": tokenizer, "vocab_size": tokenizer_vocab_size},
@@ -272,7 +297,7 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
         new_run = not os.path.exists(run_dir)
         try:
             text_tokenizer = _prepare(run, tokenizer, tokenizer_vocab_size, train_files,
-                                      validation_files)
+                                      validation_files, source_tokenizer)
             _write_json(run.config_path,
                         {**requested, "model": dataclasses.asdict(run.model_config)})
         except BaseException:
@@ -282,17 +307,18 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
     distribute.barrier(strategy)  # other workers wait until the chief has prepared the run
     if not chief:
         text_tokenizer = _read_prepared(run, strategy)
-    return _fit(run, strategy, text_tokenizer, sample, verbose)
+    initial_weights = None if source_model is None else source_model.get_weights()
+    return _fit(run, strategy, text_tokenizer, sample, verbose, initial_weights)
 
 
-def _prepare(run, kind, vocab_size, train_files, validation_files):
-    """Trains or loads the tokenizer and tokenizes the corpus into the run directory (or checks
+def _prepare(run, kind, vocab_size, train_files, validation_files, source_tokenizer=None):
+    """Trains (or takes `source_tokenizer`, or loads) the tokenizer and tokenizes the corpus into the run directory (or checks
     that the stored tokens still match the files); sets `run.token_file` and the vocabulary size
     of `run.model_config`. Returns the tokenizer."""
     if os.path.isfile(os.path.join(run.tokenizer_dir, "tokenizer.json")):
         tokenizer = load_tokenizer(run.tokenizer_dir)
     else:
-        tokenizer = _train_tokenizer(kind, vocab_size, train_files)
+        tokenizer = source_tokenizer or _train_tokenizer(kind, vocab_size, train_files)
     if os.path.isfile(os.path.join(run.data_dir, data.META_FILE)):
         run.token_file = data.TokenFile.load(run.data_dir)
     else:
@@ -338,7 +364,7 @@ def text_sampler(tokenizer, config):
     return sample
 
 
-def _fit(run, strategy, tokenizer, sample, verbose):
+def _fit(run, strategy, tokenizer, sample, verbose, initial_weights=None):
     """`model.fit` under `strategy` with `distribute.GlobalBatchSteps` (see `gpt_keras.distribute`
     for how multi-worker training works); only the chief writes into the run directory."""
     config = run.train_config
@@ -350,6 +376,10 @@ def _fit(run, strategy, tokenizer, sample, verbose):
     with strategy.scope():
         model = distribute.TrainingGPT(**dataclasses.asdict(run.model_config))
         model.build()
+        if initial_weights is not None:  # fine-tuning; a checkpoint, if any, overrides below
+            model.set_weights(initial_weights)
+        for block in model.blocks[: config.freeze_blocks]:
+            block.trainable = False
         # The model computes the loss and accumulates gradients (`distribute.GlobalBatchSteps`),
         # so its optimizer applies every update it gets and counts updates.
         model.compile(optimizer=build_optimizer(model, config),

@@ -271,3 +271,28 @@ def test_default_corpus_without_network_says_to_pass_data(monkeypatch):
     with pytest.raises(ValueError, match="Could not download the default corpus .*ConnectionError"
                                          ".* Pass --data PATH"):
         cli.default_corpus()
+
+
+def test_fine_tuning_starts_from_a_run_and_freezes_blocks(corpus, tmp_path):
+    config = TrainConfig(batch_size=8, max_steps=20, learning_rate=1e-2, warmup_steps=2,
+                         checkpoint_every=20, eval_every=20, eval_batches=2, sample_every=0)
+    base = str(tmp_path / "base")
+    train(base, [corpus], TINY_MODEL, config, verbose=False)
+    tuned = str(tmp_path / "tuned")
+    frozen = TrainConfig(**{**vars(config), "freeze_blocks": 1, "learning_rate": 1e-3})
+    train(tuned, [corpus], GPTConfig.from_preset("shakespeare-char"), frozen, verbose=False,
+          init_from=base)
+    from gpt_keras.tokenizers import load_tokenizer
+
+    assert (load_tokenizer(os.path.join(tuned, "tokenizer")).describe()
+            == load_tokenizer(os.path.join(base, "tokenizer")).describe())
+    before, after = load_model(base), load_model(tuned)
+    assert after.config == before.config  # the source's architecture, not --preset's
+    for layer, same in [(0, True), (1, False)]:
+        for a, b in zip(before.blocks[layer].weights, after.blocks[layer].weights):
+            assert np.array_equal(a.numpy(), b.numpy()) == same, (layer, a.path)
+    # It continues from the trained weights: far below the untrained loss from the start.
+    assert float(read_metrics(tuned)[0]["val_loss"]) <= float(read_metrics(base)[0]["val_loss"])
+    with pytest.raises(ValueError, match="--freeze-blocks 3 is more than the model's 2 blocks"):
+        train(str(tmp_path / "bad"), [corpus], TINY_MODEL,
+              TrainConfig(**{**vars(config), "freeze_blocks": 3}), verbose=False, init_from=base)
