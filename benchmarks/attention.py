@@ -23,8 +23,10 @@ CPU; see BENCHMARKS.md for results.
    ops.transpose(E))` (keras-hub's `ReversibleEmbedding(reverse=True)`), forward + backward with
    respect to x and E.
 
-Every comparison alternates its variants for `--rounds` rounds in one process and reports the
-median time per call and the median per-round ratio (robust to load from other processes).
+Every comparison alternates its variants for `--rounds` rounds in one process, each round timing
+single calls for `--min-time` seconds per variant, and reports the fastest-decile (10th-percentile)
+time per call, the speed ratio of those, and the median of per-round ratios (both robust to load
+from other processes on a shared machine).
 """
 
 import argparse
@@ -43,6 +45,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import ops  # noqa: E402
+
+tf.get_logger().setLevel("ERROR")  # one tf.function per variant: retracing warnings are expected
 
 from gpt_keras.layers import MultiHeadAttention  # noqa: E402
 from gpt_keras.layers.multi_head_attention import causal_mask  # noqa: E402
@@ -118,40 +122,55 @@ def forward_backward(function, num_inputs, jit_compile, variables=()):
     return step
 
 
-def seconds_per_call(step, args, min_time):
-    """Mean seconds per call over a batch of calls lasting at least `min_time`."""
-    calls = 1
-    while True:
-        start = time.perf_counter()
-        for _ in range(calls):
-            result = step(*args)
+def call_times(step, args, min_time):
+    """Seconds of each of as many single calls as fit in `min_time` (at least 3)."""
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - start < min_time:
+        begin = time.perf_counter()
+        result = step(*args)
         float(tf.reduce_sum(result[0]))  # make sure the work is done
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time:
-            return elapsed / calls
-        calls = max(calls * 2, int(calls * min_time / max(elapsed, 1e-6)) + 1)
-
-
-def alternate(steps, args, rounds, min_time):
-    """Times each of `steps` (name -> function) `rounds` times, alternating; returns name ->
-    list of seconds per call."""
-    for step in steps.values():  # trace + compile outside the timing
-        step(*args)
-    times = {name: [] for name in steps}
-    order = list(steps)
-    for _ in range(rounds):
-        for name in order:
-            times[name].append(seconds_per_call(steps[name], args, min_time))
-        order.reverse()
+        times.append(time.perf_counter() - begin)
     return times
 
 
-def report(times, baseline):
-    """Prints median ms per call and the median per-round ratio to `baseline`."""
-    for name, values in times.items():
-        ratios = [b / v for b, v in zip(times[baseline], values)]
-        print(f"    {name:34s} {1000 * statistics.median(values):9.3f} ms   "
-              f"speed vs {baseline}: {statistics.median(ratios):.3f}x")
+def alternate(steps, args, rounds, min_time, quiet_share=0.1):
+    """Times each of `steps` (name -> function) in `rounds` rounds, alternating the order. Returns
+    name -> all single-call times, name -> per-round median call time, and per round whether it
+    was quiet (other processes used less than `quiet_share` CPU-s per second of it)."""
+    for step in steps.values():  # trace + compile outside the timing
+        step(*args)
+    samples = {name: [] for name in steps}
+    per_round = {name: [] for name in steps}
+    quiet = []
+    order = list(steps)
+    other_load = OtherLoad()
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for name in order:
+            times = call_times(steps[name], args, min_time)
+            samples[name] += times
+            per_round[name].append(statistics.median(times))
+        order.reverse()
+        quiet.append(other_load.seconds() < quiet_share * (time.perf_counter() - start))
+    return samples, per_round, quiet
+
+
+def report(timings, baseline):
+    """Prints each variant's fastest-decile time per call and its speed relative to `baseline`:
+    from the fastest-decile times, as the median of per-round ratios, and as the median of
+    per-round ratios over the quiet rounds."""
+    samples, per_round, quiet = timings
+    fast = {name: float(np.percentile(values, 10)) for name, values in samples.items()}
+    print(f"    ({sum(quiet)} of {len(quiet)} rounds quiet)")
+    for name in samples:
+        ratios = [b / v for b, v in zip(per_round[baseline], per_round[name])]
+        quiet_ratios = [r for r, q in zip(ratios, quiet) if q]
+        quiet_text = (f", quiet rounds {statistics.median(quiet_ratios):.3f}x"
+                      if quiet_ratios else "")
+        print(f"    {name:34s} {1000 * fast[name]:9.3f} ms   speed vs {baseline}: "
+              f"{fast[baseline] / fast[name]:.3f}x (per-round {statistics.median(ratios):.3f}x"
+              f"{quiet_text})")
 
 
 def max_abs_diff(a, b):

@@ -4,8 +4,10 @@ Run from the repository root:
 
     TF_CPP_MIN_LOG_LEVEL=3 python benchmarks/model_variants.py
 
-Options: `--rounds 5 --steps 100`, `--jit-compile auto,true` (as in `train_step.py`), `--preset
-shakespeare-char`, `--batch-size 12`. The default run takes about 3 minutes on a 2-core CPU.
+Options: `--rounds 5 --steps 60 --jit-compile auto,true` (as in `train_step.py`),
+`--preset shakespeare-char`, `--context-length` (overrides the preset's), `--batch-size 12`,
+`--variants` (a comma-separated subset). The
+default run takes about 2.5 minutes on an idle 2-core CPU (8 models: 4 variants x 2 jit modes).
 
 Trains `GPT.from_preset(--preset)` like `benchmarks/train_step.py` (AdamW, `fit`, random tokens),
 in these variants, alternated round by round in one process:
@@ -18,7 +20,9 @@ in these variants, alternated round by round in one process:
   of the attention layers is swapped for `DotProductAttentionMHA` from `attention.py`).
 - `head=matmul+attn=dpa`: both.
 
-Reports median tokens/s per variant and the median per-round speed ratio to `baseline`.
+Reports, as `train_step.py` does, tokens/s at each variant's fastest-decile step time and its
+speed relative to `baseline` (same jit_compile), both from those and as the median of per-round
+ratios.
 """
 
 import argparse
@@ -42,7 +46,9 @@ from train_step import (  # noqa: E402
     compile_model,
     make_dataset,
     parse_jit_modes,
+    round_ratios,
     run_rounds,
+    summarize,
     timed_fit,
     traces,
     warm_up_runtime,
@@ -68,7 +74,7 @@ class MatmulHeadOps:
 
 
 def build(preset, variant, context):
-    model = gpt_keras.GPT.from_preset(preset)
+    model = gpt_keras.GPT.from_preset(preset, context_length=context)
     model.build((None, context))
     if "attn=dpa" in variant:
         for block in model.blocks:
@@ -79,16 +85,18 @@ def build(preset, variant, context):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--max-rounds", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=12)
     parser.add_argument("--preset", default="shakespeare-char")
+    parser.add_argument("--context-length", type=int, default=None,
+                        help="override the preset's context length (and the sequence length)")
     parser.add_argument("--jit-compile", type=parse_jit_modes, default=["auto", True])
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {VARIANTS}")
     args = parser.parse_args()
-    config = gpt_keras.GPTConfig.from_preset(args.preset)
+    overrides = {"context_length": args.context_length} if args.context_length else {}
+    config = gpt_keras.GPTConfig.from_preset(args.preset, **overrides)
     context, vocab = config.context_length, config.vocab_size
     tokens_per_step = args.batch_size * context
     variants = args.variants.split(",")
@@ -116,19 +124,23 @@ def main():
             print(f"jit={key[0]:5s} {variant:22s} first step {first_step[key]:.1f} s", flush=True)
     trace_counts = {key: traces(model) for key, model in models.items()}
 
-    rates, _ = run_rounds(models, dataset, args.steps, tokens_per_step, args.rounds,
-                          args.max_rounds or 3 * args.rounds)
+    results = run_rounds(models, dataset, args.steps, args.rounds)
     for key, model in models.items():
         if traces(model) != trace_counts[key]:
             print(f"WARNING: {key} was re-traced during the timed rounds")
 
-    print(f"\n{'jit_compile':11s} {'variant':22s} {'first step s':>12s} {'tokens/s median':>15s} "
-          f"{'speed vs baseline':>17s}")
+    summary = summarize(results, models, tokens_per_step)
+    quiet_rounds = sum(quiet for quiet, _ in results)
+    print(f"\n{quiet_rounds} of {len(results)} rounds quiet. Speed vs baseline (same jit_compile):"
+          " fastest-decile step times; median of per-round ratios")
+    print(f"{'jit_compile':11s} {'variant':22s} {'first step s':>12s} {'tokens/s fast':>13s} "
+          f"{'vs baseline':>11s} {'per-round':>9s}")
     for key in models:
-        baseline = rates[(key[0], variants[0])]
-        ratio = statistics.median(r / b for r, b in zip(rates[key], baseline))
-        print(f"{key[0]:11s} {key[1]:22s} {first_step[key]:12.1f} "
-              f"{statistics.median(rates[key]):15,.0f} {ratio:17.3f}")
+        baseline = (key[0], variants[0])
+        fast = summary[key]["fast"] / summary[baseline]["fast"]
+        per_round = statistics.median(round_ratios(results, key, baseline))
+        print(f"{key[0]:11s} {key[1]:22s} {first_step[key]:12.1f} {summary[key]['fast']:13,.0f} "
+              f"{fast:11.3f} {per_round:9.3f}")
 
 
 if __name__ == "__main__":

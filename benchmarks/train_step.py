@@ -4,27 +4,38 @@ Run from the repository root:
 
     TF_CPP_MIN_LOG_LEVEL=3 python benchmarks/train_step.py
 
-Options: `--rounds 5 --steps 40` (timed rounds, steps per round per model), `--batch-size 12`,
-`--no-xla` (`jit_compile=False` instead of Keras' default "auto", which is XLA on TensorFlow).
-The default run takes about 2 minutes on a 2-core CPU; see BENCHMARKS.md for results.
+Options: `--rounds 5 --steps 60` (timed rounds, steps per round per model), `--jit-compile
+auto,true` (the `jit_compile` values to measure, each for both models), `--batch-size 12`. The
+default run takes about 1.5 minutes on an idle 2-core CPU. On a shared machine, use more, shorter
+rounds (`--rounds 40 --steps 30`, as for BENCHMARKS.md) so that enough of them are quiet.
 
 Both models have the same shape (nanoGPT's CPU "baby" config: 4 layers, 4 heads, 128 dims, context
 64, vocab 65, MLP 512, dropout 0, tied input/output embeddings) and are trained the same way:
-`compile(AdamW(1e-3), SparseCategoricalCrossentropy(from_logits=True))` + `fit` on a repeated
-`tf.data` dataset of random tokens, batch 12 x 64. The differences that remain are the models'
-own: gpt_keras uses fixed sinusoidal positions (keras-hub learns a 64 x 128 table, so it has 8,192
-more parameters), a fused query/key/value projection, and its own attention core.
+`compile(AdamW(1e-3), SparseCategoricalCrossentropy(from_logits=True), jit_compile=...)` + `fit`
+on a repeated `tf.data` dataset of random tokens, batch 12 x 64. The differences that remain are
+the models' own: gpt_keras uses fixed sinusoidal positions (keras-hub learns a 64 x 128 table, so it
+has 8,192 more parameters), a fused query/key/value projection, and its own attention core.
 
-Method: each model first runs one `fit` step (trace + XLA compile, reported as "first step") and a
-short warm-up `fit`. Then, in one process, the models alternate for `--rounds` rounds (the order
-flips every round), each round one `fit(steps_per_epoch=--steps)` call per model. A callback
-timestamps `on_train_batch_begin`; a round's time is the span from the start of its second step to
-the start of its last, so the first step of each `fit` call (iterator start-up) and the end-of-fit
-bookkeeping are excluded, and nothing is traced in the timed span (checked: the train function is
-traced once). The callback defines no `on_train_batch_end`, so Keras' default (asynchronous) batch-end
-dispatch is unchanged. Reported: median tokens/s over rounds per model, and the median over rounds
-of the per-round ratio gpt_keras / keras-hub (robust to load from other processes, which hits both
-models of a round alike).
+Note: Keras 3.15's `jit_compile="auto"` (the default) resolves to **False** on a machine without a
+GPU (`Trainer._resolve_auto_jit_compile`: "Disable XLA on CPU-only machines"), so the default is
+no XLA here; `jit_compile=True` is measured beside it.
+
+Method: each model first runs a one-step `fit` (trace, plus the XLA compile when jit_compile is
+on: reported as "first step") and a short warm-up `fit`. Then all models alternate in one process,
+round by round (the order flips every round), each round one `fit(steps_per_epoch=--steps)` call
+per model. A callback timestamps `on_train_batch_begin`; step durations are start-to-start, from
+the second step of each `fit` call to the last, so the first step (iterator start-up) and the
+end-of-fit bookkeeping are excluded, and nothing is traced in the timed span (checked: the train
+functions' tracing counts do not change). The callback defines no `on_train_batch_end`, so Keras'
+asynchronous batch-end dispatch stays on. A round is "quiet" when other processes used less than
+0.1 CPU-second per second of it (from `/proc/stat`; the load average is no guide, it counts this
+process's own threads).
+
+Reported per model: tokens/s at the median step time over the quiet rounds (the headline figure),
+at the fastest-decile step time over all rounds, and at the median over all rounds; and speed
+ratios gpt_keras / keras-hub (and XLA / no XLA), as the median of per-round ratios over quiet
+rounds and over all rounds. Per-round ratios are the robust number: both models of a round see
+the same machine.
 """
 
 import argparse
@@ -102,11 +113,12 @@ def make_dataset(batch_size, context=CONTEXT, vocab_size=VOCAB_SIZE, seed=0):
 
 
 def timed_fit(model, dataset, steps):
-    """One `fit` call of `steps` steps; returns (seconds from step 2's start to step `steps`'s
-    start, i.e. `steps - 2` whole steps; the epoch's mean loss)."""
+    """One `fit` call of `steps` steps; returns the durations of steps 2 .. steps-1 in seconds
+    (start to start, so each includes Keras' per-step loop overhead; the first step, which
+    includes the iterator's start-up, and the end-of-fit bookkeeping are left out)."""
     timer = StepTimer()
-    history = model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
-    return timer.begins[-1] - timer.begins[1], history.history["loss"][-1]
+    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
+    return list(np.diff(timer.begins[1:]))
 
 
 class OtherLoad:
@@ -165,43 +177,54 @@ def warm_up_runtime():
         tf.function(tf.autograph.experimental.do_not_convert(lambda a: a @ a), jit_compile=jit)(x)
 
 
-def run_rounds(models, dataset, steps, tokens_per_step, rounds, max_rounds, quiet_share=0.1):
-    """Alternates one `timed_fit` per model per round (the order flips every round) until
-    `rounds` quiet rounds are collected or `max_rounds` have run. A round is quiet when other
-    processes used less than `quiet_share` CPU-seconds per second of it. Returns
-    `{key: [tokens/s per kept round]}` (the quiet rounds, or all rounds if none was quiet) and
-    the number of quiet rounds."""
-    all_rates, quiet = [], []
+def run_rounds(models, dataset, steps, rounds, quiet_share=0.1):
+    """Alternates one `timed_fit` per model per round, the order flipping every round. A round is
+    quiet when other processes used less than `quiet_share` CPU-seconds per second of it.
+    Returns a list of rounds, each `(quiet, {key: [step seconds]})`."""
+    results = []
     order = list(models)
     other_load = OtherLoad()
-    while len(quiet) < rounds and len(all_rates) < max_rounds:
+    for index in range(rounds):
         start = time.perf_counter()
-        rates = {}
+        durations = {}
         for key in order:
-            seconds, _ = timed_fit(models[key], dataset, steps)
-            rates[key] = (steps - 2) * tokens_per_step / seconds
+            durations[key] = timed_fit(models[key], dataset, steps)
         order.reverse()
         other, wall = other_load.seconds(), time.perf_counter() - start
-        is_quiet = other < quiet_share * wall
-        all_rates.append(rates)
-        if is_quiet:
-            quiet.append(rates)
-        print(f"round {len(all_rates)}: " + ", ".join(f"{rates[key]:,.0f}" for key in models)
-              + f" tokens/s; other processes used {other:.1f} CPU-s in {wall:.1f} s: "
-              + ("quiet" if is_quiet else "busy, not counted"), flush=True)
-    kept = quiet or all_rates
-    if len(quiet) < rounds:
-        print(f"WARNING: only {len(quiet)} quiet rounds of {len(all_rates)}; "
-              + ("using those" if quiet else "using all rounds") + ". Re-run on an idle machine.")
-    return {key: [r[key] for r in kept] for key in models}, len(quiet)
+        quiet = other < quiet_share * wall
+        results.append((quiet, durations))
+        print(f"round {index + 1}: median ms/step " + ", ".join(
+            f"{1000 * statistics.median(durations[key]):.1f}" for key in models
+        ) + f"; other processes used {other:.1f} CPU-s in {wall:.1f} s"
+          + (" (quiet)" if quiet else ""), flush=True)
+    return results
+
+
+def summarize(results, keys, tokens_per_step):
+    """Per model: tokens/s at the 10th-percentile step time over all rounds (`fast`), at the
+    median step time over the quiet rounds (`quiet`, None without quiet rounds) and over all rounds
+    (`all`)."""
+    summary = {}
+    for key in keys:
+        every = np.concatenate([durations[key] for _, durations in results])
+        quiet = [durations[key] for is_quiet, durations in results if is_quiet]
+        summary[key] = {
+            "fast": tokens_per_step / np.percentile(every, 10),
+            "quiet": tokens_per_step / np.median(np.concatenate(quiet)) if quiet else None,
+            "all": tokens_per_step / np.median(every),
+        }
+    return summary
+
+
+def round_ratios(results, key_a, key_b):
+    """Per round: median step time of `key_b` / median step time of `key_a` (= speed a / b)."""
+    return [statistics.median(d[key_b]) / statistics.median(d[key_a]) for _, d in results]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="quiet rounds to collect (5)")
-    parser.add_argument("--max-rounds", type=int, default=None,
-                        help="give up waiting for quiet rounds after this many (3 x --rounds)")
-    parser.add_argument("--steps", type=int, default=100, help="steps per round per model (100)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (5)")
+    parser.add_argument("--steps", type=int, default=60, help="steps per round per model (60)")
     parser.add_argument("--warmup-steps", type=int, default=10, help="steps after compile (10)")
     parser.add_argument("--batch-size", type=int, default=12)
     parser.add_argument(
@@ -243,35 +266,43 @@ def main():
     print(f"(other processes used {other_load.seconds():.1f} CPU-s while compiling)\n")
     trace_counts = {key: traces(model) for key, model in models.items()}
 
-    rates, _ = run_rounds(models, dataset, args.steps, tokens_per_step, args.rounds,
-                          args.max_rounds or 3 * args.rounds)
-
+    results = run_rounds(models, dataset, args.steps, args.rounds)
+    quiet_rounds = sum(quiet for quiet, _ in results)
     for key, model in models.items():
         if traces(model) != trace_counts[key]:
             print(f"WARNING: {key}'s train function was re-traced during the timed rounds")
 
-    print(f"\n{'model':20s} {'resolved':>8s} {'params':>9s} {'first step s':>12s} "
-          f"{'tokens/s median':>15s} {'min':>7s} {'max':>7s} {'ms/step':>8s}")
+    summary = summarize(results, models, tokens_per_step)
+    print(f"\n{quiet_rounds} of {len(results)} rounds quiet. tokens/s at: the fastest-decile step "
+          "time (all rounds) | the median step time (quiet rounds) | the median (all rounds)")
+    print(f"{'model':20s} {'resolved':>8s} {'params':>9s} {'first step s':>12s} "
+          f"{'fast':>8s} {'quiet':>8s} {'all':>8s}")
     for key, model in models.items():
-        median = statistics.median(rates[key])
+        figures = summary[key]
+        quiet = f"{figures['quiet']:8,.0f}" if figures["quiet"] else f"{'-':>8s}"
         print(f"{key:20s} {str(model.jit_compile):>8s} {model.count_params():9,d} "
-              f"{first_step[key]:12.1f} {median:15,.0f} {min(rates[key]):7,.0f} "
-              f"{max(rates[key]):7,.0f} {1000 * tokens_per_step / median:8.1f}")
+              f"{first_step[key]:12.1f} {figures['fast']:8,.0f} {quiet} {figures['all']:8,.0f}")
+
+    def compare(label, key_a, key_b):
+        ratios = round_ratios(results, key_a, key_b)
+        fast = summary[key_a]["fast"] / summary[key_b]["fast"]
+        quiet = [r for r, (q, _) in zip(ratios, results) if q]
+        print(f"{label}: {fast:.3f} fastest-decile, "
+              + (f"{statistics.median(quiet):.3f} quiet rounds, " if quiet else "")
+              + f"{statistics.median(ratios):.3f} median of per-round ratios "
+              f"(range {min(ratios):.3f}-{max(ratios):.3f})")
+
+    print()
     for jit in args.jit_compile:
         mode = str(jit).lower()
-        ratios = [a / b for a, b in zip(rates[f"gpt_keras jit={mode}"],
-                                        rates[f"keras-hub jit={mode}"])]
-        print(f"ratio gpt_keras / keras-hub, jit_compile={mode} (median of per-round ratios): "
-              f"{statistics.median(ratios):.3f}  (range {min(ratios):.3f}-{max(ratios):.3f})")
-    if len(args.jit_compile) > 1:
-        base = str(args.jit_compile[0]).lower()
-        for jit in args.jit_compile[1:]:
-            mode = str(jit).lower()
-            for name in ("gpt_keras", "keras-hub"):
-                speedup = statistics.median(
-                    a / b for a, b in zip(rates[f"{name} jit={mode}"], rates[f"{name} jit={base}"])
-                )
-                print(f"{name} jit_compile={mode} vs {base}: {speedup:.3f}x")
+        compare(f"speed gpt_keras / keras-hub, jit_compile={mode}",
+                f"gpt_keras jit={mode}", f"keras-hub jit={mode}")
+    base = str(args.jit_compile[0]).lower()
+    for jit in args.jit_compile[1:]:
+        mode = str(jit).lower()
+        for name in ("gpt_keras", "keras-hub"):
+            compare(f"speed {name} jit_compile={mode} / {base}",
+                    f"{name} jit={mode}", f"{name} jit={base}")
 
 
 if __name__ == "__main__":
