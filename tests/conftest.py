@@ -5,6 +5,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
+SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                           "tinyshakespeare.txt")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A file with the first 60,000 characters of Tiny Shakespeare."""
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        text = f.read(60_000)
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
 
 @pytest.fixture(autouse=True)
 def _float32_policy_and_seed():

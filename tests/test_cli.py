@@ -10,8 +10,7 @@ from gpt_keras.generation import TextGenerator
 from gpt_keras.tokenizers import load_tokenizer
 from gpt_keras.training import load_model
 
-SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                           "tinyshakespeare.txt")
+from tests.conftest import SHAKESPEARE  # noqa: E402
 SMALL = ["--context-length", "32", "--num-layers", "2", "--num-heads", "2", "--hidden-dim", "32"]
 
 

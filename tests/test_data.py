@@ -6,8 +6,7 @@ import pytest
 from gpt_keras import data
 from gpt_keras.tokenizers import CharTokenizer
 
-SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                           "tinyshakespeare.txt")
+from tests.conftest import SHAKESPEARE  # noqa: E402
 
 
 def write(path, content, mode="w"):

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
+from tests.conftest import SHAKESPEARE  # noqa: E402
 SMALL_MODEL_FLAGS = ["--context-length", "16", "--num-layers", "2", "--num-heads", "2",
                      "--hidden-dim", "32"]
 # Tolerances. Splitting a batch over replicas only changes the order of float32 sums, so the
@@ -70,16 +70,6 @@ def _assert_close(expected, actual):
     assert len(expected) == len(actual)
     for a, b in zip(expected, actual):
         np.testing.assert_allclose(b, a, rtol=0, atol=WEIGHT_ATOL)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """The first 60,000 characters of Tiny Shakespeare."""
-    with open(SHAKESPEARE, encoding="utf-8") as f:
-        text = f.read(60_000)
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
-    path.write_text(text, encoding="utf-8")
-    return str(path)
 
 
 # --- MirroredStrategy over logical CPU devices, through the command line -------------------

@@ -14,6 +14,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from gpt_keras.tokenizers import GPT2Tokenizer, load_tokenizer
 from gpt_keras.tokenizers.gpt2 import bytes_to_unicode
+from tests.test_tokenizers import _Serving  # the export-like module of both tokenizer suites
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ENCODER, MERGES = DATA / "gpt2" / "encoder.json", DATA / "gpt2" / "vocab.bpe"
@@ -222,24 +223,6 @@ def test_from_directory_with_either_file_names(tokenizer, tmp_path):
     os.remove(tmp_path / "merges.txt")
     with pytest.raises(ValueError, match="neither encoder.json \\+ vocab.bpe nor vocab.json"):
         GPT2Tokenizer.from_directory(tmp_path)
-
-
-class _Serving(tf.Module):
-    def __init__(self, tokenizer):
-        super().__init__()
-        self.tokenizer = tokenizer
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
-    def tokenize(self, text):
-        ids = self.tokenizer.tokenize(text)
-        return {"ids": ids.to_tensor(default_value=-1), "lengths": ids.row_lengths()}
-
-    @tf.function(input_signature=[
-        tf.TensorSpec([None, None], tf.int32, name="ids"),
-        tf.TensorSpec([None], tf.int64, name="lengths"),
-    ])
-    def detokenize(self, ids, lengths):
-        return {"text": self.tokenizer.detokenize(tf.RaggedTensor.from_tensor(ids, lengths))}
 
 
 def test_saved_model_round_trip(tokenizer, lines, tmp_path):

@@ -19,21 +19,10 @@ from gpt_keras.training import (
     load_model, train,
 )
 
-SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                           "tinyshakespeare.txt")
+from tests.conftest import SHAKESPEARE  # noqa: E402
 TINY_MODEL = GPTConfig.from_preset("tiny")  # context 16, 2 layers, 2 heads, 32 dims
 SMALL_MODEL_FLAGS = ["--context-length", "16", "--num-layers", "2", "--num-heads", "2",
                      "--hidden-dim", "32"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """The first 60,000 characters of Tiny Shakespeare."""
-    with open(SHAKESPEARE, encoding="utf-8") as f:
-        text = f.read(60_000)
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
-    path.write_text(text, encoding="utf-8")
-    return str(path)
 
 
 def read_metrics(run_dir):
