@@ -7,10 +7,11 @@ import shutil
 import numpy as np
 import pytest
 
+from gpt_keras import GPTConfig
 from gpt_keras.cli import main
 from gpt_keras.generation import TextGenerator
 from gpt_keras.tokenizers import GPT2Tokenizer, load_tokenizer
-from gpt_keras.training import load_model, read_run_config
+from gpt_keras.training import TrainConfig, load_model, read_run_config, train
 from tests.test_hf_conversion import hf_greedy, hf_logits, random_hf_model
 
 transformers = pytest.importorskip("transformers")
@@ -83,3 +84,25 @@ def test_convert_errors_are_one_line(converted, tmp_path, capsys):
     assert "holds neither encoder.json + vocab.bpe nor vocab.json + merges.txt" in (
         capsys.readouterr().err)
     assert not (tmp_path / "run2").exists()
+
+
+def test_fine_tuning_from_a_hugging_face_directory(converted, tmp_path):
+    """`train --init-from HF_DIR`: the checkpoint's weights, shape and GPT-2 tokenizer are the
+    starting point (the loss of the first interval is the imported model's, not a fresh one's)."""
+    hf_model, hf_dir, _ = converted
+    corpus = tmp_path / "text.txt"
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        corpus.write_text(f.read(20_000), encoding="utf-8")
+    config = TrainConfig(batch_size=4, max_steps=2, learning_rate=1e-9, min_learning_rate=1e-9,
+                         warmup_steps=0, checkpoint_every=2, eval_every=2, eval_batches=1,
+                         sample_every=0)
+    run_dir = str(tmp_path / "tuned")
+    train(run_dir, [str(corpus)], GPTConfig.from_preset("tiny"), config, verbose=False,
+          init_from=hf_dir)
+    assert isinstance(load_tokenizer(os.path.join(run_dir, "tokenizer")), GPT2Tokenizer)
+    tuned = load_model(run_dir)
+    assert tuned.config.vocab_size == 50257 and tuned.config.position_embedding == "learned"
+    tokens = np.random.default_rng(2).integers(0, 50257, (1, 10))
+    # A learning rate of 1e-9 leaves the imported weights as they were: logits equal HF's.
+    np.testing.assert_allclose(np.asarray(tuned(tokens.astype("int32"))),
+                               hf_logits(hf_model, tokens), atol=1e-3)
