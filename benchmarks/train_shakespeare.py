@@ -4,6 +4,7 @@ gpt_keras (`gpt_keras.training.train`) vs keras-hub's `GPT2Backbone` + tied head
 Run from the repository root (about 7 minutes on a 2-core CPU):
 
     python benchmarks/train_shakespeare.py [--steps 2000] [--out /tmp/bench-shakespeare]
+        [--position-embedding sinusoidal|learned]
 
 Settings (nanoGPT config/train_shakespeare_char.py, CPU variant): 4 layers, 4 heads, 128 dims,
 context 64, batch 12, dropout 0, AdamW lr 1e-3 with 100 warmup steps and cosine decay to 1e-4 at
@@ -33,13 +34,14 @@ SETTINGS = dict(batch_size=12, learning_rate=1e-3, min_learning_rate=1e-4, warmu
                 checkpoint_every=250, sample_every=0, seed=1337)
 
 
-def run_gpt_keras(out, steps):
+def run_gpt_keras(out, steps, position_embedding):
     from gpt_keras import GPTConfig
     from gpt_keras.training import TrainConfig, train
 
     config = TrainConfig(max_steps=steps, eval_every=steps, **SETTINGS)
     train(os.path.join(out, "gpt_keras"), [str(SHAKESPEARE)],
-          GPTConfig.from_preset("shakespeare-char"), config, verbose=False)
+          GPTConfig.from_preset("shakespeare-char", position_embedding=position_embedding),
+          config, verbose=False)
     import csv
 
     with open(os.path.join(out, "gpt_keras", "metrics.csv")) as f:
@@ -48,7 +50,7 @@ def run_gpt_keras(out, steps):
     return {"val_loss": float(rows[-1]["val_loss"]), "tokens_per_second": speeds[len(speeds) // 2]}
 
 
-def run_keras_hub(out, steps):
+def run_keras_hub(out, steps, position_embedding):
     import keras
     import keras_hub
     import numpy as np
@@ -99,8 +101,9 @@ def run_keras_hub(out, steps):
     return {"val_loss": float(val_loss), "tokens_per_second": speeds[len(speeds) // 2]}
 
 
-def child(name, out, steps):
-    result = {"gpt_keras": run_gpt_keras, "keras_hub": run_keras_hub}[name](out, steps)
+def child(name, out, steps, position_embedding):
+    runner = {"gpt_keras": run_gpt_keras, "keras_hub": run_keras_hub}[name]
+    result = runner(out, steps, position_embedding)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
@@ -109,10 +112,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--out", default="/tmp/bench-shakespeare")
+    parser.add_argument("--position-embedding", choices=["sinusoidal", "learned"],
+                        default="sinusoidal", help="gpt_keras' positions (keras-hub: learned)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.out, args.steps)
+        return child(args.child, args.out, args.steps, args.position_embedding)
     if os.path.exists(args.out):
         raise SystemExit(f"{args.out} exists; pass a new --out.")
     results = {}
@@ -120,7 +125,8 @@ def main():
         began = time.perf_counter()
         output = subprocess.run(
             [sys.executable, __file__, "--child", name, "--out", args.out, "--steps",
-             str(args.steps)], check=True, capture_output=True, text=True,
+             str(args.steps), "--position-embedding", args.position_embedding],
+            check=True, capture_output=True, text=True,
         ).stdout
         results[name] = json.loads(output.split("RESULT ", 1)[1])
         results[name]["wall_seconds"] = time.perf_counter() - began
