@@ -201,7 +201,8 @@ def attention_benchmark(args):
                       f"{max_abs_diff(grads, reference[1]):.1e}")
             report(alternate(steps, (qkv, cotangent), args.rounds, args.min_time), "gpt_keras core")
 
-        print(f"  Full layer (projections included, D={hidden}, gradients w.r.t. input and weights)")
+        print(f"  Full layer (projections included, D={hidden}, "
+              "gradients w.r.t. input and weights)")
         keras.utils.set_random_seed(0)
         layer = MultiHeadAttention(heads)
         layer.build((None, None, hidden))

@@ -48,7 +48,6 @@ from train_step import (  # noqa: E402
     round_ratios,
     run_rounds,
     summarize,
-    timed_fit,
     traces,
     warm_up_runtime,
 )
