@@ -14,7 +14,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from gpt_keras.tokenizers import GPT2Tokenizer, load_tokenizer
 from gpt_keras.tokenizers.gpt2 import bytes_to_unicode
-from tests.test_tokenizers import _Serving  # the export-like module of both tokenizer suites
+from tests.test_tokenizers import _Serving, decoded  # shared with the other tokenizer suite
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ENCODER, MERGES = DATA / "gpt2" / "encoder.json", DATA / "gpt2" / "vocab.bpe"
@@ -69,10 +69,6 @@ def hf_tokenizer():
     tokenizer = transformers.GPT2TokenizerFast(**dict(zip(names, (str(ENCODER), str(MERGES)))))
     assert len(tokenizer) == 50257 and tokenizer("Hello world")["input_ids"] == [15496, 995]
     return tokenizer
-
-
-def decoded(strings):
-    return [s.decode("utf-8") for s in strings.numpy().tolist()]
 
 
 @pytest.fixture(scope="module")
