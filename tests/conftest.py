@@ -5,8 +5,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
-SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                           "tinyshakespeare.txt")
+# ../shared/data beside the checkout (read-only; tests never download anything).
+SHARED_DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+SHAKESPEARE = os.path.join(SHARED_DATA, "tinyshakespeare.txt")
+GPT2_VOCAB = os.path.join(SHARED_DATA, "gpt2")  # encoder.json + vocab.bpe
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,10 @@ import pytest
 
 from gpt_keras import GPT
 from gpt_keras.hf import save_gpt2
+from tests import conftest
 
 ROOT = Path(__file__).resolve().parents[1]
-GPT2_VOCAB = ROOT.parent / "shared" / "data" / "gpt2"
+GPT2_VOCAB = Path(conftest.GPT2_VOCAB)
 
 
 def load_example():
@@ -40,7 +41,8 @@ def test_trains_to_stated_accuracy_and_round_trips_keras(tmp_path):
     assert result["accuracy"] >= 0.9
     assert result["max_reload_difference"] == 0.0
     restored = keras.saving.load_model(result["path"])
-    assert isinstance(restored.get_layer("gpt"), GPT)
+    # One GPT layer (its auto-generated name depends on how many were built before).
+    assert [type(layer) for layer in restored.layers].count(GPT) == 1
     assert getattr(restored, "optimizer", None) is None  # the deployment copy has no Adam moments
     texts = ["the plot was not very good", "the film was not bad and the hall was full"]
     batch, _ = next(iter(classifier.make_dataset(result["tokenizer"], texts, [0, 1],

@@ -12,11 +12,10 @@ from gpt_keras.cli import main
 from gpt_keras.generation import TextGenerator
 from gpt_keras.tokenizers import GPT2Tokenizer, load_tokenizer
 from gpt_keras.training import TrainConfig, load_model, read_run_config, train
+from tests.conftest import GPT2_VOCAB, SHAKESPEARE
 from tests.test_hf_conversion import hf_greedy, hf_logits, random_hf_model
 
 transformers = pytest.importorskip("transformers")
-GPT2_VOCAB = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gpt2")
-SHAKESPEARE = os.path.join(GPT2_VOCAB, "..", "tinyshakespeare.txt")
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,10 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from gpt_keras.tokenizers import GPT2Tokenizer, load_tokenizer
 from gpt_keras.tokenizers.gpt2 import bytes_to_unicode
+from tests import conftest
 from tests.test_tokenizers import _Serving, decoded  # shared with the other tokenizer suite
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(conftest.SHARED_DATA)
 ENCODER, MERGES = DATA / "gpt2" / "encoder.json", DATA / "gpt2" / "vocab.bpe"
 
 EDGE_CASES = [

@@ -13,8 +13,9 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from gpt_keras.tokenizers import ByteLevelBPETokenizer, CharTokenizer, load_tokenizer
+from tests import conftest
 
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = Path(conftest.SHAKESPEARE)
 
 # Text that must survive a round trip unchanged, whatever its characters.
 UNICODE_CASES = [
