@@ -1,4 +1,5 @@
-"""The `gpt-keras` command line: `gpt-keras train|evaluate|generate|convert ...` (`gpt-keras -h`).
+"""The `gpt-keras` command line: `gpt-keras train|evaluate|generate|convert|serve ...`
+(`gpt-keras -h`).
 
 Errors in the user's input print one line, `gpt-keras: error: ...`, and exit with status 2.
 """
@@ -174,6 +175,33 @@ def _convert(args):
     print(f"Hugging Face checkpoint written to {directory}.")
 
 
+def _serve(args):
+    from gpt_keras.server import serve
+
+    serve(args.base_dir, host=args.host, port=args.port, quiet=args.quiet,
+          model_name=args.model_name, poll_seconds=args.poll_seconds,
+          num_versions=args.num_versions, max_request_bytes=args.max_request_bytes,
+          workers=args.workers)
+
+
+def _add_serve_arguments(parser):
+    parser.add_argument("base_dir", metavar="MODELS/NAME",
+                        help="directory of numeric SavedModel versions (`export --out`)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8501, help="(default 8501; 0: a free port)")
+    parser.add_argument("--model-name", help="name in the URLs (default: the directory's name)")
+    parser.add_argument("--poll-seconds", type=float, default=2.0,
+                        help="seconds between checks for new versions (default 2; 0: never)")
+    parser.add_argument("--num-versions", type=int, default=1,
+                        help="how many of the highest versions to keep loaded (default 1)")
+    parser.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024,
+                        help="larger request bodies get HTTP 413 (default 4 MiB)")
+    parser.add_argument("--workers", type=int, default=8,
+                        help="threads running predictions concurrently (default 8)")
+    parser.add_argument("--quiet", action="store_true", help="no log line per request")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="gpt-keras", description="Train, evaluate and use GPT models built with Keras."
@@ -214,6 +242,11 @@ def build_parser():
     convert_parser.add_argument("--vocab", help="directory with encoder.json + vocab.bpe (or "
                                 "vocab.json + merges.txt) when HF_DIR has none")
     convert_parser.set_defaults(handler=_convert)
+    serve_parser = commands.add_parser(
+        "serve", help="a development server speaking TF Serving's REST API over exported versions"
+    )
+    _add_serve_arguments(serve_parser)
+    serve_parser.set_defaults(handler=_serve)
     return parser
 
 

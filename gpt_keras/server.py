@@ -1,0 +1,594 @@
+"""A development server that speaks TF Serving's REST API over exported SavedModels.
+
+    gpt-keras serve MODELS/NAME [--host 127.0.0.1] [--port 8501]
+    curl -d '{"instances": ["To be, or not"]}' http://127.0.0.1:8501/v1/models/NAME:predict
+
+`MODELS/NAME` holds numeric version directories (`gpt-keras export ... --out MODELS/NAME`). Like
+TF Serving's default policy it serves the highest version, polls the directory for new ones,
+loads a new version before switching to it and then unloads the old one. Endpoints, JSON formats
+and error bodies follow TF Serving's REST API (https://www.tensorflow.org/tfx/serving/api_rest):
+
+    GET  /v1/models/NAME[/versions/N]             model status
+    GET  /v1/models/NAME[/versions/N]/metadata    signature defs
+    POST /v1/models/NAME[/versions/N]:predict     {"instances": ...} or {"inputs": ...}
+
+Differences from TF Serving, on purpose: inputs are checked against the signature (unknown input
+names are refused; TF Serving ignores them), a version that fails to load leaves the previous one
+serving, and a string output that is not valid UTF-8 comes back as {"b64": ...} (TF Serving does
+that only for outputs named `*_bytes`, and writes invalid JSON otherwise). Production serving is
+TF Serving itself; this server is for development, tests and demos.
+"""
+
+import asyncio
+import base64
+import concurrent.futures
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+
+import numpy as np
+import tensorflow as tf
+from aiohttp import web
+from google.protobuf import json_format
+from tensorflow.core.protobuf import saved_model_pb2
+
+DEFAULT_PORT = 8501
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+DEFAULT_SIGNATURE = "serving_default"
+
+_LOG = logging.getLogger(__name__)
+
+# TF Serving's URL patterns (http_rest_api_handler.cc), case-insensitive like its own.
+_PREDICT_PATH = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+))?:(classify|regress|predict)",
+                           re.IGNORECASE)
+_STATUS_PATH = re.compile(r"/v1/models(?:/([^/:]+))?(?:/versions/(\d+))?", re.IGNORECASE)
+_METADATA_PATH = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+))?/metadata", re.IGNORECASE)
+
+# TensorFlow error codes -> HTTP status, as TF Serving's http_server.cc maps them.
+_HTTP_STATUS = {
+    tf.errors.CANCELLED: 499, tf.errors.INVALID_ARGUMENT: 400, tf.errors.DEADLINE_EXCEEDED: 504,
+    tf.errors.NOT_FOUND: 404, tf.errors.ALREADY_EXISTS: 409, tf.errors.PERMISSION_DENIED: 403,
+    tf.errors.RESOURCE_EXHAUSTED: 429, tf.errors.FAILED_PRECONDITION: 400,
+    tf.errors.ABORTED: 409, tf.errors.OUT_OF_RANGE: 400, tf.errors.UNIMPLEMENTED: 501,
+    tf.errors.UNAVAILABLE: 503, tf.errors.UNAUTHENTICATED: 401,
+}
+
+
+class RequestError(Exception):
+    """A request the server answers with `status` and `{"error": message}`."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON <-> tensors
+
+
+def _describe(value):
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_b64(value):
+    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get("b64"), str)
+
+
+def _shape_text(shape):
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _json_shape(value):
+    """The shape a nested JSON list claims, read along its first elements."""
+    shape = []
+    while isinstance(value, list):
+        shape.append(len(value))
+        if not value:
+            break
+        value = value[0]
+    return shape
+
+
+def _flatten(value, shape, level, out, where):
+    if level == len(shape):
+        if isinstance(value, list):
+            raise RequestError(f"{where}: a list nested deeper than the shape "
+                               f"{_shape_text(shape)} given by the first elements.")
+        out.append(value)
+        return
+    if not isinstance(value, list) or len(value) != shape[level]:
+        raise RequestError(f"{where}: ragged nested lists; expected a list of {shape[level]} "
+                           f"items at depth {level + 1} (shape {_shape_text(shape)}), got "
+                           f"{_describe(value)}.")
+    for item in value:
+        _flatten(item, shape, level + 1, out, where)
+
+
+def _element(value, dtype, where):
+    """One JSON leaf as a value of `dtype`, or a `RequestError` naming the expected type."""
+    if dtype == tf.string:
+        if isinstance(value, str):
+            return value.encode("utf-8")
+        if _is_b64(value):
+            try:
+                return base64.b64decode(value["b64"], validate=True)
+            except ValueError:
+                raise RequestError(f"{where}: unable to base64-decode {_describe(value)}.")
+    elif dtype == tf.bool:
+        if isinstance(value, bool):
+            return value
+    elif dtype.is_integer:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not dtype.min <= value <= dtype.max:
+                raise RequestError(f"{where}: {value} is out of range for {dtype.name} "
+                                   f"[{dtype.min}, {dtype.max}].")
+            return value
+    elif dtype.is_floating:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if abs(value) > dtype.max and not (isinstance(value, float) and math.isinf(value)):
+                raise RequestError(f"{where}: {value} does not fit in {dtype.name}.")
+            return value
+    else:
+        raise RequestError(f"{where}: inputs of type {dtype.name} are not supported by this "
+                           "server.")
+    kind = "a string or {\"b64\": ...}" if dtype == tf.string else (
+        "true or false" if dtype == tf.bool else "an integer" if dtype.is_integer else "a number")
+    raise RequestError(f"{where}: expected {kind} ({dtype.name}), got {_describe(value)}.")
+
+
+def _to_tensor(value, spec, where):
+    """A JSON value as a tensor matching `spec` (dtype, rank and fixed dimensions)."""
+    shape = _json_shape(value)
+    expected = spec.shape.as_list()
+    if len(shape) != len(expected) or any(e is not None and e != s
+                                          for e, s in zip(expected, shape)):
+        raise RequestError(f"{where}: expected shape {_shape_text(expected)} "
+                           f"({spec.dtype.name}), got a value of shape {_shape_text(shape)}.")
+    flat = []
+    _flatten(value, shape, 0, flat, where)
+    values = [_element(item, spec.dtype, where) for item in flat]
+    array = np.array(values, dtype=object if spec.dtype == tf.string else spec.dtype.as_numpy_dtype)
+    return tf.constant(array.reshape(shape), dtype=spec.dtype)
+
+
+def _row_columns(instances, specs, signature):
+    """Row format (`instances`) regrouped as one batched JSON value per input name."""
+    scalars = [name for name, spec in specs.items() if spec.shape.rank == 0]
+    if scalars:
+        raise RequestError(
+            f"Signature '{signature}' has scalar inputs ({', '.join(sorted(scalars))}), which the "
+            "row format ('instances') cannot express: it batches every input. Send the columnar "
+            "format instead: {\"inputs\": {" + ", ".join(f'"{n}": ...' for n in sorted(specs))
+            + "}}.")
+    if not isinstance(instances, list):
+        raise RequestError("Expecting 'instances' to be a list, got " + _describe(instances))
+    if not instances:
+        raise RequestError("No values in 'instances' array.")
+    if not isinstance(instances[0], dict) or _is_b64(instances[0]):
+        if len(specs) > 1:
+            raise RequestError(
+                f"'instances' is a plain list, but signature '{signature}' has several inputs "
+                f"({', '.join(sorted(specs))}): send a list of objects with one key per input.")
+        for index, instance in enumerate(instances):
+            if isinstance(instance, dict) and not _is_b64(instance):
+                raise RequestError(f"Expecting a value or list but got an object at item {index} "
+                                   "of 'instances'.")
+        return {next(iter(specs)): instances}
+    for index, instance in enumerate(instances):
+        if not isinstance(instance, dict) or _is_b64(instance):
+            raise RequestError(f"Expecting an object but got {_describe(instance)} at item "
+                               f"{index} of 'instances'.")
+        _check_names(instance, specs, signature, f"item {index} of 'instances'")
+    return {name: [instance[name] for instance in instances] for name in specs}
+
+
+def _columns(inputs, specs, signature):
+    """Columnar format (`inputs`): a map by input name, or the value of the only input."""
+    if isinstance(inputs, dict) and not _is_b64(inputs):
+        _check_names(inputs, specs, signature, "'inputs'")
+        return inputs
+    if len(specs) > 1:
+        raise RequestError(
+            f"'inputs' is a plain value, but signature '{signature}' has several inputs "
+            f"({', '.join(sorted(specs))}): send an object with one key per input.")
+    return {next(iter(specs)): inputs}
+
+
+def _check_names(given, specs, signature, where):
+    missing, unknown = sorted(set(specs) - set(given)), sorted(set(given) - set(specs))
+    if missing or unknown:
+        problems = ([f"missing input(s) {', '.join(missing)}"] if missing else []) + (
+            [f"unknown input(s) {', '.join(unknown)}"] if unknown else [])
+        raise RequestError(f"{where}: {' and '.join(problems)}; signature '{signature}' takes "
+                           f"exactly: {', '.join(sorted(specs))}.")
+
+
+def _json_string(data, force_b64):
+    if not force_b64:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    return {"b64": base64.b64encode(data).decode("ascii")}
+
+
+def _to_json(array, name):
+    """A numpy output as nested JSON lists; strings as text, or {"b64": ...} for outputs named
+    `*_bytes` and for bytes that are not UTF-8."""
+    values = array.tolist()
+    if array.dtype != object:
+        return values
+    force_b64 = name.endswith("_bytes")
+
+    def convert(item):
+        return [convert(x) for x in item] if isinstance(item, list) else _json_string(
+            item, force_b64)
+
+    return convert(values)
+
+
+def _rows(outputs):
+    """Outputs in row format: one entry per batch item (an object when there are several)."""
+    batch = {name: array.shape[0] if array.ndim else None for name, array in outputs.items()}
+    if None in batch.values() or len(set(batch.values())) > 1:
+        raise RequestError(
+            f"The outputs cannot be split into rows (batch sizes {batch}); send the request in the "
+            "columnar format ({\"inputs\": ...}).")
+    columns = {name: _to_json(array, name) for name, array in outputs.items()}
+    if len(columns) == 1:
+        return next(iter(columns.values()))
+    return [{name: column[i] for name, column in columns.items()}
+            for i in range(next(iter(batch.values())))]
+
+
+def _op_error_message(error):
+    """A TensorFlow op error's message without Python's graph-execution preamble and node tags."""
+    lines = [line for line in error.message.splitlines()
+             if line.strip() and not line.startswith(
+                 ("Graph execution error", "Detected at node", "<stack traces", " ", "\t"))]
+    return " ".join(lines) or error.message
+
+
+# ---------------------------------------------------------------------------------------------
+# Versions
+
+
+class Servable:
+    """One loaded version of a SavedModel: its signatures, callable from any thread."""
+
+    def __init__(self, version, path):
+        self.version = version
+        self.path = path
+        self._model = tf.saved_model.load(path, tags=["serve"])  # owns the signatures' variables
+        self.signatures = dict(self._model.signatures)
+
+    def predict(self, body):
+        """A `:predict` request body (bytes) -> the response as a dict; `RequestError` if the
+        request does not fit the signature or the graph rejects it."""
+        try:
+            request = json.loads(body)
+        except (ValueError, RecursionError) as error:
+            raise RequestError(f"JSON Parse error: {error}")
+        if not isinstance(request, dict):
+            raise RequestError("The request body must be a JSON object such as "
+                               '{"instances": [...]} or {"inputs": {...}}; got '
+                               + _describe(request))
+        name = request.get("signature_name") or DEFAULT_SIGNATURE
+        if not isinstance(name, str):
+            raise RequestError("'signature_name' must be a string.")
+        function = self.signatures.get(name)
+        if function is None:
+            raise RequestError(f"Serving signature name: \"{name}\" not found in signature def; "
+                               f"this model has: {', '.join(sorted(self.signatures))}.")
+        if ("instances" in request) == ("inputs" in request):
+            raise RequestError("Send exactly one of 'instances' (row format) or 'inputs' "
+                               "(columnar format)." if "inputs" in request
+                               else "Missing 'inputs' or 'instances' key.")
+        specs = function.structured_input_signature[1]
+        if not specs:
+            raise RequestError(f"Signature '{name}' takes no inputs; :predict cannot call it.")
+        row_format = "instances" in request
+        values = (_row_columns(request["instances"], specs, name) if row_format
+                  else _columns(request["inputs"], specs, name))
+        tensors = {key: _to_tensor(values[key], spec, f"Input '{key}' of signature '{name}'")
+                   for key, spec in specs.items()}
+        try:
+            outputs = {key: value.numpy() for key, value in function(**tensors).items()}
+        except tf.errors.OpError as error:
+            raise RequestError(_op_error_message(error), _HTTP_STATUS.get(error.error_code, 500))
+        if row_format:
+            return {"predictions": _rows(outputs)}
+        columns = {key: _to_json(array, key) for key, array in outputs.items()}
+        return {"outputs": next(iter(columns.values())) if len(columns) == 1 else columns}
+
+    def metadata(self):
+        """The signature defs as TF Serving's metadata endpoint writes them."""
+        with open(os.path.join(self.path, "saved_model.pb"), "rb") as f:
+            saved_model = saved_model_pb2.SavedModel.FromString(f.read())
+        graph = next(g for g in saved_model.meta_graphs if "serve" in g.meta_info_def.tags)
+        return {name: json_format.MessageToDict(signature, always_print_fields_with_no_presence=True,
+                                                preserving_proto_field_name=True)
+                for name, signature in graph.signature_def.items()}
+
+
+class ModelVersions:
+    """The versions of one model directory that are loaded, kept in step with its numeric
+    subdirectories: the `num_versions` highest that load are served. Safe to read from any
+    thread while `refresh` runs (both maps are replaced, never changed in place)."""
+
+    def __init__(self, base_dir, num_versions=1):
+        if not os.path.isdir(base_dir):
+            raise ValueError(f"{base_dir} is not a directory; pass the --out directory of "
+                             "`gpt-keras export` (it holds numeric version directories).")
+        if num_versions < 1:
+            raise ValueError(f"num_versions must be at least 1. Received: {num_versions}")
+        self.base_dir = base_dir
+        self.num_versions = num_versions
+        self.loaded = {}  # version -> Servable
+        self.states = {}  # version -> (state, error message), as the status endpoint reports
+        self._refresh_lock = threading.Lock()
+
+    def on_disk(self):
+        """Version numbers of the numeric subdirectories (`.tmp-*` and other names ignored)."""
+        return sorted(int(entry.name) for entry in os.scandir(self.base_dir)
+                      if entry.is_dir() and entry.name.isascii() and entry.name.isdigit())
+
+    def refresh(self):
+        """Loads new versions, then switches to them, then drops the versions no longer served."""
+        with self._refresh_lock:
+            try:
+                candidates = self.on_disk()
+            except OSError as error:
+                _LOG.warning("Cannot list %s (%s); still serving versions %s.", self.base_dir,
+                             error, sorted(self.loaded))
+                return
+            states = dict(self.states)
+            serving = {}
+            for version in reversed(candidates):
+                if len(serving) == self.num_versions:
+                    break
+                if states.get(version, ("", ""))[1]:
+                    continue  # failed before; a fixed model is exported as a new version
+                servable = self.loaded.get(version) or self._load(version, states)
+                if servable is not None:
+                    serving[version] = servable
+                    states[version] = ("AVAILABLE", "")
+            for version in sorted(set(self.loaded) - set(serving)):
+                states[version] = ("END", "")
+                _LOG.info("Unloaded version %d of %s.", version, self.base_dir)
+            self.loaded, self.states = serving, states
+
+    def _load(self, version, states):
+        path = os.path.join(self.base_dir, str(version))
+        start = time.perf_counter()
+        try:
+            servable = Servable(version, path)
+        except Exception as error:  # a broken export must not stop the server
+            states[version] = ("END", f"Failed to load {path}: {error}")
+            _LOG.error("Failed to load version %d from %s: %s", version, path, error)
+            return None
+        _LOG.info("Loaded version %d from %s in %.1f s.", version, path,
+                  time.perf_counter() - start)
+        return servable
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+
+VERSIONS = web.AppKey("versions", ModelVersions)  # app[VERSIONS]: the served versions
+MODEL_NAME = web.AppKey("model_name", str)  # app[MODEL_NAME]: the model's name in URLs
+
+
+def make_app(base_dir, model_name=None, *, poll_seconds=2.0, num_versions=1,
+             max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, workers=8, log_requests=True):
+    """The aiohttp application serving the SavedModel versions under `base_dir` as `model_name`
+    (default: the directory's name). Loads the served version(s) before returning; polls for new
+    ones every `poll_seconds` (0: never). Predictions run on `workers` threads, so the event loop
+    keeps answering; request bodies over `max_request_bytes` get HTTP 413."""
+    model_name = model_name or os.path.basename(os.path.normpath(base_dir))
+    versions = ModelVersions(base_dir, num_versions)
+    versions.refresh()
+    if not versions.loaded:
+        problems = "; ".join(error for _, error in versions.states.values() if error)
+        raise ValueError(f"No loadable version under {base_dir}"
+                         + (f" ({problems})" if problems else " (no numeric version directory)")
+                         + ". Export one with `gpt-keras export RUN_DIR --out "
+                         + f"{base_dir}`.")
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="predict")
+
+    def servable(name, version):
+        served = versions.loaded if name == model_name else {}
+        found = served.get(int(version)) if version else served.get(max(served, default=None))
+        if found is None:
+            request = f"Specific({name}, {version})" if version else f"Latest({name})"
+            raise RequestError(f"Servable not found for request: {request}" + (
+                "" if name == model_name else f"; this server serves model '{model_name}'"), 404)
+        return found
+
+    async def dispatch(request):
+        path, method = request.path, request.method
+        loop = asyncio.get_running_loop()
+        if method == "POST" and (match := _PREDICT_PATH.fullmatch(path)):
+            name, version, verb = match.groups()
+            if verb.lower() != "predict":
+                raise RequestError(f"{verb} is not implemented by this development server; use "
+                                   ":predict.", 501)
+            target = servable(name, version)
+            body = await request.read()
+            result = await loop.run_in_executor(pool, target.predict, body)
+            return _json_response(result)
+        if method == "GET" and (match := _METADATA_PATH.fullmatch(path)):
+            name, version = match.groups()
+            target = servable(name, version)
+            signature_defs = await loop.run_in_executor(pool, target.metadata)
+            return _json_response({
+                "model_spec": {"name": name, "signature_name": "", "version": str(target.version)},
+                "metadata": {"signature_def": {"signature_def": signature_defs}},
+            })
+        if method == "GET" and (match := _STATUS_PATH.fullmatch(path)):
+            return _json_response(_status(versions, model_name, *match.groups()))
+        if not path.lower().startswith("/v1/"):
+            raise RequestError(f"Not found: {path}; the REST API lives under /v1/models/.", 404)
+        raise RequestError(f"Malformed request: {method} {path}")
+
+    @web.middleware
+    async def errors_and_log(request, handler):
+        start = time.perf_counter()
+        try:
+            response = await handler(request)
+        except RequestError as error:
+            response = _json_response({"error": str(error)}, error.status)
+        except web.HTTPRequestEntityTooLarge as error:
+            response = _json_response({"error": f"{error.text} Send smaller requests, or raise "
+                                                "the limit (--max-request-bytes)."}, error.status)
+        except Exception as error:  # a bug here must not stop the server
+            _LOG.exception("Error answering %s %s", request.method, request.path)
+            response = _json_response({"error": f"Internal error: {error!r}"}, 500)
+        if log_requests:
+            _LOG.info("%s %s %d %.1f ms", request.method, request.path, response.status,
+                      1000 * (time.perf_counter() - start))
+        return response
+
+    async def poll_versions(app):
+        async def poll_forever():
+            loop = asyncio.get_running_loop()
+            while True:
+                await asyncio.sleep(poll_seconds)
+                try:
+                    await loop.run_in_executor(None, versions.refresh)
+                except Exception:  # keep polling, and serving what is loaded
+                    _LOG.exception("Checking %s for new versions failed", base_dir)
+
+        task = asyncio.create_task(poll_forever()) if poll_seconds > 0 else None
+        yield
+        if task is not None:
+            task.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    app = web.Application(client_max_size=max_request_bytes, middlewares=[errors_and_log])
+    app.router.add_route("*", "/{path:.*}", dispatch)
+    app.cleanup_ctx.append(poll_versions)
+    app[VERSIONS] = versions
+    app[MODEL_NAME] = model_name
+    return app
+
+
+def _status(versions, model_name, name, version):
+    if not name:
+        raise RequestError("Missing model name in request.")
+    states = versions.states if name == model_name else {}
+    if version:
+        if int(version) not in states:
+            raise RequestError(f"Could not find version {version} of model {name}", 404)
+        chosen = [int(version)]
+    else:
+        if not states:
+            raise RequestError(f"Could not find any versions of model {name}", 404)
+        chosen = sorted(states, reverse=True)
+    return {"model_version_status": [
+        {"version": str(v), "state": states[v][0],
+         "status": {"error_code": "UNKNOWN" if states[v][1] else "OK",
+                    "error_message": states[v][1]}}
+        for v in chosen]}
+
+
+def _json_response(value, status=200):
+    return web.Response(body=json.dumps(value).encode("utf-8"), status=status,
+                        content_type="application/json")
+
+
+async def _run_app(app, host, port, started, stop):
+    """Serves `app` on host:port until `stop` (an asyncio.Event) is set; calls `started(port)`
+    with the bound port once it accepts connections."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as error:
+            raise ValueError(f"Cannot listen on {host}:{port} ({error.strerror or error}); "
+                             "choose another port or host.") from None
+        started(runner.addresses[0][1])
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _url(host, port):
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve(base_dir, host="127.0.0.1", port=DEFAULT_PORT, quiet=False, **options):
+    """Serves `base_dir` until interrupted (Ctrl-C); `options` go to `make_app`. Logs one line
+    per request (method, path, status, milliseconds) unless `quiet`."""
+    if not quiet:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    app = make_app(base_dir, log_requests=not quiet, **options)
+
+    def started(bound_port):
+        name = app[MODEL_NAME]
+        versions = ", ".join(map(str, sorted(app[VERSIONS].loaded)))
+        print(f"Serving {name} (version {versions}) from {base_dir} at "
+              f"{_url(host, bound_port)}/v1/models/{name}", flush=True)
+
+    async def main():
+        await _run_app(app, host, port, started, asyncio.Event())  # never set: until Ctrl-C
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+
+
+class BackgroundServer:
+    """The server on a background thread, for tests, benchmarks and notebooks:
+
+        with BackgroundServer("models/shakespeare", port=0) as server:
+            urllib.request.urlopen(server.url + "/v1/models/shakespeare")
+
+    `port=0` picks a free port; `options` go to `make_app`."""
+
+    def __init__(self, base_dir, host="127.0.0.1", port=0, **options):
+        self.app = make_app(base_dir, **options)
+        self.host = host
+        self.port = port
+        self._ready = threading.Event()
+        self._error = None
+        self._loop = self._stop = None
+        self._thread = threading.Thread(target=self._main, name="gpt-keras-serve", daemon=True)
+
+    @property
+    def url(self):
+        return _url(self.host, self.port)
+
+    def _started(self, port):
+        self.port = port
+        self._ready.set()
+
+    def _main(self):
+        async def run():
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            await _run_app(self.app, self.host, self.port, self._started, self._stop)
+
+        try:
+            asyncio.run(run())
+        except Exception as error:  # e.g. the port is taken: raised again by __enter__
+            self._error = error
+            self._ready.set()
+
+    def __enter__(self):
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc_info):
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join()
