@@ -125,10 +125,16 @@ def _generate(args):
     from gpt_keras.tokenizers import load_tokenizer
     from gpt_keras.training import load_model, read_run_config
 
-    read_run_config(args.run_dir)  # a clear error for a directory that is not a run
+    if args.tflite:
+        from gpt_keras.tflite import TFLiteGenerator
+
+        generator = TFLiteGenerator(args.tflite)
+        generator.check_source(args.run_dir)
+    else:
+        read_run_config(args.run_dir)  # a clear error for a directory that is not a run
+        generator = TextGenerator(load_model(args.run_dir),
+                                  load_tokenizer(os.path.join(args.run_dir, "tokenizer")))
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    generator = TextGenerator(load_model(args.run_dir),
-                              load_tokenizer(os.path.join(args.run_dir, "tokenizer")))
     knobs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     for index in range(args.num_samples):
         if args.num_samples > 1:
@@ -220,7 +226,12 @@ def build_parser():
     generate_parser = commands.add_parser(
         "generate", help="sample text from a trained run (streams tokens as they are decoded)"
     )
-    generate_parser.add_argument("run_dir")
+    generate_parser.add_argument("run_dir", metavar="RUN_DIR",
+                                 help="a run directory, or with --tflite the export directory")
+    generate_parser.add_argument("--tflite", metavar="FILE",
+                                 help="generate with this .tflite file (`export --format tflite`) "
+                                 "through the LiteRT interpreter; RUN_DIR must be its directory "
+                                 "or the run it was exported from")
     generate_parser.add_argument("--prompt", default="", help="text to continue; '-' reads stdin "
                                  "(default: empty, i.e. unconditional)")
     generate_parser.add_argument("--max-new-tokens", type=int, default=200)

@@ -1,61 +1,451 @@
-"""Conversion of a `GPT` to TFLite with builtin ops only (runs in the plain LiteRT interpreter)."""
+"""TFLite export for on-device generation: builtin ops only, so the plain LiteRT interpreter runs
+it (the pip interpreters have no Flex delegate), with tokenization left outside the file.
 
+Shapes: B batch, T tokens, V `vocab_size`, S = `context_length` (the KV-cache length of every
+signature), N `max_new_tokens`; `cache` has the layout of `GPT.init_cache` (`[B, L, 2, ...]`,
+S slots) with B dynamic.
+
+Signatures of the `.tflite` file (ids int32, other floats float32; every input is required):
+
+- `logits`: `token_ids` `[B, T]` (T ≤ S) → `logits` `[B, T, V]`.
+- `prefill`: `token_ids` `[B, T]` at positions `0 .. T-1` → `logits` `[B, T, V]` and a fresh
+  `cache` holding them.
+- `decode`: `token` `[B]` at `position` `[]` (< S), `cache` → `logits` `[B, V]` (for the next
+  position) and the `cache` with slot `position` written.
+- `generate`: `gpt_keras.generation`'s decoding loop in one call, up to a full cache:
+  `token_ids` `[B, S]` (prompts right-padded to S), `lengths` `[B]` (each in [1, S]),
+  `max_new_tokens` `[]` (≥ 1), `temperature` `[]` (0 = greedy), `top_k` `[]` (0 = no cut), `top_p`
+  `[]` (1 = no cut), `seed` `[2]` (a 62-bit seed s as `[s >> 31, s & 0x7FFFFFFF]`: `[0, s]`
+  for s < 2**31), `offset` `[]` (absolute position of the prompt's first token; it only moves
+  the random numbers), `stop_token_ids` `[n]` (-1 entries ignored) → `new_token_ids` `[B, N]`
+  (-1 after a row's last id) and `num_new_tokens` `[B]`. A row ends after N ids, after a stop
+  token (which it keeps), or when it reaches S tokens. Longer generations continue from the last
+  `S // 2` tokens with `offset` advanced by as many as were dropped (`TFLiteGenerator` does this),
+  which gives the tokens of `gpt_keras.generation.generate` with the same seed.
+
+Prefill and decode positions are shared by the batch (one scalar), as in `GPT.call_with_cache`.
+The `generate` signature always prefills S slots: `generation._start` pins the token buffer with
+`tf.ensure_shape`, which is not a builtin unless the width is already static.
+
+`export_tflite(run_dir, out_dir)` writes `out_dir/` = `model[-float16|-int8].tflite`,
+`tokenizer.json` (the run's vocabulary file; `gpt_keras.tokenizers.load_tokenizer(out_dir)`)
+and `manifest.json` (config, tokenizer with its sha256, quantization, signatures, sizes).
+`TFLiteGenerator(path)` runs text generation through the interpreter.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
 import tempfile
+import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from gpt_keras import generation
+from gpt_keras.config import GPTConfig
+
 LOGITS_SIGNATURE = "logits"
-DECODE_SIGNATURE = "decode_step"
+PREFILL_SIGNATURE = "prefill"
+DECODE_SIGNATURE = "decode"
+GENERATE_SIGNATURE = "generate"
+SIGNATURES = (LOGITS_SIGNATURE, PREFILL_SIGNATURE, DECODE_SIGNATURE, GENERATE_SIGNATURE)
+
+# `export_tflite(quantize=...)` → file name.
+MODEL_FILES = {None: "model.tflite", "float16": "model-float16.tflite", "int8": "model-int8.tflite"}
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "gpt_keras.tflite/1"
+
+# Largest |TFLite - Keras| logit difference a float32 export may show (`export_tflite` checks).
+FLOAT32_TOLERANCE = 1e-4
 
 
-def export_saved_model(model, directory):
-    """Writes a SavedModel with two signatures and no Keras dependency:
+def convert_to_tflite(model, quantize=None):
+    """The bytes of a `.tflite` file with the signatures of the module docstring, converted
+    through a SavedModel (`from_concrete_functions` on Keras 3 functions gave uninitialised
+    weights) with `TFLITE_BUILTINS` only: conversion fails if an op would need the Flex delegate.
 
-    - `logits`: `token_ids` int32 `[B, T]` → `logits` float32 `[B, T, V]`;
-    - `decode_step`: `token_ids` int32 `[B, T]`, `cache` `[B, L, 2, S, H, K]` (S = context length),
-      `cache_index` int32 scalar → `logits` `[B, T, V]` and the updated `cache`.
+    `quantize`: None (float32), "float16" (weights stored in float16) or "int8" (dynamic range:
+    int8 weights, float activations)."""
+    _check_quantize(quantize)
+    with tempfile.TemporaryDirectory() as directory:
+        _write_archive(model, directory, _device_endpoints(model))
+        converter = tf.lite.TFLiteConverter.from_saved_model(
+            directory, signature_keys=list(SIGNATURES)
+        )
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if quantize:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantize == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        return converter.convert()
+
+
+def export_tflite(run_dir, out_dir, quantize=None, force=False):
+    """Converts the model of `run_dir` (see `convert_to_tflite`) and writes `out_dir/` with the
+    `.tflite` file, `tokenizer.json` and `manifest.json`; returns the `.tflite` path.
+
+    The directory is built beside `out_dir` and renamed into place, so `out_dir` is never seen
+    half-written. An existing non-empty `out_dir` raises `ValueError` unless `force`. Before
+    that, the file runs in the LiteRT interpreter and its logits are compared with Keras'
+    (float32: at most `FLOAT32_TOLERANCE` apart, else `RuntimeError`; quantized files record the
+    difference in the manifest)."""
+    from gpt_keras.tokenizers import load_tokenizer
+    from gpt_keras.training import load_model
+
+    _check_quantize(quantize)
+    out_dir = os.path.abspath(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        raise ValueError(f"{out_dir} already exists; pass force=True (--force) to replace it.")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir} exists and is not a directory; choose another --out.")
+    model = load_model(run_dir)
+    tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
+    content = convert_to_tflite(model, quantize)
+    difference = _logit_difference(content, model)
+    if quantize is None and difference > FLOAT32_TOLERANCE:
+        raise RuntimeError(
+            f"gpt_keras internal error: the float32 TFLite logits differ from Keras by "
+            f"{difference:.2e} (more than {FLOAT32_TOLERANCE})."
+        )
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    temporary = tempfile.mkdtemp(dir=parent, prefix=".tflite-")
+    try:
+        name = MODEL_FILES[quantize]
+        _write_file(os.path.join(temporary, name), content)
+        tokenizer.save(temporary)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "model_file": name,
+            "model_bytes": len(content),
+            "model_sha256": hashlib.sha256(content).hexdigest(),
+            "quantization": quantize,
+            "config": dataclasses.asdict(model.config),
+            "tokenizer": {"file": "tokenizer.json", **tokenizer.describe()},
+            "signatures": _signature_specs(content),
+            "max_abs_logit_difference_vs_keras": difference,
+            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+        }
+        _write_file(os.path.join(temporary, MANIFEST_FILE),
+                    json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
+        os.chmod(temporary, 0o755)
+        _replace_directory(temporary, out_dir)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return os.path.join(out_dir, name)
+
+
+class TFLiteGenerator:
+    """Text generation with a file written by `export_tflite`, through the LiteRT interpreter;
+    `tokenizer.json` and `manifest.json` are read from beside it.
+
+    With a float32 file, tokens equal those of `gpt_keras.generation.generate` (and
+    `TextGenerator`) for the same prompt, settings and seed, past the context too (the window
+    slides as there). Streaming calls the `generate` signature once per chunk, re-reading the
+    window, so chunking does not change the tokens (up to float rounding).
+
+    Args:
+        path: the `.tflite` file.
+        num_threads: interpreter threads (None: LiteRT's default).
     """
+
+    def __init__(self, path, num_threads=None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        from gpt_keras.tokenizers import load_tokenizer
+
+        self.path = os.path.abspath(path)
+        self.directory = os.path.dirname(self.path)
+        if not os.path.isfile(self.path):
+            raise ValueError(f"No TFLite file at {path}. Write one with `gpt-keras export "
+                             "--format tflite` (or `gpt_keras.tflite.export_tflite`).")
+        self.manifest = _read_manifest(self.directory)
+        if self.manifest["model_file"] != os.path.basename(self.path):
+            raise ValueError(
+                f"{os.path.join(self.directory, MANIFEST_FILE)} describes "
+                f"{self.manifest['model_file']}, not {os.path.basename(self.path)}: keep each "
+                "export's files together, as `export_tflite` wrote them."
+            )
+        self.tokenizer = load_tokenizer(self.directory)
+        if self.tokenizer.describe()["sha256"] != self.manifest["tokenizer"]["sha256"]:
+            raise ValueError(
+                f"{os.path.join(self.directory, 'tokenizer.json')} is not the tokenizer "
+                f"{self.path} was exported with (sha256 differs); export again."
+            )
+        self.config = GPTConfig(**self.manifest["config"])
+        self.interpreter = Interpreter(model_path=self.path, num_threads=num_threads)
+        self._runner = self.interpreter.get_signature_runner(GENERATE_SIGNATURE)
+
+    def check_source(self, directory):
+        """Raises `ValueError` unless `directory` holds this file or is a run directory whose
+        tokenizer is the one the file was exported with."""
+        from gpt_keras.tokenizers import load_tokenizer
+
+        if os.path.isdir(directory) and os.path.samefile(directory, self.directory):
+            return
+        tokenizer_dir = os.path.join(directory, "tokenizer")
+        if not os.path.isdir(tokenizer_dir):
+            raise ValueError(
+                f"{directory} is neither the directory of {self.path} nor a run directory; "
+                "pass either one."
+            )
+        if load_tokenizer(tokenizer_dir).describe()["sha256"] != self.manifest["tokenizer"][
+            "sha256"
+        ]:
+            raise ValueError(
+                f"{self.path} was exported from another run: its tokenizer differs from "
+                f"{tokenizer_dir}'s."
+            )
+
+    def generate(self, prompt, max_new_tokens, **kwargs):
+        """The generated text (without the prompt) for a `str` prompt; keyword arguments as
+        `stream`, decoded in as few calls as the context allows."""
+        kwargs.setdefault("chunk_size", None)
+        return "".join(self.stream(prompt, max_new_tokens, **kwargs))
+
+    def stream(self, prompt, max_new_tokens, *, chunk_size=16, **kwargs):
+        """An iterator over the new text of `prompt` (a `str`), never half a character. As
+        `TextGenerator.stream`: the tokenizer's end-of-text id is the default stop token and
+        starts an empty prompt. Other keyword arguments are those of `stream_ids`."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"`prompt` must be a `str`. Received: prompt={prompt!r}")
+        end_of_text = self.tokenizer.end_of_text_id
+        ids = [int(i) for i in np.asarray(self.tokenizer.tokenize(prompt)).reshape(-1)]
+        if not ids and end_of_text is not None:
+            ids = [end_of_text]
+        if end_of_text is not None:
+            kwargs.setdefault("stop_token_ids", (end_of_text,))
+        chunks = self.stream_ids(ids, max_new_tokens, chunk_size=chunk_size, **kwargs)
+        return self._texts(chunks, generation._TextRow(self._bytes, ()))
+
+    def stream_ids(self, prompt_ids, max_new_tokens, *, chunk_size=None, temperature=1.0,
+                   top_k=None, top_p=None, seed=None, stop_token_ids=()):
+        """An iterator over lists of new ids after one prompt (a sequence of ids), `chunk_size`
+        (None: as many as fit the window) per interpreter call. Arguments as
+        `gpt_keras.generation.generate` (checked here, before iteration); a stop token ends the
+        generation and is dropped."""
+        (prompt,), _ = generation._normalize_prompts([prompt_ids], None, self.config.vocab_size)
+        max_new_tokens = generation._check_int("max_new_tokens", max_new_tokens, minimum=0)
+        if chunk_size is not None:
+            chunk_size = generation._check_int("chunk_size", chunk_size, minimum=1)
+        knobs, stop_ids = generation._knobs(
+            temperature, top_k, top_p, seed, stop_token_ids, self.config.vocab_size
+        )
+        feeds = {
+            "temperature": np.float32(knobs["temperature"]),
+            "top_k": np.int32(knobs["top_k"]),
+            "top_p": np.float32(knobs["top_p"]),
+            "seed": np.asarray(knobs["seed"], np.int32),
+            "stop_token_ids": np.array(sorted(stop_ids) or [-1], np.int32),
+        }
+        keep = self.config.context_length - 1
+        if len(prompt) > keep:
+            warnings.warn(f"The prompt has {len(prompt)} tokens; keeping its last {keep} so that "
+                          f"a new token fits in context_length={keep + 1}.", stacklevel=2)
+            prompt = prompt[-keep:]
+        return self._windows(prompt.tolist(), max_new_tokens, chunk_size, feeds, stop_ids)
+
+    def _windows(self, window, remaining, chunk_size, feeds, stop_ids):
+        context = self.config.context_length
+        offset = 0  # absolute position of window[0]
+        while remaining > 0:
+            if len(window) == context:  # full: continue from its last tokens, as generation does
+                dropped = context - max(1, context // generation._SLIDE_DIVISOR)
+                window, offset = window[dropped:], offset + dropped
+            count = min(remaining, context - len(window), chunk_size or remaining)
+            padded = np.zeros([1, context], np.int32)  # [1, S]
+            padded[0, : len(window)] = window
+            out = self._runner(
+                token_ids=padded, lengths=np.array([len(window)], np.int32),
+                max_new_tokens=np.int32(count), offset=np.int32(offset), **feeds,
+            )
+            new = out["new_token_ids"][0, : out["num_new_tokens"][0]].tolist()
+            if not new:
+                raise RuntimeError(f"gpt_keras internal error: {self.path} returned no token.")
+            window.extend(new)
+            remaining -= len(new)
+            stopped = new[-1] in stop_ids
+            if stopped:
+                new.pop()
+            if new:
+                yield new
+            if stopped:
+                return
+
+    @staticmethod
+    def _texts(chunks, row):
+        for ids in chunks:
+            piece = row.feed(ids)
+            if piece:
+                yield piece
+        piece = row.finish()
+        if piece:
+            yield piece
+
+    def _bytes(self, ids):
+        return self.tokenizer.detokenize(tf.constant(ids, tf.int32)).numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _device_endpoints(model):
+    """`{signature: (function, input specs)}` of the module docstring."""
     config = model.config
-    heads = config.num_heads
-    cache_shape = (
-        None, config.num_layers, 2, config.context_length, heads, config.hidden_dim // heads
-    )
+    context, vocab_size = config.context_length, config.vocab_size
 
     def logits(token_ids):
         return {"logits": model(token_ids, training=False)}
 
-    def decode_step(token_ids, cache, cache_index):
-        step_logits, cache = model.call_with_cache(token_ids, cache, cache_index)
+    def prefill(token_ids):
+        step_logits, cache = model.call_with_cache(
+            token_ids, model.init_cache(tf.shape(token_ids)[0]), 0
+        )
         return {"logits": step_logits, "cache": cache}
 
+    def decode(token, position, cache):
+        step_logits, cache = model.call_with_cache(tf.expand_dims(token, 1), cache, position)
+        return {"logits": step_logits[:, 0], "cache": cache}
+
+    def generate(token_ids, lengths, max_new_tokens, temperature, top_k, top_p, seed, offset,
+                 stop_token_ids):
+        limits = tf.minimum(lengths + max_new_tokens, context)  # [B]
+        stop_mask = tf.reduce_any(  # [V]
+            tf.equal(tf.expand_dims(tf.range(vocab_size), 1), tf.expand_dims(stop_token_ids, 0)),
+            axis=1,
+        )
+        knobs = {
+            "temperature": temperature,
+            "top_k": tf.where(top_k > 0, tf.minimum(top_k, vocab_size), vocab_size),
+            "top_p": top_p,
+            "seed": seed,
+            "stop_mask": stop_mask,
+        }
+        state = generation._start(
+            model, None, context, token_ids, lengths, limits, limits <= lengths, offset,
+            context, knobs,
+        )
+        slots = tf.expand_dims(lengths, 1) + tf.expand_dims(tf.range(max_new_tokens), 0)  # [B, N]
+        new_ids = tf.gather(state["tokens"], tf.minimum(slots, context - 1), batch_dims=1)
+        return {
+            "new_token_ids": tf.where(slots < tf.expand_dims(state["ends"], 1), new_ids, -1),
+            "num_new_tokens": state["ends"] - lengths,
+        }
+
+    return {
+        LOGITS_SIGNATURE: (logits, [_ids("token_ids", (None, None))]),
+        PREFILL_SIGNATURE: (prefill, [_ids("token_ids", (None, None))]),
+        DECODE_SIGNATURE: (
+            decode, [_ids("token", (None,)), _ids("position", ()), _cache_spec(model)]
+        ),
+        GENERATE_SIGNATURE: (generate, [
+            _ids("token_ids", (None, context)),
+            _ids("lengths", (None,)),
+            _ids("max_new_tokens", ()),
+            tf.TensorSpec((), tf.float32, name="temperature"),
+            _ids("top_k", ()),
+            tf.TensorSpec((), tf.float32, name="top_p"),
+            _ids("seed", (2,)),
+            _ids("offset", ()),
+            _ids("stop_token_ids", (None,)),
+        ]),
+    }
+
+
+def _ids(name, shape):
+    return tf.TensorSpec(shape, tf.int32, name=name)
+
+
+def _cache_spec(model):
+    """`GPT.init_cache`'s shape and dtype with a dynamic batch."""
+    shape = model.init_cache(1).shape
+    return tf.TensorSpec((None, *shape[1:]), model.compute_dtype, name="cache")
+
+
+def _write_archive(model, directory, endpoints):
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(
-        LOGITS_SIGNATURE,
-        logits,
-        input_signature=[tf.TensorSpec((None, None), tf.int32, name="token_ids")],
-    )
-    archive.add_endpoint(
-        DECODE_SIGNATURE,
-        decode_step,
-        input_signature=[
-            tf.TensorSpec((None, None), tf.int32, name="token_ids"),
-            tf.TensorSpec(cache_shape, model.compute_dtype, name="cache"),
-            tf.TensorSpec((), tf.int32, name="cache_index"),
-        ],
-    )
+    for name, (function, input_signature) in endpoints.items():
+        archive.add_endpoint(name, function, input_signature=input_signature)
     archive.write_out(directory, verbose=False)
 
 
-def convert_to_tflite(model):
-    """Returns the bytes of a `.tflite` file with the `logits` and `decode_step` signatures of
-    `export_saved_model`, converted through a SavedModel with `TFLITE_BUILTINS` only (no Flex
-    delegate needed). Conversion fails loudly if the model needs a non-builtin op."""
-    with tempfile.TemporaryDirectory() as directory:
-        export_saved_model(model, directory)
-        converter = tf.lite.TFLiteConverter.from_saved_model(
-            directory, signature_keys=[LOGITS_SIGNATURE, DECODE_SIGNATURE]
+def _check_quantize(quantize):
+    if quantize not in MODEL_FILES:
+        raise ValueError(
+            "`quantize` must be None, 'float16' or 'int8'. Received: "
+            f"quantize={quantize!r}"
         )
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        return converter.convert()
+
+
+def _logit_difference(content, model):
+    """Max |TFLite - Keras| over the logits of two fixed random sequences."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    config = model.config
+    ids = np.random.default_rng(0).integers(
+        0, config.vocab_size, (2, min(config.context_length, 32))
+    ).astype(np.int32)
+    runner = Interpreter(model_content=content).get_signature_runner(LOGITS_SIGNATURE)
+    return float(np.max(np.abs(runner(token_ids=ids)["logits"] - np.asarray(model(ids)))))
+
+
+def _signature_specs(content):
+    """`{signature: {"inputs"|"outputs": {name: {"dtype", "shape"}}}}` read back from the file
+    (-1 marks a dynamic dimension)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=content)
+    specs = {}
+    for name in interpreter.get_signature_list():
+        runner = interpreter.get_signature_runner(name)
+        specs[name] = {
+            kind: {
+                tensor: {"dtype": np.dtype(d["dtype"]).name,
+                         "shape": [int(n) for n in d["shape_signature"]]}
+                for tensor, d in sorted(details.items())
+            }
+            for kind, details in [("inputs", runner.get_input_details()),
+                                  ("outputs", runner.get_output_details())]
+        }
+    return specs
+
+
+def _write_file(path, content):
+    with open(path, "wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_directory(source, destination):
+    """Renames `source` to `destination`, replacing an existing one (moved aside first, then
+    deleted)."""
+    if os.path.isdir(destination) and os.listdir(destination):
+        aside = tempfile.mkdtemp(dir=os.path.dirname(destination), prefix=".tflite-old-")
+        os.rename(destination, os.path.join(aside, "old"))
+        os.rename(source, destination)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(source, destination)  # also over an empty directory
+
+
+def _read_manifest(directory):
+    path = os.path.join(directory, MANIFEST_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Cannot read {path} ({error}): a TFLite file needs the manifest that "
+            "`export_tflite` writes beside it."
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path} is not a gpt_keras TFLite manifest ({MANIFEST_FORMAT}).")
+    return manifest
