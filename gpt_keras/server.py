@@ -22,6 +22,7 @@ TF Serving itself; this server is for development, tests and demos.
 import asyncio
 import base64
 import concurrent.futures
+import functools
 import json
 import logging
 import math
@@ -306,8 +307,9 @@ class Servable:
         columns = {key: _to_json(array, key) for key, array in outputs.items()}
         return {"outputs": next(iter(columns.values())) if len(columns) == 1 else columns}
 
+    @functools.cached_property
     def metadata(self):
-        """The signature defs as TF Serving's metadata endpoint writes them."""
+        """The signature defs as TF Serving's metadata endpoint writes them (read once)."""
         with open(os.path.join(self.path, "saved_model.pb"), "rb") as f:
             saved_model = saved_model_pb2.SavedModel.FromString(f.read())
         graph = next(g for g in saved_model.meta_graphs if "serve" in g.meta_info_def.tags)
@@ -391,6 +393,12 @@ def make_app(base_dir, model_name=None, *, poll_seconds=2.0, num_versions=1,
     ones every `poll_seconds` (0: never). Predictions run on `workers` threads, so the event loop
     keeps answering; request bodies over `max_request_bytes` get HTTP 413."""
     model_name = model_name or os.path.basename(os.path.normpath(base_dir))
+    if not re.fullmatch(r"[^/:]+", model_name):
+        raise ValueError(f"A model name cannot contain '/' or ':' (they delimit URLs). Received: "
+                         f"{model_name!r}; pass another name.")
+    for name, value in (("workers", workers), ("max_request_bytes", max_request_bytes)):
+        if value < 1:
+            raise ValueError(f"{name} must be a positive integer. Received: {name}={value}")
     versions = ModelVersions(base_dir, num_versions)
     versions.refresh()
     if not versions.loaded:
@@ -425,7 +433,7 @@ def make_app(base_dir, model_name=None, *, poll_seconds=2.0, num_versions=1,
         if method == "GET" and (match := _METADATA_PATH.fullmatch(path)):
             name, version = match.groups()
             target = servable(name, version)
-            signature_defs = await loop.run_in_executor(pool, target.metadata)
+            signature_defs = await loop.run_in_executor(pool, lambda: target.metadata)
             return _json_response({
                 "model_spec": {"name": name, "signature_name": "", "version": str(target.version)},
                 "metadata": {"signature_def": {"signature_def": signature_defs}},

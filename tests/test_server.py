@@ -1,5 +1,5 @@
 """`gpt-keras serve`: TF Serving's REST API under real HTTP, against small hand-made SavedModels
-(fast, every format and error case) and a real `export_saved_model` of a tiny run."""
+(fast, every format and error case) and a real `gpt_keras.serving` export of a tiny model."""
 
 import base64
 import concurrent.futures
@@ -45,10 +45,12 @@ class _Toy(tf.Module):
         tf.TensorSpec([], tf.int64, name="seed"),
     ])
     def generate(self, prompts, max_new_tokens, temperature, seed):
-        tf.debugging.assert_non_negative(max_new_tokens, message="max_new_tokens must be >= 0")
+        check = tf.debugging.assert_non_negative(max_new_tokens,
+                                                 message="max_new_tokens must be >= 0")
         fill = tf.cast(seed % 7, tf.int32) + tf.cast(temperature * 10, tf.int32)
-        return {"completions": prompts + self.suffix,
-                "token_ids": tf.fill([tf.size(prompts), max_new_tokens], fill)}
+        with tf.control_dependencies([check]):
+            token_ids = tf.fill([tf.size(prompts), max_new_tokens], fill)
+        return {"completions": prompts + self.suffix, "token_ids": token_ids}
 
     @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="token_ids")])
     def logits(self, token_ids):
@@ -60,10 +62,20 @@ class _Toy(tf.Module):
         return {"head": head, "head_bytes": head}
 
 
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string, name="path")])
+    def wait_for(self, path):
+        """Writes `path`.started, then polls until a file `path` exists: a prediction that lasts
+        as long as a test wants."""
+        with tf.control_dependencies([tf.io.write_file(path + ".started", "")]):
+            polls = tf.while_loop(lambda n: tf.equal(tf.size(tf.io.matching_files(path)), 0),
+                                  lambda n: n + 1, [0])[0]
+        return {"polls": polls}
+
+
 def _save_toy(path, suffix):
     toy = _Toy(suffix)
     signatures = {name: getattr(toy, name)
-                  for name in ("serving_default", "generate", "logits", "first_byte")}
+                  for name in ("serving_default", "generate", "logits", "first_byte", "wait_for")}
     tf.saved_model.save(toy, str(path), signatures=signatures)
 
 
@@ -89,10 +101,10 @@ def toy_model(toy_versions):
     return tf.saved_model.load(str(toy_versions / "1"))
 
 
-def call(url, body=None, method=None):
-    """(HTTP status, decoded JSON body) of one request; `body` is sent as JSON unless bytes."""
+def call(url, body=None):
+    """(HTTP status, decoded JSON body) of a GET, or of a POST of `body` (JSON unless bytes)."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
+    request = urllib.request.Request(url, data=data)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -102,6 +114,13 @@ def call(url, body=None, method=None):
 
 def predict(server, body, path="/v1/models/toy"):
     return call(server.url + path + ":predict", body)
+
+
+def wait_until(condition, seconds=20):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def assert_serving(server):
@@ -213,6 +232,21 @@ def test_fifty_concurrent_requests_all_answered_correctly(server):
         assert body == expected
 
 
+def test_a_slow_prediction_does_not_hold_up_other_requests(server, tmp_path):
+    flag = tmp_path / "flag"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(predict, server, {"signature_name": "wait_for",
+                                                "inputs": str(flag)})
+        try:
+            wait_until(lambda: os.path.exists(f"{flag}.started"))  # the prediction is running
+            assert call(server.url + "/v1/models/toy")[0] == 200
+            assert_serving(server)
+            assert not pending.done()  # it cannot finish before the flag exists
+        finally:
+            flag.touch()
+        assert pending.result(timeout=60)[0] == 200
+
+
 def test_one_log_line_per_request(server, caplog):
     with caplog.at_level(logging.INFO, logger="gpt_keras.server"):
         assert_serving(server)
@@ -280,7 +314,7 @@ ERRORS = {
                                   "Could not find version 7 of model toy"),
     "metadata of unknown version": ("/v1/models/toy/versions/7/metadata", None, 404,
                                     "Specific(toy, 7)"),
-    "GET on :predict": ("/v1/models/toy:predict", "GET", 400, "Malformed request: GET"),
+    "GET on :predict": ("/v1/models/toy:predict", None, 400, "Malformed request: GET"),
     "classify": ("/v1/models/toy:classify", {"examples": []}, 501, "classify is not implemented"),
     "outside /v1": ("/index.html", None, 404, "Not found: /index.html"),
     "body over the size limit": (PREDICT, json.dumps(
@@ -290,9 +324,8 @@ ERRORS = {
 
 @pytest.mark.parametrize("case", list(ERRORS))
 def test_errors_are_json_and_the_server_keeps_serving(server, case):
-    path, body, expected_status, fragment = ERRORS[case]
-    method = "GET" if body == "GET" else None
-    status, answer = call(server.url + path, None if body == "GET" else body, method)
+    path, body, expected_status, fragment = ERRORS[case]  # no body: a GET
+    status, answer = call(server.url + path, body)
     assert status == expected_status
     assert list(answer) == ["error"]
     assert fragment in answer["error"]
@@ -307,13 +340,6 @@ def test_request_just_under_the_size_limit_is_served(server):
 # --- Versions ---------------------------------------------------------------------------------
 
 
-def _wait_for(condition, seconds=20):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_new_versions_are_picked_up_and_old_ones_unloaded(toy_versions, tmp_path):
     base = tmp_path / "toy"
     shutil.copytree(toy_versions / "1", base / "1")
@@ -326,7 +352,7 @@ def test_new_versions_are_picked_up_and_old_ones_unloaded(toy_versions, tmp_path
         assert [s["version"] for s in call(latest)[1]["model_version_status"]] == ["1"]
         # ...until it is renamed into place.
         os.rename(base / ".tmp-2", base / "2")
-        _wait_for(lambda: call(latest)[1]["model_version_status"][0]["version"] == "2")
+        wait_until(lambda: call(latest)[1]["model_version_status"][0]["version"] == "2")
         assert call(latest)[1]["model_version_status"] == [
             {"version": "2", "state": "AVAILABLE", "status": {"error_code": "OK",
                                                                "error_message": ""}},
@@ -338,7 +364,7 @@ def test_new_versions_are_picked_up_and_old_ones_unloaded(toy_versions, tmp_path
         assert predict(running, {"instances": ["a"]}, "/v1/models/toy/versions/1")[0] == 404
         # A version that fails to load is reported and leaves version 2 serving.
         (base / "3").mkdir()
-        _wait_for(lambda: call(latest + "/versions/3")[0] == 200)
+        wait_until(lambda: call(latest + "/versions/3")[0] == 200)
         status = call(latest + "/versions/3")[1]["model_version_status"][0]
         assert status["state"] == "END" and status["status"]["error_code"] == "UNKNOWN"
         assert "Failed to load" in status["status"]["error_message"]
@@ -364,6 +390,17 @@ def test_a_directory_without_versions_is_refused(tmp_path):
         make_app(str(tmp_path / "missing"))
 
 
+def test_bad_server_settings_are_refused(toy_versions, tmp_path):
+    base = tmp_path / "toy"
+    shutil.copytree(toy_versions / "1", base / "1")
+    with pytest.raises(ValueError, match="cannot contain '/' or ':'"):
+        make_app(str(base), model_name="a:b")
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        make_app(str(base), workers=0)
+    with pytest.raises(ValueError, match="num_versions must be at least 1"):
+        make_app(str(base), num_versions=0)
+
+
 def test_cli_serves_on_localhost_and_stops_on_interrupt(toy_versions, tmp_path):
     base = tmp_path / "toy"
     shutil.copytree(toy_versions / "1", base / "1")
@@ -381,3 +418,87 @@ def test_cli_serves_on_localhost_and_stops_on_interrupt(toy_versions, tmp_path):
         _, errors = process.communicate(timeout=30)
     assert process.returncode == 0, errors
     assert "POST /v1/models/toy:predict 200" in errors
+
+
+# --- A real export of a tiny run ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """A tiny random GPT with a character tokenizer, exported by `gpt_keras.serving` and served;
+    yields (server, the SavedModel loaded directly, vocabulary size)."""
+    from gpt_keras import GPT
+    from gpt_keras.serving import export_model
+    from gpt_keras.tokenizers import CharTokenizer
+
+    tokenizer = CharTokenizer.train("To be, or not to be: that is the question.\n")
+    model = GPT.from_preset("tiny", vocab_size=tokenizer.vocab_size)
+    model.build()
+    root = tmp_path_factory.mktemp("real")
+    version_dir = export_model(model, tokenizer, str(root / "tiny"))
+    with BackgroundServer(str(root / "tiny"), poll_seconds=0) as running:
+        yield running, tf.saved_model.load(version_dir), tokenizer.vocab_size
+
+
+def assert_real_serving(server):
+    status, body = predict(server, {"signature_name": "tokenize", "instances": ["to be"]},
+                           "/v1/models/tiny")
+    assert status == 200 and body["predictions"][0]["lengths"] == 5
+
+
+def test_real_export_generate_and_logits_equal_the_savedmodel(real):
+    server, model, vocab_size = real
+    knobs = {"max_new_tokens": 6, "temperature": 0.0, "top_k": 5, "top_p": 1.0, "seed": 3}
+    status, body = predict(server, {"signature_name": "generate", "inputs": dict(
+        knobs, prompts=["To be", "or not"])}, "/v1/models/tiny")
+    assert status == 200
+    expected = direct(model, "generate", prompts=tf.constant(["To be", "or not"]),
+                      max_new_tokens=tf.constant(6), temperature=tf.constant(0.0),
+                      top_k=tf.constant(5), top_p=tf.constant(1.0), seed=tf.constant(3, tf.int64))
+    assert body["outputs"] == {"completions": [c.decode() for c in expected["completions"]],
+                               "token_ids": expected["token_ids"].tolist()}
+    ids = [[0, 1, 2, 3], [vocab_size - 1, 0, 0, 1]]
+    status, body = predict(server, {"signature_name": "logits", "instances": ids},
+                           "/v1/models/tiny")
+    assert status == 200
+    np.testing.assert_array_equal(np.array(body["predictions"], np.float32),
+                                  direct(model, "logits", token_ids=tf.constant(ids))["logits"])
+
+
+def test_real_export_default_signature_and_tokenizer_round_trip(real):
+    server, _, _ = real
+    status, body = predict(server, {"instances": ["To be", "that is"]}, "/v1/models/tiny")
+    assert status == 200 and len(body["predictions"]) == 2
+    assert all(isinstance(text, str) for text in body["predictions"])
+    status, tokens = predict(server, {"signature_name": "tokenize", "instances": ["to be"]},
+                             "/v1/models/tiny")
+    assert status == 200
+    status, texts = predict(server, {"signature_name": "detokenize", "inputs": {
+        "token_ids": [tokens["predictions"][0]["token_ids"]]}}, "/v1/models/tiny")
+    assert (status, texts) == (200, {"outputs": ["to be"]})
+
+
+@pytest.mark.parametrize("inputs, fragment", [
+    ({"max_new_tokens": 2, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 1}, "top_k"),
+    ({"max_new_tokens": 10 ** 6, "temperature": 1.0, "top_k": 5, "top_p": 1.0, "seed": 1},
+     "max_new_tokens"),
+    ({"max_new_tokens": 2, "temperature": -1.0, "top_k": 5, "top_p": 1.0, "seed": 1},
+     "temperature"),
+    ({"max_new_tokens": "2", "temperature": 1.0, "top_k": 5, "top_p": 1.0, "seed": 1},
+     "expected an integer (int32)"),
+])
+def test_real_export_rejects_bad_knobs_with_400(real, inputs, fragment):
+    server, _, _ = real
+    status, body = predict(server, {"signature_name": "generate", "inputs": dict(
+        inputs, prompts=["To be"])}, "/v1/models/tiny")
+    assert status == 400 and fragment in body["error"]
+    assert_real_serving(server)
+
+
+def test_real_export_ids_out_of_range_give_400(real):
+    server, _, vocab_size = real
+    status, body = predict(server, {"signature_name": "logits", "inputs": {
+        "token_ids": [[0, vocab_size]]}}, "/v1/models/tiny")
+    assert status == 400
+    assert f"must lie in [0, {vocab_size})" in body["error"]
+    assert_real_serving(server)
