@@ -21,7 +21,8 @@ machine without a GPU), called with padded `{"token_ids", "padding_mask"}` of le
 
 Reported per model and batch size: the first call (trace + XLA compile + run), then
 `--repeats` rounds calling the two libraries in turn: new tokens/s over the whole call (prefill
-included; median and best round) and the median per-round speed ratio. The machine may be shared,
+included; median and best round), this process's CPU time per new token, and the median
+per-round speed ratio in wall-clock and in CPU time (the latter holds on a shared machine). The machine may be shared,
 so rounds are interleaved and the best round is shown next to the median.
 Per-position cost (batch 1, gpt_keras only, cache as long as the context): ms/token of a 32-token
 compiled chunk (`generation.stream`) at positions 48-79 (after a 16-token prompt) and at the end of
@@ -68,18 +69,20 @@ def prompts(batch_size, vocab_size):
 
 def interleaved(functions, repeats):
     """Times each zero-argument function once (the first call: trace + compile + run), then
-    `repeats` rounds calling them in turn (robust to load from other processes).
-    Returns {name: (first seconds, [round seconds])}."""
+    `repeats` rounds calling them in turn (robust to load from other processes), in wall-clock
+    and in this process's CPU time (all threads; not inflated by other processes' load).
+    Returns {name: (first seconds, [round wall seconds], [round CPU seconds])}."""
     results = {}
     for name, function in functions.items():
         start = time.perf_counter()
         function()
-        results[name] = (time.perf_counter() - start, [])
+        results[name] = (time.perf_counter() - start, [], [])
     for _ in range(repeats):
         for name, function in functions.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             function()
-            results[name][1].append(time.perf_counter() - start)
+            results[name][1].append(time.perf_counter() - wall)
+            results[name][2].append(time.process_time() - cpu)
     return results
 
 
@@ -211,18 +214,25 @@ def main():
             if hub is not None:
                 functions["keras-hub"] = keras_hub_call(hub, batch_size, config.vocab_size)
             results = interleaved(functions, args.repeats)
-            for library, (first, rounds) in results.items():
+            for library, (first, rounds, cpu_rounds) in results.items():
                 median = statistics.median(rounds)
                 new = batch_size * NEW_TOKENS
                 table.append((label, batch_size, library, first, new / median, new / min(rounds),
-                              1000 * median / NEW_TOKENS))
+                              1000 * median / NEW_TOKENS,
+                              1000 * statistics.median(cpu_rounds) / NEW_TOKENS))
                 print(f"{label} B={batch_size} {library}: first call {first:.1f} s, "
                       f"{new / median:.1f} tokens/s", flush=True)
             if hub is not None:
-                ratios = [h / g for g, h in zip(results["gpt_keras"][1], results["keras-hub"][1])]
+                ratio = {
+                    kind: statistics.median(
+                        h / g for g, h in zip(results["gpt_keras"][i], results["keras-hub"][i])
+                    )
+                    for kind, i in (("wall-clock", 1), ("CPU time", 2))
+                }
                 notes.append(f"{label}, B={batch_size}: gpt_keras is "
-                             f"{statistics.median(ratios):.2f}x keras-hub's speed (median of "
-                             "per-round ratios)")
+                             f"{ratio['wall-clock']:.2f}x keras-hub's speed in wall-clock time, "
+                             f"{ratio['CPU time']:.2f}x in CPU time (medians of per-round "
+                             "ratios)")
         if not args.no_positions:
             early, late, early_times, late_times = per_position(model, args.repeats)
             medians = {
@@ -270,11 +280,11 @@ def main():
           f"random weights, float32, XLA; {args.repeats} interleaved rounds after the first "
           "call.\n")
     print("| model | batch | library | first call (s) | new tokens/s (median) | (best) "
-          "| ms per token (call / 128) |")
-    print("|---|---:|---|---:|---:|---:|---:|")
-    for label, batch_size, library, first, rate, best, ms in table:
+          "| ms per token (call / 128) | CPU ms per token |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for label, batch_size, library, first, rate, best, ms, cpu_ms in table:
         print(f"| {label} | {batch_size} | {library} | {first:.1f} | {rate:,.1f} | {best:,.1f} "
-              f"| {ms:.2f} |")
+              f"| {ms:.2f} | {cpu_ms:.2f} |")
     print()
     for note in notes:
         print(f"- {note}")

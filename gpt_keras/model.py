@@ -39,7 +39,7 @@ class GPT(keras.Model):
       instead of logits, as features for other heads (a classifier's pooling + `Dense`).
     - `model.call_with_cache(token_ids, cache, cache_index)`: the same forward pass for T new
       tokens at positions `cache_index ..`, reading and writing a fixed-size KV cache
-      `[B, L, 2, S, H, K]` (see `init_cache`); returns `(logits, updated_cache)`.
+      `[B, L, 2, H, S, K]` (see `init_cache`); returns `(logits, updated_cache)`.
 
     In eager calls, token ids outside `[0, V)` and sequences longer than the context (or than the
     cache) raise `ValueError`. Inside `tf.function`/`fit`, a too-long sequence with a static shape
@@ -179,7 +179,7 @@ class GPT(keras.Model):
     def call_with_cache(self, token_ids, cache, cache_index, padding_mask=None, training=False):
         """One forward pass over new tokens `[B, T]` at positions `cache_index .. cache_index+T-1`.
 
-        `cache` is `[B, L, 2, S, H, K]` from `init_cache`; `padding_mask` (optional) is `[B, S]`
+        `cache` is `[B, L, 2, H, S, K]` from `init_cache`; `padding_mask` (optional) is `[B, S]`
         over cache positions. Returns float32 logits `[B, T, V]` and the updated cache (same
         shape). Prefill a prompt with `cache_index=0`, then decode one token at a time.
         """
@@ -190,7 +190,7 @@ class GPT(keras.Model):
 
     def call_with_layer_caches(self, token_ids, caches, cache_index, padding_mask=None,
                                training=False):
-        """`call_with_cache` with the cache as a list of L per-layer `[B, 2, S, H, K]` tensors
+        """`call_with_cache` with the cache as a list of L per-layer `[B, 2, H, S, K]` tensors
         (see `init_layer_caches`); returns `(logits, updated caches)`. A decoding loop that
         carries the list does not slice and re-stack the whole cache at every step (-30% per
         decoded token, BENCHMARKS.md)."""
@@ -198,12 +198,12 @@ class GPT(keras.Model):
             start = int(cache_index)
             if start < 0:
                 raise ValueError(f"`cache_index` must be >= 0. Received: cache_index={start}")
-            limit = min(caches[0].shape[2], self.config.context_length) - start
+            limit = min(caches[0].shape[3], self.config.context_length) - start
             self._check_inputs(token_ids, limit=limit, limit_name="cache length - cache_index")
         return self._forward(token_ids, padding_mask, list(caches), cache_index, training)
 
     def init_cache(self, batch_size, length=None):
-        """An all-zero KV cache `[batch_size, L, 2, length, H, K]` in the compute dtype;
+        """An all-zero KV cache `[batch_size, L, 2, H, length, K]` in the compute dtype;
         `length` defaults to (and may not exceed) `context_length`."""
         length = length or self.config.context_length
         if length > self.config.context_length:
@@ -212,16 +212,17 @@ class GPT(keras.Model):
                 f"Received: length={length}"
             )
         heads = self.config.num_heads
-        shape = (batch_size, self.config.num_layers, 2, length, heads, self.config.hidden_dim // heads)
+        head_dim = self.config.hidden_dim // heads
+        shape = (batch_size, self.config.num_layers, 2, heads, length, head_dim)
         return ops.zeros(shape, dtype=self.compute_dtype)
 
     def init_layer_caches(self, batch_size, length=None):
-        """`init_cache` as a list of L all-zero per-layer caches `[batch_size, 2, length, H, K]`."""
+        """`init_cache` as a list of L all-zero per-layer caches `[batch_size, 2, H, length, K]`."""
         return ops.unstack(self.init_cache(batch_size, length), axis=1)
 
     def _forward(self, token_ids, padding_mask, cache, cache_index, training, head=True):
         """The one forward pass: full sequences (`cache is None`) and cached steps alike (`cache`:
-        a list of L per-layer `[B, 2, S, H, K]` caches); without
+        a list of L per-layer `[B, 2, H, S, K]` caches); without
         the output projection (`head=False`) it returns the final hidden states `[B, T, D]`."""
         start = 0 if cache is None else cache_index
         x = self.token_embedding(token_ids)  # [B, T, D]
@@ -244,7 +245,7 @@ class GPT(keras.Model):
                     cache_index=cache_index,
                     training=training,
                 )
-                updated_caches.append(layer_cache)  # [B, 2, S, H, K]
+                updated_caches.append(layer_cache)  # [B, 2, H, S, K]
         x = self.final_norm(x)
         if not head:
             logits = x  # [B, T, D]: hidden states, not logits

@@ -79,7 +79,7 @@ def test_cached_decoding_equals_full_pass(position_embedding):
     ids = random_ids((2, 14))
     full = np.asarray(model(ids))
     cache = model.init_cache(2)
-    assert cache.shape == (2, 2, 2, 16, 2, 16)
+    assert cache.shape == (2, 2, 2, 2, 16, 16)  # [B, L, 2, H, S, K]
     logits, cache = model.call_with_cache(ids[:, :5], cache, 0)  # prefill
     steps = [logits]
     for t in range(5, 14):

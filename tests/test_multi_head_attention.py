@@ -68,7 +68,7 @@ def test_cached_steps_equal_full_pass_and_fill_the_cache():
     x = np.random.default_rng(3).normal(size=(B, T, D)).astype("float32")
     full = layer(x)
     cache_length = 10
-    cache = np.zeros((B, 2, cache_length, H, D // H), "float32")
+    cache = np.zeros((B, 2, H, cache_length, D // H), "float32")
     prefill, cache = layer(x[:, :3], cache=cache, cache_index=0)  # a 3-token chunk
     outputs = [prefill]
     for t in range(3, T):
@@ -78,17 +78,36 @@ def test_cached_steps_equal_full_pass_and_fill_the_cache():
     # The cache holds every position's key/value, and zeros beyond the last written one.
     _, full_cache = layer(x, cache=np.zeros_like(cache), cache_index=0)
     np.testing.assert_allclose(cache, full_cache, atol=1e-6)
-    assert not np.any(np.asarray(cache)[:, :, T:])
+    assert not np.any(np.asarray(cache)[:, :, :, T:])
     projected = np.split(layer.query_key_value(x), 3, axis=-1)
-    np.testing.assert_allclose(cache[:, 0, :T], np.reshape(projected[1], (B, T, H, D // H)),
-                               atol=1e-6)
+    keys = np.reshape(projected[1], (B, T, H, D // H)).transpose(0, 2, 1, 3)  # [B, H, T, K]
+    np.testing.assert_allclose(cache[:, 0, :, :T], keys, atol=1e-6)
 
 
-def test_write_cache_writes_only_the_target_slots():
-    cache = np.full((1, 6, 1, 1), -1.0, "float32")
-    update = np.array([10.0, 20.0], "float32").reshape(1, 2, 1, 1)
-    written = np.asarray(write_cache(cache, update, 3)).ravel()
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_write_cache_writes_only_the_target_slots(jit_compile):
+    """Both implementations: gather + where (plain graphs) and dynamic-update-slice (XLA)."""
+    cache = np.full((1, 6, 1), -1.0, "float32")
+    update = np.array([10.0, 20.0], "float32").reshape(1, 2, 1)
+    write = tf.function(write_cache, jit_compile=jit_compile)
+    written = np.asarray(write(cache, update, tf.constant(3))).ravel()
     np.testing.assert_array_equal(written, [-1, -1, -1, 10, 20, -1])
+
+
+def test_cache_write_is_in_place_under_xla_only():
+    layer = make_layer()
+
+    def op_types(jit_compile):
+        fn = tf.function(lambda x, c, i: layer(x, cache=c, cache_index=i),
+                         jit_compile=jit_compile)
+        graph = fn.get_concrete_function(
+            tf.TensorSpec((1, 1, D)), tf.TensorSpec((1, 2, H, 8, D // H)),
+            tf.TensorSpec((), tf.int32),
+        ).graph
+        return {op.type for op in graph.get_operations()}
+
+    assert "XlaDynamicUpdateSlice" in op_types(jit_compile=True)
+    assert "XlaDynamicUpdateSlice" not in op_types(jit_compile=False)
 
 
 def test_cache_write_has_no_xla_ops():
@@ -96,7 +115,8 @@ def test_cache_write_has_no_xla_ops():
     layer = make_layer()
     fn = tf.function(lambda x, c, i: layer(x, cache=c, cache_index=i))
     graph = fn.get_concrete_function(
-        tf.TensorSpec((None, 1, D)), tf.TensorSpec((None, 2, 8, H, D // H)), tf.TensorSpec((), tf.int32)
+        tf.TensorSpec((None, 1, D)), tf.TensorSpec((None, 2, H, 8, D // H)),
+        tf.TensorSpec((), tf.int32),
     ).graph
     op_types = {op.type for op in graph.get_operations()}
     assert not [t for t in op_types if t.startswith("Xla")], op_types
@@ -147,4 +167,4 @@ def test_rejects_bad_dropout():
 def test_cache_requires_cache_index():
     layer = make_layer()
     with pytest.raises(ValueError, match="cache_index"):
-        layer(np.zeros((1, 1, D), "float32"), cache=np.zeros((1, 2, 4, H, D // H), "float32"))
+        layer(np.zeros((1, 1, D), "float32"), cache=np.zeros((1, 2, H, 4, D // H), "float32"))

@@ -31,7 +31,7 @@ def test_matches_numpy_pre_layernorm_gpt2_block():
 def test_cached_steps_equal_full_pass():
     block = make_block()
     x = np.random.default_rng(3).normal(size=(B, T, D)).astype("float32")
-    cache = np.zeros((B, 2, 8, H, D // H), "float32")
+    cache = np.zeros((B, 2, H, 8, D // H), "float32")
     first, cache = block(x[:, :4], cache=cache, cache_index=0)
     second, cache = block(x[:, 4:], cache=cache, cache_index=4)
     np.testing.assert_allclose(np.concatenate([first, second], 1), block(x), atol=1e-5)

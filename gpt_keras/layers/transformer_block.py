@@ -12,7 +12,7 @@ class TransformerBlock(keras.layers.Layer):
     followed by dropout. The MLP is `Dense(mlp_dim)` → tanh-approximated GELU (GPT-2's "gelu_new")
     → `Dense(D)`.
 
-    Shapes: `inputs` `[B, T, D]` → `[B, T, D]`. `padding_mask`, `cache` `[B, 2, S, H, K]` and
+    Shapes: `inputs` `[B, T, D]` → `[B, T, D]`. `padding_mask`, `cache` `[B, 2, H, S, K]` and
     `cache_index` are passed to `MultiHeadAttention` (see there); with a cache the call returns
     `(outputs, updated_cache)`.
 
