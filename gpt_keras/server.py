@@ -428,8 +428,9 @@ def make_app(base_dir, model_name=None, *, poll_seconds=2.0, num_versions=1,
                                    ":predict.", 501)
             target = servable(name, version)
             body = await request.read()
-            result = await loop.run_in_executor(pool, target.predict, body)
-            return _json_response(result)
+            # Encoding runs on the worker too: a large `logits` answer must not stall the loop.
+            answer = await loop.run_in_executor(pool, lambda: _json_bytes(target.predict(body)))
+            return web.Response(body=answer, content_type="application/json")
         if method == "GET" and (match := _METADATA_PATH.fullmatch(path)):
             name, version = match.groups()
             target = servable(name, version)
@@ -505,9 +506,12 @@ def _status(versions, model_name, name, version):
         for v in chosen]}
 
 
+def _json_bytes(value):
+    return json.dumps(value).encode("utf-8")
+
+
 def _json_response(value, status=200):
-    return web.Response(body=json.dumps(value).encode("utf-8"), status=status,
-                        content_type="application/json")
+    return web.Response(body=_json_bytes(value), status=status, content_type="application/json")
 
 
 async def _run_app(app, host, port, started, stop):
