@@ -313,8 +313,9 @@ class Servable:
         with open(os.path.join(self.path, "saved_model.pb"), "rb") as f:
             saved_model = saved_model_pb2.SavedModel.FromString(f.read())
         graph = next(g for g in saved_model.meta_graphs if "serve" in g.meta_info_def.tags)
-        return {name: json_format.MessageToDict(signature, always_print_fields_with_no_presence=True,
-                                                preserving_proto_field_name=True)
+        return {name: json_format.MessageToDict(
+                    signature, always_print_fields_with_no_presence=True,
+                    preserving_proto_field_name=True)
                 for name, signature in graph.signature_def.items()}
 
 
