@@ -15,9 +15,9 @@ size and seed: the batches training reports), computed from the `logits` signatu
 Keras model.
 Latency: a 16-token prompt from the validation split; one `generate` call making 1 new token and
 one making 48 (both fit the context, so each is one call); per-token latency = (t48 - t1) / 47,
-medians over `--rounds` alternating rounds, next to the same for in-Python
-`gpt_keras.generation.generate` (XLA) on the Keras model. Rounds in which other processes used
-more than 0.1 CPU-s per second are counted as not quiet.
+medians over `--rounds` alternating rounds, in wall-clock and process CPU time, next to the
+same for in-Python `gpt_keras.generation.generate` (XLA) on the Keras model. Rounds in which
+other processes used more than 0.1 CPU-s per second are counted as not quiet.
 """
 
 import argparse
@@ -92,8 +92,12 @@ def tflite_generate(path, context, threads):
 
 
 def latencies(engines, prompt, rounds):
-    """Per engine: median ms for 1 new token and per extra token, over all and quiet rounds."""
-    times = {name: {1: [], NEW_TOKENS: []} for name in engines}
+    """`{(engine, rounds label, clock): (ms for 1 new token, ms per extra token)}` (medians;
+    rounds "all" or "quiet", clock "wall" or "cpu" = this process's CPU time, which other
+    processes' load inflates less), and the number of quiet rounds."""
+    clocks = {"wall": time.perf_counter, "cpu": time.process_time}
+    times = {(name, clock, count): [] for name in engines for clock in clocks
+             for count in (1, NEW_TOKENS)}
     quiet = []
     other_load = OtherLoad()
     for index in range(rounds):
@@ -101,20 +105,25 @@ def latencies(engines, prompt, rounds):
         order = list(engines.items())
         for name, call in order if index % 2 == 0 else order[::-1]:
             for count in (1, NEW_TOKENS):
-                begin = time.perf_counter()
+                begin = {clock: read() for clock, read in clocks.items()}
                 call(prompt, count)
-                times[name][count].append(time.perf_counter() - begin)
+                for clock, read in clocks.items():
+                    times[name, clock, count].append(read() - begin[clock])
         quiet.append(other_load.seconds() < QUIET_SHARE * (time.perf_counter() - start))
     results = {}
-    for name, by_count in times.items():
+    for name in engines:
         for label, keep in [("all", [True] * rounds), ("quiet", quiet)]:
-            first = [t for t, q in zip(by_count[1], keep) if q]
-            full = [t for t, q in zip(by_count[NEW_TOKENS], keep) if q]
-            if first:
-                results[name, label] = (
-                    1000 * statistics.median(first),
-                    1000 * (statistics.median(full) - statistics.median(first)) / (NEW_TOKENS - 1),
+            for clock in clocks:
+                first, full = (
+                    [t for t, q in zip(times[name, clock, count], keep) if q]
+                    for count in (1, NEW_TOKENS)
                 )
+                if first:
+                    results[name, label, clock] = (
+                        1000 * statistics.median(first),
+                        1000 * (statistics.median(full) - statistics.median(first))
+                        / (NEW_TOKENS - 1),
+                    )
     return results, sum(quiet)
 
 
@@ -165,8 +174,8 @@ def main():
     results, quiet = latencies(engines, prompt, args.rounds)
     print(f"\nlatency, batch 1, greedy, {PROMPT_LENGTH}-token prompt, threads {args.threads} "
           f"({quiet} of {args.rounds} rounds quiet):")
-    for (name, label), (first, per_token) in sorted(results.items()):
-        print(f"  {name:12} {label:5} prefill + 1 token {first:7.2f} ms, "
+    for (name, label, clock), (first, per_token) in sorted(results.items()):
+        print(f"  {name:12} {label:5} {clock:4} prefill + 1 token {first:7.2f} ms, "
               f"then {per_token:6.3f} ms/token")
 
 
