@@ -8,6 +8,7 @@ import tensorflow as tf
 from keras import ops
 
 from gpt_keras.config import POSITION_EMBEDDINGS, GPTConfig
+from gpt_keras.layers._initializers import fresh
 from gpt_keras.layers import (
     LearnedPositionalEmbedding,
     SinusoidalPositionalEncoding,
@@ -111,7 +112,7 @@ class GPT(keras.Model):
         self.token_embedding = keras.layers.Embedding(
             vocab_size,
             hidden_dim,
-            embeddings_initializer=weights_init,
+            embeddings_initializer=fresh(weights_init),
             dtype=self.dtype_policy,
             name="token_embedding",
         )
@@ -148,7 +149,7 @@ class GPT(keras.Model):
             self.lm_head = keras.layers.Dense(
                 vocab_size,
                 use_bias=False,
-                kernel_initializer=weights_init,
+                kernel_initializer=fresh(weights_init),
                 dtype=self.dtype_policy,
                 name="lm_head",
             )

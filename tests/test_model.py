@@ -99,6 +99,31 @@ def test_cached_step_compiles_to_one_graph_for_every_position():
     assert step.experimental_get_tracing_count() == 1
 
 
+def test_initial_weights_are_independent_and_reproducible():
+    """GPT-2's init, drawn separately for every weight: no two matrices share values (an unseeded
+    Keras initializer instance shared by several weights repeats its numbers), the residual
+    projections are scaled by 1/sqrt(2L), and `set_random_seed` reproduces the model."""
+    def build(seed):
+        keras.utils.set_random_seed(seed)
+        model = GPT.from_preset("tiny", num_layers=4, hidden_dim=64, num_heads=4,
+                                position_embedding="learned", tie_embeddings=False)
+        model.build()
+        return {v.path.split("/", 1)[1]: np.asarray(v) for v in model.weights
+                if "kernel" in v.path or "embeddings" in v.path}  # without the model's name
+
+    weights = build(0)
+    assert len(weights) == 4 * 4 + 3  # per block: qkv, output, mlp_in, mlp_out; 2 tables, head
+    prefixes = {name: tuple(np.round(w.ravel()[:8], 7)) for name, w in weights.items()}
+    assert len(set(prefixes.values())) == len(prefixes), "two weights start with the same values"
+    for name, w in weights.items():
+        residual = name.endswith(("attention/output/kernel", "mlp_out/kernel"))
+        expected = 0.02 / np.sqrt(2 * 4) if residual else 0.02
+        assert abs(w.std() / expected - 1) < 0.1, (name, w.std(), expected)
+    again = build(0)
+    assert all(np.array_equal(weights[name], again[name]) for name in weights)
+    assert not np.array_equal(weights[next(iter(weights))], build(1)[next(iter(weights))])
+
+
 def test_parameter_count_matches_closed_form():
     for overrides in [{}, {"position_embedding": "learned"}, {"tie_embeddings": False},
                       {"mlp_dim": 50}]:

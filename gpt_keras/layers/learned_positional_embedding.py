@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from gpt_keras.layers._initializers import fresh
 from gpt_keras.layers._positions import positions_for
 
 
@@ -33,7 +34,7 @@ class LearnedPositionalEmbedding(keras.layers.Layer):
         self.position_embeddings = self.add_weight(
             name="embeddings",
             shape=(self.sequence_length, input_shape[-1]),
-            initializer=self.initializer,
+            initializer=fresh(self.initializer),
         )
         self.built = True
 

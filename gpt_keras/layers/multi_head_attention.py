@@ -4,6 +4,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from gpt_keras.layers._initializers import fresh
+
 # Added to masked attention logits (in float32). Finite, so a fully masked row (a left-padding
 # query) softmaxes to a uniform row instead of NaN.
 _MASKED_LOGIT = -1e9
@@ -119,16 +121,16 @@ class MultiHeadAttention(keras.layers.Layer):
         self.head_dim = hidden_dim // self.num_heads
         self.query_key_value = keras.layers.Dense(
             3 * hidden_dim,
-            kernel_initializer=self.kernel_initializer,
-            bias_initializer=self.bias_initializer,
+            kernel_initializer=fresh(self.kernel_initializer),
+            bias_initializer=fresh(self.bias_initializer),
             dtype=self.dtype_policy,
             name="query_key_value",
         )
         self.query_key_value.build(input_shape)
         self.output_dense = keras.layers.Dense(
             hidden_dim,
-            kernel_initializer=self.output_kernel_initializer,
-            bias_initializer=self.bias_initializer,
+            kernel_initializer=fresh(self.output_kernel_initializer),
+            bias_initializer=fresh(self.bias_initializer),
             dtype=self.dtype_policy,
             name="output",
         )
@@ -154,7 +156,9 @@ class MultiHeadAttention(keras.layers.Layer):
 
         mask = causal_mask(length, ops.shape(key)[2], query_start, padding_mask)  # [B|1, 1, T, S]
         scale = 1.0 / float(self.head_dim) ** 0.5
-        logits = ops.einsum("bhtk,bhsk->bhts", query, key)  # [B, H, T, S]
+        # Keys first: XLA then reads the cache as stored, without transposing it (-10% per
+        # decoded token on the shakespeare-char shape).
+        logits = ops.einsum("bhsk,bhtk->bhts", key, query)  # [B, H, T, S]
         logits = ops.cast(logits, "float32") * scale
         logits = ops.where(mask, logits, _MASKED_LOGIT)
         probabilities = ops.cast(ops.softmax(logits, axis=-1), self.compute_dtype)

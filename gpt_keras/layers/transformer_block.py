@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from gpt_keras.layers._initializers import fresh
 from gpt_keras.layers.multi_head_attention import MultiHeadAttention
 
 
@@ -78,14 +79,14 @@ class TransformerBlock(keras.layers.Layer):
         self.mlp_norm.build(input_shape)
         self.mlp_in = keras.layers.Dense(
             self.mlp_dim,
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=fresh(self.kernel_initializer),
             dtype=self.dtype_policy,
             name="mlp_in",
         )
         self.mlp_in.build(input_shape)
         self.mlp_out = keras.layers.Dense(
             hidden_dim,
-            kernel_initializer=self.output_kernel_initializer,
+            kernel_initializer=fresh(self.output_kernel_initializer),
             dtype=self.dtype_policy,
             name="mlp_out",
         )
