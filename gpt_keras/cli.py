@@ -1,4 +1,4 @@
-"""The `gpt-keras` command line: `gpt-keras train|evaluate|generate|convert|serve ...`
+"""The `gpt-keras` command line: `gpt-keras train|evaluate|generate|convert|export|serve ...`
 (`gpt-keras -h`).
 
 Errors in the user's input print one line, `gpt-keras: error: ...`, and exit with status 2.
@@ -181,6 +181,40 @@ def _convert(args):
     print(f"Hugging Face checkpoint written to {directory}.")
 
 
+def _export(args):
+    if args.format == "tflite":
+        if args.version is not None:
+            raise ValueError("--version numbers TF Serving's SavedModel versions; it does not "
+                             "apply to --format tflite.")
+        import json
+
+        from gpt_keras.tflite import MANIFEST_FILE, export_tflite
+
+        path = export_tflite(args.run_dir, args.out, quantize=args.quantize, force=args.force)
+        with open(os.path.join(os.path.dirname(path), MANIFEST_FILE), encoding="utf-8") as f:
+            signatures = json.load(f)["signatures"]
+        print(f"TFLite model written to {path}. Signatures:")
+    else:
+        if args.quantize is not None:
+            raise ValueError("--quantize applies to --format tflite; the SavedModel is float32.")
+        from gpt_keras.serving import export_saved_model, read_manifest
+
+        path = export_saved_model(args.run_dir, args.out, version=args.version, force=args.force)
+        signatures = read_manifest(path)["signatures"]
+        print(f"SavedModel written to {path} (verified as TF Serving loads it). Signatures:")
+    for name, contract in signatures.items():
+        inputs, outputs = (
+            ", ".join(f"{key} {spec['dtype']}[{', '.join(_dimension(n) for n in spec['shape'])}]"
+                      for key, spec in contract[side].items())
+            for side in ("inputs", "outputs")
+        )
+        print(f"  {name}({inputs}) -> {outputs}")
+
+
+def _dimension(size):
+    return "?" if size is None or size < 0 else str(size)  # None/-1: any size
+
+
 def _serve(args):
     from gpt_keras.server import serve
 
@@ -253,6 +287,22 @@ def build_parser():
     convert_parser.add_argument("--vocab", help="directory with encoder.json + vocab.bpe (or "
                                 "vocab.json + merges.txt) when HF_DIR has none")
     convert_parser.set_defaults(handler=_convert)
+    export_parser = commands.add_parser(
+        "export", help="a run -> a verified TF Serving SavedModel version (or TFLite)"
+    )
+    export_parser.add_argument("run_dir", metavar="RUN_DIR")
+    export_parser.add_argument("--out", required=True, metavar="MODELS/NAME",
+                               help="the model's base path; SavedModel versions go in numbered "
+                               "directories under it")
+    export_parser.add_argument("--version", type=int, default=None,
+                               help="version number (default: the next free one, 1 if none)")
+    export_parser.add_argument("--force", action="store_true",
+                               help="replace an existing version (or TFLite export)")
+    export_parser.add_argument("--format", choices=["saved_model", "tflite"],
+                               default="saved_model")
+    export_parser.add_argument("--quantize", choices=["float16", "int8"], default=None,
+                               help="TFLite weight quantization (with --format tflite)")
+    export_parser.set_defaults(handler=_export)
     serve_parser = commands.add_parser(
         "serve", help="a development server speaking TF Serving's REST API over exported versions"
     )

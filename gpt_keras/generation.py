@@ -15,7 +15,8 @@ to holds a real token of its row. The cost of a ragged batch is `max n_b - min n
 single-token steps. Everything in the loop is a core TensorFlow op (tokens are written into the
 `[B, S]` buffer with a one-hot `where`, random numbers come from an integer hash), so the same
 function runs under XLA (`jit_compile=True`, the default) or without it, for a SavedModel that
-TF Serving can load with XLA disabled.
+TF Serving can load with XLA disabled. `generate_in_graph` is the whole of `generate` (sliding
+window included) as one such graph, for export (`gpt_keras.serving`).
 
 Compiled functions are cached per model and per shape bucket `(B, P, S)`; prompt contents,
 `max_new_tokens`, `temperature`, `top_k`, `top_p`, `seed` and stop tokens are tensors, so calls
@@ -56,7 +57,10 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["Stream", "TextGenerator", "generate", "sample", "stream", "tracing_count"]
+__all__ = [
+    "Stream", "TextGenerator", "generate", "generate_in_graph", "sample", "stream",
+    "tracing_count",
+]
 
 # Cache and prefill lengths are rounded up (see `_bucket`) to at least this, so that nearby
 # prompt/generation lengths share one compiled function.
@@ -731,6 +735,129 @@ def _decide(state, logits, knobs):
         done=tf.logical_or(done, tf.logical_and(writes, stops)),
         cursor=index + 1,
     )
+
+
+def generate_in_graph(
+    model, prompt, lengths, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids
+):
+    """`generate` as one TensorFlow graph, for export (TF Serving runs it with XLA disabled):
+    the same tokens as `generate(..., include_stop_token=False, sliding_window=True)` for the
+    same prompts, knobs and `seed`, with core TensorFlow ops only and a dynamic batch.
+
+    `prompt` int32 `[B, P]` right-padded, `lengths` int32 `[B]` (each ≥ 1; a prompt keeps its
+    last `context_length - 1` tokens), `max_new_tokens` int32 `[]`, `temperature`/`top_p`
+    float32 `[]`, `top_k` int32 `[]`, `seed` int64 `[]`, `stop_token_ids` a Python sequence of
+    ids. Invalid knobs raise `InvalidArgumentError` naming the value (the rules of `generate`).
+    Returns `(new_ids, counts)`: int32 `[B, max_new_tokens]` padded with -1, and int32 `[B]`.
+
+    Decoding prefills a full-context cache (S = `context_length`) and slides it as the Python
+    driver does (module docstring), in an outer `tf.while_loop`.
+    """
+    config = model.config
+    context, vocab_size = config.context_length, config.vocab_size
+    if context < 2:
+        raise ValueError(
+            f"In-graph generation needs context_length ≥ 2. Received: context_length={context}"
+        )
+    checks = [
+        check_in_graph(
+            max_new_tokens >= 0,
+            "`max_new_tokens` must be an integer >= 0. Received: max_new_tokens={}",
+            max_new_tokens,
+        ),
+        check_in_graph(
+            tf.logical_and(tf.math.is_finite(temperature), temperature >= 0.0),
+            "`temperature` must be a finite number >= 0 (0 = greedy). Received: temperature={}",
+            temperature,
+        ),
+        check_in_graph(top_k >= 1, "`top_k` must be an integer >= 1. Received: top_k={}", top_k),
+        check_in_graph(
+            tf.logical_and(top_p > 0.0, top_p <= 1.0),
+            "`top_p` must be a number in (0, 1]. Received: top_p={}", top_p,
+        ),
+        check_in_graph(tf.size(lengths) > 0, "Pass at least one prompt. Received none."),
+        check_in_graph(
+            tf.reduce_all(lengths >= 1),
+            "Every prompt needs at least one token. Received lengths {}", lengths,
+        ),
+        check_in_graph(
+            tf.reduce_all(tf.logical_and(prompt >= 0, prompt < vocab_size)),
+            f"Prompt token ids must lie in [0, {vocab_size}). Received: {{}}", prompt,
+        ),
+    ]
+    with tf.control_dependencies(checks):  # every later op runs after the checks
+        inputs = (prompt, lengths, max_new_tokens, temperature, top_k, top_p, seed)
+        prompt, lengths, max_new_tokens, temperature, top_k, top_p, seed = map(tf.identity, inputs)
+    prompt, lengths = _keep_last(prompt, lengths, context - 1)
+    seed = tf.math.floormod(seed, tf.constant(1 << 62, tf.int64))  # as `_knobs`
+    stop_mask = np.zeros([vocab_size], bool)
+    stop_mask[list(stop_token_ids)] = True
+    knobs = {
+        "temperature": temperature,
+        "top_k": tf.minimum(top_k, vocab_size),
+        "top_p": top_p,
+        "seed": tf.cast(tf.stack([seed // (1 << 31), seed % (1 << 31)]), tf.int32),
+        "stop_mask": tf.constant(stop_mask),
+    }
+    batch = tf.shape(prompt)[0]
+    keep = max(1, context // _SLIDE_DIVISOR)
+    columns = tf.expand_dims(tf.range(max_new_tokens), 0)  # [1, N]
+
+    def window(prompt, lengths, offset, new_ids, counts, finished, stopped):
+        """Decodes one cache's worth (as `_Decoding.chunks` with `chunk_size=None`), appends the
+        new ids of every row to `new_ids` `[B, N]`, then slides."""
+        limits = tf.minimum(lengths + max_new_tokens - counts, context)
+        state = _start(
+            model, None, context, prompt, lengths, limits, finished, offset, context, knobs
+        )
+        tokens = state["tokens"]  # [B, S]
+        fresh = tf.where(finished, 0, state["ends"] - lengths)  # [B] new ids in this window
+        source = tf.expand_dims(lengths - counts, 1) + columns  # [B, N]: slot of column n
+        inside = tf.logical_and(
+            columns >= tf.expand_dims(counts, 1), columns < tf.expand_dims(counts + fresh, 1)
+        )
+        picked = tf.gather(tokens, tf.clip_by_value(source, 0, context - 1), batch_dims=1)
+        new_ids = tf.where(inside, picked, new_ids)
+        last = tf.gather(tokens, tf.maximum(state["ends"] - 1, 0), batch_dims=1)  # [B]
+        hit_stop = tf.logical_and(fresh > 0, tf.gather(knobs["stop_mask"], last))
+        counts += fresh
+        finished = tf.logical_or(finished, tf.logical_or(hit_stop, counts >= max_new_tokens))
+        # Unfinished rows filled the cache: continue from their last `keep` tokens.
+        return (
+            tokens[:, context - keep :], tf.fill([batch], keep), offset + context - keep,
+            new_ids, counts, finished, tf.logical_or(stopped, hit_stop),
+        )
+
+    loop_vars = (
+        prompt, lengths, tf.constant(0), tf.fill([batch, max_new_tokens], -1),
+        tf.zeros([batch], tf.int32), tf.fill([batch], max_new_tokens <= 0),
+        tf.zeros([batch], tf.bool),
+    )
+    row, matrix = tf.TensorShape([None]), tf.TensorShape([None, None])
+    invariants = (matrix, row, tf.TensorShape([]), matrix, row, row, row)
+    *_, new_ids, counts, _, stopped = tf.while_loop(
+        lambda *state: tf.logical_not(tf.reduce_all(state[5])), window, loop_vars,
+        shape_invariants=invariants,
+    )
+    counts -= tf.cast(stopped, tf.int32)  # the stop token is not returned
+    return tf.where(columns < tf.expand_dims(counts, 1), new_ids, -1), counts
+
+
+def _keep_last(prompt, lengths, keep):
+    """Right-padded `prompt` `[B, P]` → its rows' last `keep` tokens `[B, min(P, keep)]`, and
+    the new lengths `[B]`."""
+    width = tf.minimum(tf.shape(prompt)[1], keep)
+    start = tf.maximum(lengths - keep, 0)  # [B]
+    source = tf.expand_dims(start, 1) + tf.expand_dims(tf.range(width), 0)  # [B, W]
+    lengths = tf.minimum(lengths, keep)
+    kept = tf.gather(prompt, tf.minimum(source, tf.shape(prompt)[1] - 1), batch_dims=1)
+    return tf.where(source < tf.expand_dims(start + lengths, 1), kept, 0), lengths
+
+
+def check_in_graph(condition, message, *values):
+    """An assertion op that fails with `InvalidArgumentError: <message>`, its `{}` filled with
+    `values` (TF Serving answers it with HTTP 400 and the message)."""
+    return tf.debugging.Assert(condition, [tf.strings.format(message, values, summarize=8)])
 
 
 def sample(logits, temperature, top_k, top_p, seed, position=0):

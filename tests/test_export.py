@@ -1,0 +1,460 @@
+"""`gpt_keras.serving` and `gpt-keras export`: the SavedModel runs as TF Serving runs it.
+
+One small run (character tokenizer, random weights with varied greedy output, context 16 so that
+generation slides its window) and one converted GPT-2 run are exported once; one fresh process,
+set up as the model server (no Keras or gpt_keras, XLA disabled, TF1 Session loader, requests as
+`PredictRequest` protos), answers every request the tests check against the in-process model.
+"""
+
+import contextlib
+import dataclasses
+import glob
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from gpt_keras import GPT, GPTConfig, generation, serving
+from gpt_keras.cli import main
+from gpt_keras.tokenizers import CharTokenizer, load_tokenizer
+from gpt_keras.training import create_run, load_model
+from tests.conftest import SHAKESPEARE
+from tests.numpy_reference import randomize_weights
+
+GPT2_VOCAB = os.path.join(os.path.dirname(SHAKESPEARE), "gpt2")
+GRPC_CLIENT = os.path.join(os.path.dirname(__file__), "..", "export", "grpc_client.py")
+PROMPTS = ["To be, or not", "", "First Citizen:\nBefore we proceed any further", "ROMEO: I"]
+NEW_TOKENS = 40  # > context_length 16: the window slides twice
+SAMPLING = dict(temperature=1.0, top_k=10, top_p=0.9, seed=7)
+
+# Appended to `serving.SERVER_LIKE_PROLOGUE`: answers the requests on stdin as the model server
+# would (requests and responses go through `PredictRequest`/`PredictResponse` protos), one made by
+# export/grpc_client.py, then two through `tf.saved_model.load`.
+SERVER_REQUESTS = r"""
+import importlib.util
+from tensorflow_serving.apis import predict_pb2
+
+runs = [load(path) for path in sys.argv[1:]]
+
+
+def serve(export, request):
+    request = predict_pb2.PredictRequest.FromString(request.SerializeToString())
+    feeds = {name: tf.make_ndarray(proto) for name, proto in request.inputs.items()}
+    outputs = runs[export](request.model_spec.signature_name, feeds)
+    response = predict_pb2.PredictResponse()
+    for name, value in outputs.items():
+        response.outputs[name].CopyFrom(tf.make_tensor_proto(value))
+    return predict_pb2.PredictResponse.FromString(response.SerializeToString())
+
+
+def predict(export, signature, inputs):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.signature_name = signature
+    for name, (dtype, value) in inputs.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=dtype))
+    try:
+        response = serve(export, request)
+    except tf.errors.OpError as error:
+        return {"error": type(error).__name__, "message": error.message}
+    return {k: _plain(tf.make_ndarray(v)) for k, v in response.outputs.items()}
+
+
+def _plain(array):
+    if array.dtype == object:
+        return [text.decode("utf-8") for text in array.tolist()]
+    return array.tolist()
+
+
+payload = json.load(sys.stdin)
+results = {name: predict(*request) for name, request in payload["requests"].items()}
+spec = importlib.util.spec_from_file_location("grpc_client", payload["grpc_client"])
+client = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(client)
+request = client.generate_request("shakespeare", **payload["grpc_request"])
+signatures = tf.saved_model.load(sys.argv[1]).signatures
+print(json.dumps({
+    "results": results,
+    "grpc_client": client.completions(serve(0, request)),
+    "tf2_logits": signatures["logits"](token_ids=tf.constant([[1, 2, 3]]))["logits"].numpy()
+    .tolist(),
+    "tf2_completions": _plain(
+        signatures["serving_default"](prompts=tf.constant(["To be"]))["completions"].numpy()),
+    "keras_importable": any(sys.modules.get(name) is not None
+                            for name in ("keras", "keras_hub", "tensorflow_text", "gpt_keras")),
+}))
+"""
+
+
+def knobs(max_new_tokens, temperature=0.0, top_k=1, top_p=1.0, seed=0):
+    return {"max_new_tokens": ("int32", max_new_tokens), "temperature": ("float32", temperature),
+            "top_k": ("int32", top_k), "top_p": ("float32", top_p), "seed": ("int64", seed)}
+
+
+def strings(texts):
+    return ("string", texts)
+
+
+LOGITS_IDS = [np.random.default_rng(1).integers(0, 60, (3, 16)).tolist(), [[5, 0, 59, 7, 1]]]
+TO_BE = {"prompts": strings(["To be"])}
+ERRORS = [  # (signature, inputs, the message TF Serving returns)
+    ("generate", {**TO_BE, **knobs(5, top_k=0)},
+     "`top_k` must be an integer >= 1. Received: top_k=0"),
+    ("generate", {**TO_BE, **knobs(5, top_p=1.5, temperature=1.0)},
+     "`top_p` must be a number in (0, 1]. Received: top_p=1.5"),
+    ("generate", {**TO_BE, **knobs(5, temperature=-1.0)},
+     "`temperature` must be a finite number >= 0 (0 = greedy). Received: temperature=-1"),
+    ("generate", {**TO_BE, **knobs(-1)},
+     "`max_new_tokens` must be an integer >= 0. Received: max_new_tokens=-1"),
+    ("generate", {**TO_BE, **knobs(serving.MAX_NEW_TOKENS + 1)},
+     f"at most {serving.MAX_NEW_TOKENS}. Received: max_new_tokens={serving.MAX_NEW_TOKENS + 1}"),
+    ("generate", {"prompts": strings([]), **knobs(5)}, "Pass at least one prompt. Received none."),
+    ("logits", {"token_ids": ("int32", [[1, 60]])},
+     "`token_ids` must lie in [0, 60). Received: [[1 60]]"),
+    ("logits", {"token_ids": ("int32", [list(range(17))])},
+     "`token_ids` has 17 tokens per row, more than the context length 16"),
+]
+# name: (export index, signature, inputs), sent to the server-like process.
+REQUESTS = {
+    "logits": (0, "logits", {"token_ids": ("int32", LOGITS_IDS[0])}),
+    "logits_short": (0, "logits", {"token_ids": ("int32", LOGITS_IDS[1])}),
+    "greedy": (0, "generate", {"prompts": strings(PROMPTS), **knobs(NEW_TOKENS)}),
+    "sampled": (0, "generate", {"prompts": strings(PROMPTS), **knobs(NEW_TOKENS, **SAMPLING)}),
+    "sampled_again": (0, "generate", {"prompts": strings(PROMPTS),
+                                      **knobs(NEW_TOKENS, **SAMPLING)}),
+    "no_new_tokens": (0, "generate", {"prompts": strings(PROMPTS[:2]), **knobs(0)}),
+    "default": (0, "serving_default", {"prompts": strings(PROMPTS[:2])}),
+    "default_again": (0, "serving_default", {"prompts": strings(PROMPTS[:2])}),
+    "tokenize": (0, "tokenize", {"prompts": strings(PROMPTS)}),
+    "detokenize": (0, "detokenize", {"token_ids": ("int32", [[20, 47, -1, -1], [-1, 0, 1, 2]])}),
+    "gpt2": (1, "generate", {"prompts": strings(["To be, or not to be", ""]), **knobs(8)}),
+    **{f"error_{index}": (0, signature, inputs)
+       for index, (signature, inputs, _) in enumerate(ERRORS)},
+}
+
+
+def printed(function, *args):
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        function(*args)
+    return output.getvalue()
+
+
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory):
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        tokenizer = CharTokenizer.train(f.read(20_000))
+    assert tokenizer.vocab_size == 60  # LOGITS_IDS and the error messages assume it
+    config = GPTConfig.from_preset("tiny", vocab_size=60, position_embedding="learned")
+    model = GPT(**dataclasses.asdict(config))
+    model.build()
+    randomize_weights(model, seed=1)  # greedy text varies, some rows stop at end of text
+    return create_run(str(tmp_path_factory.mktemp("runs") / "char"), model, tokenizer,
+                      {"test": "random weights"})
+
+
+@pytest.fixture(scope="module")
+def exported(char_run, tmp_path_factory):
+    """`gpt-keras export` into an empty base path: `(version directory, printed text)`."""
+    base = str(tmp_path_factory.mktemp("models") / "shakespeare")
+    text = printed(main, ["export", char_run, "--out", base])
+    return os.path.join(base, "1"), text
+
+
+@pytest.fixture(scope="module")
+def gpt2_exported(tmp_path_factory):
+    """A random Hugging Face GPT-2 (GPT-2's vocabulary) → `gpt-keras convert` → export."""
+    from tests.test_hf_conversion import random_hf_model
+
+    root = tmp_path_factory.mktemp("gpt2")
+    random_hf_model(vocab_size=50257, n_positions=64).save_pretrained(str(root / "hf"))
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copy(os.path.join(GPT2_VOCAB, name), root / "hf")
+    printed(main, ["convert", str(root / "hf"), str(root / "run")])
+    return str(root / "run"), serving.export_saved_model(str(root / "run"), str(root / "models"))
+
+
+@pytest.fixture(scope="module")
+def served(exported, gpt2_exported):
+    return serving.run_like_tf_serving([exported[0], gpt2_exported[1]], SERVER_REQUESTS, {
+        "requests": REQUESTS, "grpc_client": GRPC_CLIENT,
+        "grpc_request": {"prompts": PROMPTS, "max_new_tokens": NEW_TOKENS, **SAMPLING},
+    })
+
+
+@pytest.fixture(scope="module")
+def local(char_run):
+    """The run's model and tokenizer, in this process."""
+    return load_model(char_run), load_tokenizer(os.path.join(char_run, "tokenizer"))
+
+
+def prompt_ids(tokenizer, prompts):
+    """Token ids as the export feeds them: an empty prompt starts from end of text."""
+    return [tokenizer.tokenize(p).numpy().tolist() or [tokenizer.end_of_text_id] for p in prompts]
+
+
+def unpadded(rows):
+    """Rows of ids padded at the end with `PAD_ID` → lists of ids."""
+    ids = [[i for i in row if i != serving.PAD_ID] for row in rows]
+    assert all(row[: len(kept)] == kept for row, kept in zip(rows, ids))
+    return ids
+
+
+# -- What the server returns --------------------------------------------------------------------
+
+
+def test_served_by_a_process_without_keras(served):
+    assert served["keras_importable"] is False
+
+
+def test_logits_equal_keras_for_any_batch_and_length(served, local):
+    model, _ = local
+    for name, ids in zip(["logits", "logits_short"], LOGITS_IDS):
+        expected = np.asarray(model(np.array(ids, np.int32)))
+        np.testing.assert_allclose(served["results"][name]["logits"], expected,
+                                   atol=serving.LOGITS_TOLERANCE, rtol=0)
+    np.testing.assert_allclose(served["tf2_logits"], np.asarray(model(np.array([[1, 2, 3]]))),
+                               atol=serving.LOGITS_TOLERANCE, rtol=0)
+
+
+def test_greedy_generation_equals_text_generator(served, local):
+    """Ragged prompts, an empty one (unconditional), one longer than the context (its last
+    tokens are kept) and 40 new tokens (two window slides) give `TextGenerator`'s text."""
+    model, tokenizer = local
+    with pytest.warns(UserWarning, match="keeping its last 15"):
+        expected = generation.TextGenerator(model, tokenizer).generate(
+            PROMPTS, NEW_TOKENS, temperature=0
+        )
+    result = served["results"]["greedy"]
+    assert result["completions"] == expected
+    assert len(expected[0]) == NEW_TOKENS  # ran through both slides
+    assert any(len(text) < NEW_TOKENS for text in expected)  # stopped at end of text
+    assert len(set(expected[0])) > 3  # not one repeated character
+    ids = unpadded(result["token_ids"])
+    assert [tokenizer.detokenize(np.array(row, np.int32)).numpy().decode() for row in ids] == (
+        expected)
+    assert np.array(result["token_ids"]).shape == (len(PROMPTS), NEW_TOKENS)
+
+
+def test_sampling_equals_in_process_generation_for_a_seed(served, local):
+    model, tokenizer = local
+    first, second = served["results"]["sampled"], served["results"]["sampled_again"]
+    assert first == second
+    with pytest.warns(UserWarning):
+        expected = generation.generate(
+            model, prompt_ids(tokenizer, PROMPTS), NEW_TOKENS,
+            stop_token_ids=[tokenizer.end_of_text_id], **SAMPLING,
+        )
+    assert unpadded(first["token_ids"]) == expected
+    greedy = served["results"]["greedy"]["token_ids"]
+    assert first["token_ids"] != greedy
+
+
+def test_zero_new_tokens(served):
+    assert served["results"]["no_new_tokens"] == {"completions": ["", ""], "token_ids": [[], []]}
+
+
+def test_grpc_client_example_builds_and_reads_generate_calls(served):
+    """export/grpc_client.py's request, answered as the server does, gives the sampled
+    `generate` answer for the same knobs."""
+    texts, ids = served["grpc_client"]
+    assert texts == served["results"]["sampled"]["completions"]
+    assert ids == unpadded(served["results"]["sampled"]["token_ids"])
+
+
+def test_serving_default_samples_a_new_completion_per_request(served):
+    first, second = served["results"]["default"], served["results"]["default_again"]
+    assert len(first["completions"]) == 2 and first != second
+    assert served["tf2_completions"][0]
+
+
+def test_tokenize_and_detokenize(served, local):
+    _, tokenizer = local
+    tokenized = served["results"]["tokenize"]
+    assert unpadded(tokenized["token_ids"]) == [tokenizer.tokenize(p).numpy().tolist()
+                                                for p in PROMPTS]
+    assert tokenized["lengths"] == [len(p) for p in PROMPTS]
+    texts = served["results"]["detokenize"]["texts"]
+    assert texts == [tokenizer.detokenize(np.array(ids, np.int32)).numpy().decode()
+                     for ids in ([20, 47], [0, 1, 2])]
+
+
+@pytest.mark.parametrize("index", range(len(ERRORS)))
+def test_invalid_inputs_are_invalid_argument_naming_the_value(served, index):
+    result = served["results"][f"error_{index}"]
+    assert result.get("error") == "InvalidArgumentError", result
+    assert ERRORS[index][2] in result["message"]
+
+
+def test_gpt2_converted_run_generates_in_the_served_graph(served, gpt2_exported):
+    run_dir, version_dir = gpt2_exported
+    model, tokenizer = load_model(run_dir), load_tokenizer(os.path.join(run_dir, "tokenizer"))
+    expected = generation.generate(
+        model, prompt_ids(tokenizer, ["To be, or not to be", ""]), 8, temperature=0,
+        stop_token_ids=[tokenizer.end_of_text_id],
+    )
+    assert unpadded(served["results"]["gpt2"]["token_ids"]) == expected
+    assert served["results"]["gpt2"]["completions"] == [
+        tokenizer.detokenize(np.array(ids, np.int32)).numpy().decode("utf-8", "replace")
+        for ids in expected
+    ]
+    manifest = serving.read_manifest(version_dir)
+    assert manifest["tokenizer"]["kind"] == "gpt2" and manifest["op_libraries"] == []
+
+
+# -- The export's files ---------------------------------------------------------------------------
+
+
+def test_layout_and_manifest(exported, char_run, local, served):
+    version_dir, _ = exported
+    assert sorted(os.listdir(os.path.dirname(version_dir))) == ["1"]
+    assert {"saved_model.pb", "variables", "assets.extra"} <= set(os.listdir(version_dir))
+    manifest = serving.read_manifest(version_dir)
+    model, tokenizer = local
+    with open(os.path.join(char_run, "tokenizer", "tokenizer.json"), "rb") as f:
+        run_hash = hashlib.sha256(f.read()).hexdigest()
+    with open(os.path.join(version_dir, "assets.extra", "tokenizer.json"), "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == run_hash
+    assert manifest["tokenizer"] == {**tokenizer.describe(), "sha256": run_hash,
+                                     "file": "assets.extra/tokenizer.json"}
+    assert manifest["model"] == dataclasses.asdict(model.config)
+    assert manifest["source"] == os.path.abspath(char_run)
+    assert set(manifest["versions"]) == {"tensorflow", "keras", "gpt_keras"}
+    assert manifest["op_libraries"] == [] and "StatefulPartitionedCall" in manifest["op_types"]
+    assert not [op for op in manifest["op_types"] if op.startswith("Xla")]
+    assert manifest["default_sampling"] == serving.DEFAULT_SAMPLING
+    assert manifest["signatures"]["generate"] == {
+        "inputs": {"prompts": {"dtype": "string", "shape": [None]},
+                   "max_new_tokens": {"dtype": "int32", "shape": []},
+                   "temperature": {"dtype": "float32", "shape": []},
+                   "top_k": {"dtype": "int32", "shape": []},
+                   "top_p": {"dtype": "float32", "shape": []},
+                   "seed": {"dtype": "int64", "shape": []}},
+        "outputs": {"completions": {"dtype": "string", "shape": [None]},
+                    "token_ids": {"dtype": "int32", "shape": [None, None]}},
+    }
+    assert manifest["signatures"]["logits"]["outputs"] == {
+        "logits": {"dtype": "float32", "shape": [None, None, 60]}}
+    assert set(manifest["signatures"]) == set(serving.SIGNATURES)
+    # The golden prompts are the first two of PROMPTS: their greedy completions are prefixes of
+    # the served ones, which equal `TextGenerator`'s.
+    golden = manifest["golden"]
+    assert golden["prompts"] == PROMPTS[:2] and golden["max_new_tokens"] < NEW_TOKENS
+    assert golden["completions"] == [
+        text[: golden["max_new_tokens"]] for text in served["results"]["greedy"]["completions"][:2]
+    ]
+
+
+def test_cli_prints_the_version_and_signatures(exported):
+    version_dir, text = exported
+    assert f"SavedModel written to {version_dir}" in text
+    assert "  logits(token_ids int32[?, ?]) -> logits float32[?, ?, 60]" in text
+    for name in serving.SIGNATURES:
+        assert f"\n  {name}(" in text
+
+
+def test_saved_model_cli_show_and_run(exported, local, tmp_path):
+    version_dir, _ = exported
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    shown = subprocess.run([cli, "show", "--dir", version_dir, "--all"], capture_output=True,
+                           text=True, timeout=300, check=True).stdout
+    for name in serving.SIGNATURES:
+        assert f"signature_def['{name}']" in shown
+    assert "inputs['max_new_tokens'] tensor_info:\n        dtype: DT_INT32\n        shape: ()" in (
+        shown)
+    subprocess.run(
+        [cli, "run", "--dir", version_dir, "--tag_set", "serve", "--signature_def", "logits",
+         "--input_exprs", "token_ids=[[3, 1, 4, 1, 5]]", "--outdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    model, _ = local
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"),
+                               np.asarray(model(np.array([[3, 1, 4, 1, 5]]))), atol=1e-5, rtol=0)
+
+
+# -- Versions, atomicity and errors -----------------------------------------------------------
+
+
+def test_killed_export_leaves_no_version_and_rerun_with_force_replaces(char_run, exported,
+                                                                       tmp_path):
+    base = tmp_path / "models"
+    shutil.copytree(exported[0], base / "3")
+    (base / "3" / "marker").write_text("the version that --force replaces")
+    process = subprocess.Popen(  # its own process group: the kill takes its children too
+        [sys.executable, "-m", "gpt_keras.cli", "export", char_run, "--out", str(base)],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not glob.glob(str(base / ".tmp-export-*" / "saved_model.pb")):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        os.killpg(process.pid, signal.SIGKILL)  # while it writes or verifies, before the rename
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    names = os.listdir(base)
+    assert [name for name in names if name.isdigit()] == ["3"] and len(names) == 2
+    assert serving.export_saved_model(char_run, str(base), 3, force=True) == str(base / "3")
+    assert os.listdir(base) == ["3"]  # the killed export's directory was cleaned up
+    assert not (base / "3" / "marker").exists()
+    assert serving.read_manifest(str(base / "3"))["source"] == os.path.abspath(char_run)
+
+
+def test_default_version_is_one_above_the_highest(tmp_path):
+    for name in ("1", "07", ".tmp-export-1@host-abc", "notes", "12x"):
+        os.makedirs(tmp_path / name)
+    (tmp_path / "9").write_text("a file, not a version")
+    assert serving._version_directory(str(tmp_path), None, False) == str(tmp_path / "8")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--version", "1"], "/1 already exists; pass --force (force=True) to replace it"),
+    (["--version", "0"], "The version must be a positive integer. Received: version=0"),
+    (["--quantize", "int8"], "--quantize applies to --format tflite"),
+    (["--format", "tflite", "--version", "2"], "--version numbers TF Serving's SavedModel"),
+])
+def test_cli_errors_are_one_line(exported, char_run, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", char_run, "--out", os.path.dirname(exported[0]), *args])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1 and message in error
+
+
+def test_cli_tflite_format_calls_export_tflite(monkeypatch, tmp_path, capsys):
+    calls = []
+
+    def export_tflite(run_dir, out_dir, quantize=None, force=False):
+        calls.append((run_dir, out_dir, quantize, force))
+        os.makedirs(out_dir)
+        signature = {"inputs": {"token_ids": {"dtype": "int32", "shape": [1, -1]}},
+                     "outputs": {"logits": {"dtype": "float32", "shape": [1, -1, 60]}}}
+        with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+            json.dump({"signatures": {"logits": signature}}, f)
+        return os.path.join(out_dir, "model.tflite")
+
+    monkeypatch.setattr("gpt_keras.tflite.export_tflite", export_tflite)
+    out = str(tmp_path / "tflite")
+    main(["export", "RUN", "--out", out, "--format", "tflite", "--quantize", "int8", "--force"])
+    assert calls == [("RUN", out, "int8", True)]
+    assert capsys.readouterr().out == (
+        f"TFLite model written to {out}/model.tflite. Signatures:\n"
+        "  logits(token_ids int32[1, ?]) -> logits float32[1, ?, 60]\n"
+    )
+
+
+def test_cli_error_for_a_missing_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "models")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "is not a gpt_keras run directory" in error
+    assert not (tmp_path / "models").exists()
