@@ -6,7 +6,7 @@ vocabulary.
 
 How a batch is decoded. Prompts are **right-padded**: token j of every row sits at cache slot j,
 which is also its position, so the model's scalar `cache_index` is right for every row and no
-padding mask is needed. One pass writes the first P slots of a fixed-size `[B, L, 2, S, H, K]`
+padding mask is needed. One pass writes the first P slots of a fixed-size `[B, L, 2, H, S, K]`
 cache (prefill); then a `tf.while_loop` decides one slot per step for the whole batch, starting
 at the shortest prompt's length. A row whose prompt is longer than the current slot is fed its own
 prompt token instead of the sample (keras-hub's scheme), so its keys/values at that slot are
@@ -633,7 +633,7 @@ def _knobs(temperature, top_k, top_p, seed, stop_token_ids, vocab_size):
 #   done    bool  [B]     rows that stopped (stop token, limit, or told to)
 #   cursor  int32 []      the next slot to decide; token `cursor - 1` is not in the cache yet
 #   offset  int32 []      absolute position of slot 0 (for random numbers after a slide)
-#   cache   [B, L, 2, S, H, K] the model's KV cache; slots < cursor - 1 are filled
+#   cache   [B, L, 2, H, S, K] the model's KV cache; slots < cursor - 1 are filled
 
 
 def _compile(model, kind, batch_size, cache_length, jit_compile):
