@@ -107,9 +107,9 @@ def export_model(model, tokenizer, base_dir, version=None, force=False, source=N
     try:
         root, signatures = _serving_module(model, tokenizer)
         tf.saved_model.save(root, temporary, signatures=signatures)
-        op_types = _op_types(temporary)
-        _check_core_ops(op_types)
-        manifest = _manifest(model, tokenizer, signatures, op_types, source)
+        graph_ops = op_types(temporary)
+        _check_core_ops(graph_ops)
+        manifest = _manifest(model, tokenizer, signatures, graph_ops, source)
         extra = os.path.join(temporary, "assets.extra")
         os.makedirs(extra)
         tokenizer.save(extra)
@@ -325,11 +325,11 @@ def _install(temporary, target, force):
 # Manifest and verification
 
 
-def _check_core_ops(op_types):
+def _check_core_ops(graph_ops):
     """Raises `ValueError` for ops that are not core TensorFlow (custom op libraries such as TF
     Text's) or that need XLA."""
-    unknown = sorted(op for op in op_types if not hasattr(tf.raw_ops, op))
-    xla = sorted(op for op in op_types if op.startswith("Xla"))
+    unknown = sorted(op for op in graph_ops if not hasattr(tf.raw_ops, op))
+    xla = sorted(op for op in graph_ops if op.startswith("Xla"))
     if unknown or xla:
         raise ValueError(
             f"The serving graph uses ops that a stock TF Serving with XLA disabled cannot run: "
@@ -337,7 +337,7 @@ def _check_core_ops(op_types):
         )
 
 
-def _manifest(model, tokenizer, signatures, op_types, source):
+def _manifest(model, tokenizer, signatures, graph_ops, source):
     import keras
 
     contracts = {
@@ -374,7 +374,7 @@ def _manifest(model, tokenizer, signatures, op_types, source):
         "op_libraries": [],
         "ops_note": "Core TensorFlow ops only (every op is in tf.raw_ops; no TF Text, no Xla* "
                     "op): runs in stock TF Serving with XLA disabled, without custom op libraries.",
-        "op_types": sorted(op_types),
+        "op_types": sorted(graph_ops),
         "golden": {"prompts": list(GOLDEN_PROMPTS), "max_new_tokens": GOLDEN_NEW_TOKENS,
                    "temperature": 0.0, "completions": texts},
     }
@@ -384,7 +384,7 @@ def _spec(tensor):
     return {"dtype": tensor.dtype.name, "shape": tensor.shape.as_list()}
 
 
-def _op_types(export_dir):
+def op_types(export_dir):
     """Every op type in the SavedModel's graph and functions (loop bodies and branches too)."""
     from tensorflow.core.protobuf import saved_model_pb2
 
