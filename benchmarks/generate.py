@@ -5,7 +5,7 @@ Run from the repository root:
     TF_CPP_MIN_LOG_LEVEL=3 python benchmarks/generate.py
 
 Options: `--models a,b`, `--batch-sizes 1,8`, `--repeats 3` (interleaved timed rounds),
-`--no-keras-hub`, `--no-positions`. The default run takes about 5 minutes on a 2-core CPU.
+`--no-keras-hub`, `--no-hf`, `--no-positions`. The default run takes about 5 minutes on a 2-core CPU.
 
 Setting (both libraries, random weights, float32, XLA): a batch of 16-token prompts, 128 new
 tokens, greedy, no stop token. Models:
@@ -17,7 +17,9 @@ keras-hub: a `GPT2CausalLM` on a `GPT2Backbone` of the same shape, `preprocessor
 `compile(sampler="greedy", jit_compile=True)` (the default "auto" resolves to no XLA on a
 machine without a GPU), called with padded `{"token_ids", "padding_mask"}` of length 144
 (its cache length), `stop_token_ids=None`. gpt_keras: `generation.generate(..., temperature=0)`
-(its cache length is 192, the size bucket holding 144).
+(its cache length is 192, the size bucket holding 144). Model (b) also runs Hugging Face
+transformers' PyTorch `GPT2LMHeadModel.generate` (random weights, KV cache, greedy, exactly 128 new
+tokens) when transformers and torch are installed (the test extra).
 
 Reported per model and batch size: the first call (trace + XLA compile + run), then
 `--repeats` rounds calling the two libraries in turn: new tokens/s over the whole call (prefill
@@ -135,6 +137,31 @@ def keras_hub_call(causal_lm, batch_size, vocab_size):
     return call
 
 
+def hugging_face_call(config, batch_size):
+    """Hugging Face transformers' PyTorch `GPT2LMHeadModel.generate` of the same shape (random
+    weights, KV cache, greedy), or None without transformers/torch."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    hf_config = transformers.GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.context_length, n_embd=config.hidden_dim,
+        n_layer=config.num_layers, n_head=config.num_heads,
+    )
+    model = transformers.GPT2LMHeadModel(hf_config).eval()
+    ids = torch.tensor(prompts(batch_size, config.vocab_size), dtype=torch.long)
+
+    def call():
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                 pad_token_id=0)
+        assert out.shape[1] == PROMPT_LENGTH + NEW_TOKENS
+
+    return call
+
+
 def per_position(model, rounds):
     """ms/token of a 32-token compiled chunk starting at position 48 and of one ending at the
     context's end (batch 1, cache length = context), measured in alternation `rounds` times, in
@@ -197,6 +224,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-keras-hub", action="store_true")
     parser.add_argument("--no-positions", action="store_true")
+    parser.add_argument("--no-hf", action="store_true",
+                        help="skip Hugging Face transformers (PyTorch) on model b")
     args = parser.parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     keras.config.set_dtype_policy("float32")
@@ -213,6 +242,9 @@ def main():
             functions = {"gpt_keras": gpt_keras_call(model, batch_size)}
             if hub is not None:
                 functions["keras-hub"] = keras_hub_call(hub, batch_size, config.vocab_size)
+            hf = None if name != "b" or args.no_hf else hugging_face_call(config, batch_size)
+            if hf is not None:
+                functions["transformers"] = hf
             results = interleaved(functions, args.repeats)
             for library, (first, rounds, cpu_rounds) in results.items():
                 median = statistics.median(rounds)
@@ -233,6 +265,12 @@ def main():
                              f"{ratio['wall-clock']:.2f}x keras-hub's speed in wall-clock time, "
                              f"{ratio['CPU time']:.2f}x in CPU time (medians of per-round "
                              "ratios)")
+            if hf is not None:
+                ratio = statistics.median(
+                    h / g for g, h in zip(results["gpt_keras"][1], results["transformers"][1])
+                )
+                notes.append(f"{label}, B={batch_size}: gpt_keras is {ratio:.2f}x Hugging Face "
+                             "transformers' speed in wall-clock time (median of per-round ratios)")
         if not args.no_positions:
             early, late, early_times, late_times = per_position(model, args.repeats)
             medians = {
