@@ -3,7 +3,7 @@
 import dataclasses
 from typing import Optional
 
-POSITION_EMBEDDINGS = ("sinusoidal", "learned")
+POSITION_EMBEDDINGS = ("sinusoidal", "learned", "rotary")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +18,9 @@ class GPTConfig:
     hidden_dim: int = 128  # width of the residual stream (D)
     mlp_dim: Optional[int] = None  # MLP hidden width; None means 4 * hidden_dim (GPT-2)
     dropout: float = 0.0  # on embeddings, attention probabilities and residual branches
-    position_embedding: str = "sinusoidal"  # "sinusoidal" (fixed) or "learned" (GPT-2 checkpoints)
+    # "sinusoidal" (fixed, added), "learned" (added; GPT-2 checkpoints) or "rotary" (RoPE: queries
+    # and keys rotated by position in attention, no weights)
+    position_embedding: str = "sinusoidal"
     tie_embeddings: bool = True  # output projection reuses the token embedding (GPT-2)
     layer_norm_epsilon: float = 1e-5  # GPT-2's value
 

@@ -19,6 +19,8 @@ from gpt_keras.layers import (
 # the residual stream from N(0, 0.02 / sqrt(2 * num_layers)) so the stream's variance does not
 # grow with depth.
 _INIT_STDDEV = 0.02
+# Base of the rotary embedding's wavelengths (RoFormer, GPT-NeoX, LLaMA).
+_ROTARY_MAX_WAVELENGTH = 10000
 
 
 def _is_concrete(tensor):
@@ -48,7 +50,9 @@ class GPT(keras.Model):
     `InvalidArgumentError` on CPU and returns zeros on GPU), so validate data before training.
 
     With `position_embedding="sinusoidal"`, token embeddings are scaled by `sqrt(D)` before the
-    encoding is added (Vaswani et al.); with `"learned"` they are added as in GPT-2.
+    encoding is added (Vaswani et al.); with `"learned"` they are added as in GPT-2; with
+    `"rotary"` nothing is added: every attention layer rotates its queries and keys by position
+    (`RotaryEmbedding`), and `model.position_embedding` is None.
 
     Logits and attention softmax are float32 under every dtype policy (`mixed_float16`,
     `mixed_bfloat16`). Only core TensorFlow ops that also convert to TFLite builtins are used, so
@@ -93,6 +97,12 @@ class GPT(keras.Model):
                 f"`position_embedding` must be one of {POSITION_EMBEDDINGS}. "
                 f"Received: position_embedding={position_embedding!r}"
             )
+        if position_embedding == "rotary" and (hidden_dim // num_heads) % 2:
+            raise ValueError(
+                "Rotary positions rotate pairs of features: they need an even head size "
+                "(hidden_dim / num_heads). Change hidden_dim or num_heads. "
+                f"Received: hidden_dim={hidden_dim}, num_heads={num_heads}"
+            )
         self.config = GPTConfig(
             vocab_size=vocab_size,
             context_length=context_length,
@@ -123,10 +133,12 @@ class GPT(keras.Model):
                 dtype=self.dtype_policy,
                 name="position_embedding",
             )
-        else:
+        elif position_embedding == "sinusoidal":
             self.position_embedding = SinusoidalPositionalEncoding(
                 dtype=self.dtype_policy, name="position_embedding"
             )
+        else:  # "rotary": inside attention
+            self.position_embedding = None
         self.embedding_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
         self.blocks = [
             TransformerBlock(
@@ -136,6 +148,9 @@ class GPT(keras.Model):
                 layer_norm_epsilon=layer_norm_epsilon,
                 kernel_initializer=weights_init,
                 output_kernel_initializer=residual_init,
+                rotary_max_wavelength=(
+                    _ROTARY_MAX_WAVELENGTH if position_embedding == "rotary" else None
+                ),
                 dtype=self.dtype_policy,
                 name=f"block_{i}",
             )
@@ -162,7 +177,8 @@ class GPT(keras.Model):
     def build(self, input_shape=None):
         hidden_shape = (None, None, self.config.hidden_dim)
         self.token_embedding.build((None, None))
-        self.position_embedding.build(hidden_shape)
+        if self.position_embedding is not None:
+            self.position_embedding.build(hidden_shape)
         for block in self.blocks:
             block.build(hidden_shape)
         self.final_norm.build(hidden_shape)
@@ -232,7 +248,8 @@ class GPT(keras.Model):
             # encoding drowns GPT-2's N(0, 0.02) token vectors (500 Shakespeare steps: val loss
             # 3.35 unscaled vs 2.28 scaled; learned positions 2.31).
             x = x * ops.cast(self.config.hidden_dim**0.5, x.dtype)
-        x = x + self.position_embedding(x, start_index=start)
+        if self.position_embedding is not None:  # rotary positions are applied in attention
+            x = x + self.position_embedding(x, start_index=start)
         x = self.embedding_dropout(x, training=training)
         updated_caches = []
         for i, block in enumerate(self.blocks):

@@ -81,7 +81,8 @@ def decay_groups(model):
     applies to the weight matrices of attention, MLP and an untied output head; biases, LayerNorm
     scales/offsets and the token/position embeddings are not decayed (GPT-2/minGPT practice)."""
     embeddings = {id(v) for v in model.token_embedding.trainable_variables}
-    embeddings |= {id(v) for v in model.position_embedding.trainable_variables}
+    if model.position_embedding is not None:  # None with rotary positions
+        embeddings |= {id(v) for v in model.position_embedding.trainable_variables}
     decayed, not_decayed = [], []
     for variable in model.trainable_variables:
         matrix = len(variable.shape) >= 2 and id(variable) not in embeddings

@@ -16,6 +16,22 @@ def sinusoidal_table(positions, dim, max_wavelength=10000.0):
     return table
 
 
+def rotary(x, positions, max_wavelength=10000.0):
+    """RoFormer's rotation of `x` `[B, T, H, K]` at `positions` `[T]`, GPT-NeoX/LLaMA pairing:
+    feature `i` and `i + K/2` form a 2-D vector rotated by `p / max_wavelength**(2i/K)`."""
+    k = x.shape[-1]
+    half = k // 2
+    out = np.empty(x.shape, np.float64)
+    for row, p in enumerate(positions):
+        for i in range(half):
+            angle = p / max_wavelength ** (2 * i / k)
+            c, s = math.cos(angle), math.sin(angle)
+            a, b = x[:, row, :, i], x[:, row, :, i + half]
+            out[:, row, :, i] = a * c - b * s
+            out[:, row, :, i + half] = a * s + b * c
+    return out
+
+
 def layer_norm(x, gamma, beta, eps):
     mean = x.mean(-1, keepdims=True)
     var = x.var(-1, keepdims=True)
@@ -31,16 +47,21 @@ def softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
-def attention(x, qkv_kernel, qkv_bias, out_kernel, out_bias, num_heads, padding_mask=None):
-    """Causal self-attention of `x` `[B, T, D]`; `padding_mask` `[B, T]` hides keys."""
+def attention(x, qkv_kernel, qkv_bias, out_kernel, out_bias, num_heads, padding_mask=None,
+              rotary_max_wavelength=None):
+    """Causal self-attention of `x` `[B, T, D]`; `padding_mask` `[B, T]` hides keys; with
+    `rotary_max_wavelength`, queries and keys are rotated by position (`rotary`)."""
     b, t, d = x.shape
     k_dim = d // num_heads
     q, k, v = np.split(x @ qkv_kernel + qkv_bias, 3, axis=-1)
 
-    def heads(a):
-        return a.reshape(b, t, num_heads, k_dim).transpose(0, 2, 1, 3)  # [B, H, T, K]
+    def heads(a, rotate=False):
+        a = a.reshape(b, t, num_heads, k_dim)  # [B, T, H, K]
+        if rotate and rotary_max_wavelength is not None:
+            a = rotary(a, range(t), rotary_max_wavelength)
+        return a.transpose(0, 2, 1, 3)  # [B, H, T, K]
 
-    q, k, v = heads(q), heads(k), heads(v)
+    q, k, v = heads(q, rotate=True), heads(k, rotate=True), heads(v)
     scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(k_dim)  # [B, H, T, T]
     visible = np.tril(np.ones((t, t), bool))[None, None]
     if padding_mask is not None:
@@ -63,9 +84,10 @@ def block_weights(block):
     }
 
 
-def block(x, weights, num_heads, eps, padding_mask=None):
+def block(x, weights, num_heads, eps, padding_mask=None, rotary_max_wavelength=None):
     h = layer_norm(x, *weights["ln1"], eps)
-    x = x + attention(h, *weights["qkv"], *weights["out"], num_heads, padding_mask)
+    x = x + attention(h, *weights["qkv"], *weights["out"], num_heads, padding_mask,
+                      rotary_max_wavelength)
     h = layer_norm(x, *weights["ln2"], eps)
     fc_kernel, fc_bias = weights["fc"]
     proj_kernel, proj_bias = weights["proj"]
@@ -77,14 +99,19 @@ def gpt_logits(model, token_ids, padding_mask=None):
     cfg = model.config
     token_table = np.asarray(model.token_embedding.embeddings.numpy(), np.float64)
     t = token_ids.shape[1]
+    rotary_max_wavelength = None
     if cfg.position_embedding == "learned":
         positions = np.asarray(model.position_embedding.position_embeddings.numpy(), np.float64)[:t]
         x = token_table[token_ids] + positions[None]
+    elif cfg.position_embedding == "rotary":  # nothing added; attention rotates queries and keys
+        x = token_table[token_ids]
+        rotary_max_wavelength = 10000.0
     else:  # the Transformer paper scales token embeddings by sqrt(D) before adding the encoding
         x = token_table[token_ids] * math.sqrt(cfg.hidden_dim)
         x = x + sinusoidal_table(range(t), cfg.hidden_dim)[None]
     for keras_block in model.blocks:
-        x = block(x, block_weights(keras_block), cfg.num_heads, cfg.layer_norm_epsilon, padding_mask)
+        x = block(x, block_weights(keras_block), cfg.num_heads, cfg.layer_norm_epsilon, padding_mask,
+                  rotary_max_wavelength)
     x = layer_norm(
         x,
         np.asarray(model.final_norm.gamma.numpy(), np.float64),

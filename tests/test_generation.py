@@ -81,10 +81,10 @@ def oracle_greedy(model, prompt, max_new_tokens, window=None, keep=None):
 # -- Correctness against the oracle ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("position_embedding", ["learned", "sinusoidal"])
+@pytest.mark.parametrize("position_embedding", ["learned", "sinusoidal", "rotary"])
 def test_greedy_ragged_batch_matches_full_model_oracle(position_embedding, model):
-    if position_embedding == "sinusoidal":
-        model = random_model(position_embedding="sinusoidal")
+    if position_embedding != "learned":
+        model = random_model(position_embedding=position_embedding)
     out = generation.generate(model, RAGGED, max_new_tokens=9, temperature=0)
     assert out == [oracle_greedy(model, p, 9) for p in RAGGED]
     assert len({tuple(row) for row in out}) == len(RAGGED)  # not one degenerate answer

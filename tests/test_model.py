@@ -26,6 +26,7 @@ def random_ids(shape, vocab=TINY.vocab_size, seed=0):
 @pytest.mark.parametrize("overrides", [
     {},
     {"position_embedding": "learned", "tie_embeddings": False},
+    {"position_embedding": "rotary"},
     {"mlp_dim": 20, "num_heads": 4, "layer_norm_epsilon": 1e-3},
 ])
 def test_matches_numpy_forward_pass(overrides):
@@ -72,7 +73,7 @@ def test_is_causal():
         assert not np.allclose(changed_logits[:, t + 1 :], logits[:, t + 1 :])
 
 
-@pytest.mark.parametrize("position_embedding", ["sinusoidal", "learned"])
+@pytest.mark.parametrize("position_embedding", ["sinusoidal", "learned", "rotary"])
 def test_cached_decoding_equals_full_pass(position_embedding):
     model = tiny_model(position_embedding=position_embedding)
     ref.randomize_weights(model)
@@ -125,8 +126,8 @@ def test_initial_weights_are_independent_and_reproducible():
 
 
 def test_parameter_count_matches_closed_form():
-    for overrides in [{}, {"position_embedding": "learned"}, {"tie_embeddings": False},
-                      {"mlp_dim": 50}]:
+    for overrides in [{}, {"position_embedding": "learned"}, {"position_embedding": "rotary"},
+                      {"tie_embeddings": False}, {"mlp_dim": 50}]:
         model = tiny_model(**overrides)
         assert model.count_params() == num_parameters(model.config)
     gpt2 = GPT.from_preset("gpt2-small")
@@ -151,8 +152,9 @@ def test_config_round_trip():
     assert GPT(**dataclasses.asdict(model.config)).config == model.config
 
 
-def test_keras_save_and_load_give_identical_outputs(tmp_path):
-    model = tiny_model(position_embedding="learned")
+@pytest.mark.parametrize("position_embedding", ["learned", "rotary"])
+def test_keras_save_and_load_give_identical_outputs(tmp_path, position_embedding):
+    model = tiny_model(position_embedding=position_embedding)
     ids = random_ids((2, 10))
     path = os.path.join(tmp_path, "gpt.keras")
     model.save(path)
@@ -238,7 +240,9 @@ def test_too_long_sequences_are_rejected():
     ({"num_layers": 0}, "num_layers` must be a positive integer. Received: num_layers=0"),
     ({"vocab_size": 1.5}, "vocab_size` must be a positive integer. Received: vocab_size=1.5"),
     ({"hidden_dim": 30, "num_heads": 4}, "Received: hidden_dim=30, num_heads=4"),
-    ({"position_embedding": "rotary"}, "position_embedding` must be one of .*'rotary'"),
+    ({"position_embedding": "alibi"}, "position_embedding` must be one of .*'rotary'"),
+    ({"position_embedding": "rotary", "hidden_dim": 12, "num_heads": 4},
+     "Rotary .* even head size .*Received: hidden_dim=12, num_heads=4"),
     ({"dropout": 1.5}, "dropout` must be in \\[0, 1\\). Received: dropout=1.5"),
 ])
 def test_bad_config_is_rejected(overrides, match):

@@ -24,13 +24,16 @@ def numpy_attention(layer, x, padding_mask=None):
         x.astype(np.float64),
         w(layer.query_key_value.kernel), w(layer.query_key_value.bias),
         w(layer.output_dense.kernel), w(layer.output_dense.bias),
-        H, padding_mask,
+        layer.num_heads, padding_mask, layer.rotary_max_wavelength,
     )
 
 
-def test_matches_numpy_reference():
-    layer = make_layer()
-    x = np.random.default_rng(0).normal(size=(B, T, D)).astype("float32")
+@pytest.mark.parametrize("rotary_max_wavelength", [None, 10000, 50])
+def test_matches_numpy_reference(rotary_max_wavelength):
+    layer = MultiHeadAttention(4, kernel_initializer=INIT, bias_initializer=INIT,
+                               rotary_max_wavelength=rotary_max_wavelength)
+    layer.build((None, None, 16))  # rotary needs an even head size
+    x = np.random.default_rng(0).normal(size=(B, T, 16)).astype("float32")
     np.testing.assert_allclose(layer(x), numpy_attention(layer, x), atol=1e-5)
 
 
@@ -82,6 +85,29 @@ def test_cached_steps_equal_full_pass_and_fill_the_cache():
     projected = np.split(layer.query_key_value(x), 3, axis=-1)
     keys = np.reshape(projected[1], (B, T, H, D // H)).transpose(0, 2, 1, 3)  # [B, H, T, K]
     np.testing.assert_allclose(cache[:, 0, :, :T], keys, atol=1e-6)
+
+
+def test_rotary_cached_steps_equal_full_pass_and_cache_rotated_keys():
+    layer = MultiHeadAttention(2, kernel_initializer=INIT, bias_initializer=INIT,
+                               rotary_max_wavelength=10000)
+    layer.build((None, None, 8))
+    x = np.random.default_rng(7).normal(size=(B, T, 8)).astype("float32")
+    full = layer(x)
+    cache = np.zeros((B, 2, 2, 9, 4), "float32")  # [B, 2, H, S, K]
+    prefill, cache = layer(x[:, :2], cache=cache, cache_index=0)
+    outputs = [prefill]
+    for t in range(2, T):
+        step, cache = layer(x[:, t : t + 1], cache=cache, cache_index=t)
+        outputs.append(step)
+    np.testing.assert_allclose(np.concatenate(outputs, 1), full, atol=1e-5)
+    keys = np.reshape(np.split(layer.query_key_value(x), 3, axis=-1)[1], (B, T, 2, 4))
+    rotated = ref.rotary(keys, range(T)).transpose(0, 2, 1, 3)  # [B, H, T, K]
+    np.testing.assert_allclose(cache[:, 0, :, :T], rotated, atol=1e-5)
+
+
+def test_rejects_rotary_with_an_odd_head_size():
+    with pytest.raises(ValueError, match="even head size.*hidden size=6, num_heads=2"):
+        MultiHeadAttention(2, rotary_max_wavelength=10000).build((None, None, 6))
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
@@ -140,8 +166,10 @@ def test_mixed_precision(policy):
     np.testing.assert_allclose(np.asarray(out, "float32"), numpy_attention(layer, x), atol=0.05)
 
 
-def test_config_and_keras_round_trip(tmp_path):
-    layer = MultiHeadAttention(4, dropout=0.1, output_kernel_initializer="zeros")
+@pytest.mark.parametrize("rotary_max_wavelength", [None, 500])
+def test_config_and_keras_round_trip(tmp_path, rotary_max_wavelength):
+    layer = MultiHeadAttention(4, dropout=0.1, output_kernel_initializer="zeros",
+                               rotary_max_wavelength=rotary_max_wavelength)
     assert_config_round_trip(layer)
     x = np.random.default_rng(6).normal(size=(2, 5, 16)).astype("float32")
     restored = assert_keras_round_trip(layer, x, tmp_path)

@@ -96,7 +96,8 @@ def test_changed_settings_are_refused(corpus, tmp_path):
 
 
 def test_weight_decay_groups():
-    for overrides in [{}, {"position_embedding": "learned", "tie_embeddings": False}]:
+    for overrides in [{}, {"position_embedding": "learned", "tie_embeddings": False},
+                      {"position_embedding": "rotary"}]:
         model = GPT(**vars(TINY_MODEL.replace(**overrides)))
         model.build()
         decayed, not_decayed = decay_groups(model)

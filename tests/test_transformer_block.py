@@ -19,17 +19,20 @@ def make_block(**kwargs):
     return block
 
 
-def test_matches_numpy_pre_layernorm_gpt2_block():
-    block = make_block(layer_norm_epsilon=1e-5)
+@pytest.mark.parametrize("rotary_max_wavelength", [None, 10000])
+def test_matches_numpy_pre_layernorm_gpt2_block(rotary_max_wavelength):
+    block = make_block(layer_norm_epsilon=1e-5, rotary_max_wavelength=rotary_max_wavelength)
     x = np.random.default_rng(2).normal(size=(B, T, D)).astype("float32")
     mask = np.ones((B, T), "int32")
     mask[1, :2] = 0
-    expected = ref.block(x.astype(np.float64), ref.block_weights(block), H, 1e-5, mask)
+    expected = ref.block(x.astype(np.float64), ref.block_weights(block), H, 1e-5, mask,
+                         rotary_max_wavelength)
     np.testing.assert_allclose(block(x, padding_mask=mask), expected, atol=1e-5)
 
 
-def test_cached_steps_equal_full_pass():
-    block = make_block()
+@pytest.mark.parametrize("rotary_max_wavelength", [None, 10000])
+def test_cached_steps_equal_full_pass(rotary_max_wavelength):
+    block = make_block(rotary_max_wavelength=rotary_max_wavelength)
     x = np.random.default_rng(3).normal(size=(B, T, D)).astype("float32")
     cache = np.zeros((B, 2, H, 8, D // H), "float32")
     first, cache = block(x[:, :4], cache=cache, cache_index=0)
@@ -57,8 +60,10 @@ def test_mixed_precision(policy):
 
 def test_config_and_keras_round_trip(tmp_path):
     block = TransformerBlock(2, 24, dropout=0.1, layer_norm_epsilon=1e-6,
-                             output_kernel_initializer=keras.initializers.RandomNormal(stddev=0.01))
+                             output_kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
+                             rotary_max_wavelength=500)
     assert_config_round_trip(block)
+    assert block.attention.rotary_max_wavelength == 500
     x = np.random.default_rng(6).normal(size=(2, 5, 8)).astype("float32")
     assert_keras_round_trip(block, x, tmp_path)
 

@@ -5,6 +5,7 @@ import tensorflow as tf
 from keras import ops
 
 from gpt_keras.layers._initializers import fresh
+from gpt_keras.layers.rotary_embedding import RotaryEmbedding
 
 # Added to masked attention logits (in float32). Finite, so a fully masked row (a left-padding
 # query) softmaxes to a uniform row instead of NaN.
@@ -71,6 +72,10 @@ class MultiHeadAttention(keras.layers.Layer):
       cache positions `<= cache_index + t`, and the call returns `(outputs, updated_cache)`. The
       shapes never change, so a decoding loop compiles to one static-shape graph.
 
+    With `rotary_max_wavelength` set, queries and keys are rotated by their positions
+    (`RotaryEmbedding`; positions `cache_index ..` with a cache, `0 ..` without) before the keys
+    are cached, so attention sees relative positions.
+
     Attention logits and softmax are computed in float32 whatever the dtype policy. This is the same
     einsum → where → softmax → einsum sequence as `keras.ops.dot_product_attention` on the
     TensorFlow backend (identical outputs and gradients; equal speed under XLA and 0.78x of this
@@ -83,6 +88,8 @@ class MultiHeadAttention(keras.layers.Layer):
         output_kernel_initializer: initializer of the output projection (GPT-2 scales it by
             `1/sqrt(2 * num_layers)`); defaults to `kernel_initializer`.
         bias_initializer: initializer of both projections' biases.
+        rotary_max_wavelength: None (no rotary embedding, GPT-2) or the base of the rotary
+            embedding's wavelengths (10000 in RoFormer/LLaMA).
     """
 
     def __init__(
@@ -92,6 +99,7 @@ class MultiHeadAttention(keras.layers.Layer):
         kernel_initializer="glorot_uniform",
         output_kernel_initializer=None,
         bias_initializer="zeros",
+        rotary_max_wavelength=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -108,6 +116,12 @@ class MultiHeadAttention(keras.layers.Layer):
             output_kernel_initializer or kernel_initializer
         )
         self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.rotary_max_wavelength = rotary_max_wavelength
+        self.rotary_embedding = None
+        if rotary_max_wavelength is not None:  # checks the value now
+            self.rotary_embedding = RotaryEmbedding(
+                rotary_max_wavelength, dtype=self.dtype_policy, name="rotary_embedding"
+            )
         self.supports_masking = False
 
     def build(self, input_shape):
@@ -119,6 +133,11 @@ class MultiHeadAttention(keras.layers.Layer):
             )
         self.hidden_dim = hidden_dim
         self.head_dim = hidden_dim // self.num_heads
+        if self.rotary_embedding is not None and self.head_dim % 2:
+            raise ValueError(
+                "Rotary embeddings need an even head size (hidden size / num_heads). Received: "
+                f"hidden size={hidden_dim}, num_heads={self.num_heads}"
+            )
         self.query_key_value = keras.layers.Dense(
             3 * hidden_dim,
             kernel_initializer=fresh(self.kernel_initializer),
@@ -142,15 +161,19 @@ class MultiHeadAttention(keras.layers.Layer):
         batch_size, length = ops.shape(inputs)[0], ops.shape(inputs)[1]
         heads_shape = (batch_size, length, self.num_heads, self.head_dim)
         query, key, value = ops.split(self.query_key_value(inputs), 3, axis=-1)  # 3 × [B, T, D]
-        # [B, H, T, K] each
-        query, key, value = (ops.transpose(ops.reshape(x, heads_shape), (0, 2, 1, 3))
-                             for x in (query, key, value))
+        query, key, value = (ops.reshape(x, heads_shape) for x in (query, key, value))  # [B, T, H, K]
 
         query_start = 0
         if cache is not None:
             if cache_index is None:
                 raise ValueError("`cache_index` is required when a `cache` is given.")
             query_start = ops.convert_to_tensor(cache_index, dtype="int32")
+        if self.rotary_embedding is not None:
+            query = self.rotary_embedding(query, start_index=query_start)
+            key = self.rotary_embedding(key, start_index=query_start)
+        # [B, H, T, K] each
+        query, key, value = (ops.transpose(x, (0, 2, 1, 3)) for x in (query, key, value))
+        if cache is not None:
             cache = write_cache(cache, ops.stack([key, value], axis=1), query_start)
             key, value = cache[:, 0], cache[:, 1]  # [B, H, S, K]
 
@@ -183,6 +206,7 @@ class MultiHeadAttention(keras.layers.Layer):
                     self.output_kernel_initializer
                 ),
                 "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+                "rotary_max_wavelength": self.rotary_max_wavelength,
             }
         )
         return config

@@ -25,6 +25,8 @@ class TransformerBlock(keras.layers.Layer):
         kernel_initializer: initializer of the projections into attention and the MLP.
         output_kernel_initializer: initializer of the two projections that feed the residual
             stream (GPT-2 scales it by `1/sqrt(2 * num_layers)`); defaults to `kernel_initializer`.
+        rotary_max_wavelength: None (GPT-2), or rotary position embeddings in attention with
+            this base (see `MultiHeadAttention`).
     """
 
     def __init__(
@@ -35,6 +37,7 @@ class TransformerBlock(keras.layers.Layer):
         layer_norm_epsilon=1e-5,
         kernel_initializer="glorot_uniform",
         output_kernel_initializer=None,
+        rotary_max_wavelength=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -55,12 +58,14 @@ class TransformerBlock(keras.layers.Layer):
         self.output_kernel_initializer = keras.initializers.get(
             output_kernel_initializer or kernel_initializer
         )
+        self.rotary_max_wavelength = rotary_max_wavelength
         # Created here so that a bad `num_heads` fails at construction, not at build.
         self.attention = MultiHeadAttention(
             num_heads,
             dropout=dropout,
             kernel_initializer=self.kernel_initializer,
             output_kernel_initializer=self.output_kernel_initializer,
+            rotary_max_wavelength=rotary_max_wavelength,
             dtype=self.dtype_policy,
             name="attention",
         )
@@ -126,6 +131,7 @@ class TransformerBlock(keras.layers.Layer):
                 "output_kernel_initializer": keras.initializers.serialize(
                     self.output_kernel_initializer
                 ),
+                "rotary_max_wavelength": self.rotary_max_wavelength,
             }
         )
         return config
