@@ -5,7 +5,8 @@ Run from the repository root:
     TF_CPP_MIN_LOG_LEVEL=3 python benchmarks/train_step.py
 
 Options: `--rounds 5 --steps 60` (timed rounds, steps per round per model), `--jit-compile
-auto,true` (the `jit_compile` values to measure, each for both models), `--batch-size 12`. The
+auto,true` (the `jit_compile` values to measure, each for both models), `--batch-size 12`,
+`--position-embedding rotary|learned|sinusoidal` (gpt_keras' positions; default the preset's). The
 default run takes about 1.5 minutes on an idle 2-core CPU. On a shared machine, use more, shorter
 rounds (`--rounds 40 --steps 30`, as for BENCHMARKS.md) so that enough of them are quiet.
 
@@ -13,8 +14,9 @@ Both models have the same shape (nanoGPT's CPU "baby" config: 4 layers, 4 heads,
 64, vocab 65, MLP 512, dropout 0, tied input/output embeddings) and are trained the same way:
 `compile(AdamW(1e-3), SparseCategoricalCrossentropy(from_logits=True), jit_compile=...)` + `fit`
 on a repeated `tf.data` dataset of random tokens, batch 12 x 64. The differences that remain are
-the models' own: gpt_keras uses fixed sinusoidal positions (keras-hub learns a 64 x 128 table, so it
-has 8,192 more parameters), a fused query/key/value projection, and its own attention core.
+the models' own: gpt_keras' preset uses rotary positions (queries and keys rotated in every
+attention layer; keras-hub adds a learned 64 x 128 table, so it has 8,192 more parameters), a
+fused query/key/value projection, and its own attention core.
 
 Note: Keras 3.15's `jit_compile="auto"` (the default) resolves to **False** on a machine without a
 GPU (`Trainer._resolve_auto_jit_compile`: "Disable XLA on CPU-only machines"), so the default is
@@ -72,9 +74,11 @@ class StepTimer(keras.callbacks.Callback):
         self.begins.append(time.perf_counter())
 
 
-def build_gpt_keras():
-    """The model under test: gpt_keras' `shakespeare-char` preset."""
-    model = gpt_keras.GPT.from_preset("shakespeare-char")
+def build_gpt_keras(position_embedding=None):
+    """The model under test: gpt_keras' `shakespeare-char` preset (`position_embedding`
+    overrides its positions)."""
+    overrides = {"position_embedding": position_embedding} if position_embedding else {}
+    model = gpt_keras.GPT.from_preset("shakespeare-char", **overrides)
     model.build((None, CONTEXT))
     return model
 
@@ -227,6 +231,8 @@ def main():
     parser.add_argument("--steps", type=int, default=60, help="steps per round per model (60)")
     parser.add_argument("--warmup-steps", type=int, default=10, help="steps after compile (10)")
     parser.add_argument("--batch-size", type=int, default=12)
+    parser.add_argument("--position-embedding", choices=["rotary", "learned", "sinusoidal"],
+                        help="gpt_keras' positions (default: the shakespeare-char preset's)")
     parser.add_argument(
         "--jit-compile",
         type=parse_jit_modes,
@@ -252,7 +258,9 @@ def main():
     models, first_step = {}, {}
     other_load = OtherLoad()
     for jit in args.jit_compile:
-        for name, build in (("gpt_keras", build_gpt_keras), ("keras-hub", build_keras_hub)):
+        builders = (("gpt_keras", lambda: build_gpt_keras(args.position_embedding)),
+                    ("keras-hub", build_keras_hub))
+        for name, build in builders:
             key = f"{name} jit={str(jit).lower()}"
             model = build()
             compile_model(model, jit)

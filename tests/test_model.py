@@ -138,6 +138,7 @@ def test_parameter_count_matches_closed_form():
 def test_presets():
     baby = GPTConfig.from_preset("shakespeare-char")
     assert (baby.num_layers, baby.num_heads, baby.hidden_dim, baby.context_length) == (4, 4, 128, 64)
+    assert baby.position_embedding == "rotary" and baby.tie_embeddings and baby.dropout == 0.0
     assert GPTConfig.from_preset("shakespeare-char", vocab_size=100).vocab_size == 100
     assert set(gpt_keras.PRESETS) >= {"tiny", "shakespeare-char", "gpt2-small"}
     with pytest.raises(ValueError, match="Unknown preset 'gpt5'. Choose one of: .*tiny"):
