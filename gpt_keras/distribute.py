@@ -184,6 +184,13 @@ class GlobalBatchSteps:
     (whose own accumulation fails with 2+ replicas in Keras 3.15: a `merge_call` inside a
     replica-context `cond`): every `fit` step is a micro-batch, and every k-th applies the mean
     of the last k global-batch gradients, so `optimizer.iterations` counts updates.
+
+    `compile(optimizer, jit_compile=True)` (the default) compiles training with XLA: with one
+    replica, the whole step (Keras' `jit_compile`); with several replicas or workers, each
+    replica's forward and backward pass, while the all-reduce and the update run as plain
+    TensorFlow ops (see `compile`). `jit_compile=False` runs plain TensorFlow graphs. Dropout
+    masks differ between the two (XLA has its own random-number kernels), so a run resumes
+    exactly only in the mode it started in.
     """
 
     def __init__(self, *args, **kwargs):
@@ -194,7 +201,7 @@ class GlobalBatchSteps:
     def metrics(self):
         return [self.loss_tracker]
 
-    def compile(self, optimizer, gradient_accumulation_steps=1, **kwargs):
+    def compile(self, optimizer, gradient_accumulation_steps=1, jit_compile=True, **kwargs):
         if kwargs.get("loss") is not None:
             raise ValueError(
                 f"{type(self).__name__} computes its own loss; compile it with an optimizer only."
@@ -204,7 +211,18 @@ class GlobalBatchSteps:
                 f"Pass gradient_accumulation_steps to {type(self).__name__}.compile, not to the "
                 "optimizer (its accumulation fails with more than one replica)."
             )
-        super().compile(optimizer=optimizer, **kwargs)
+        if jit_compile not in (True, False):
+            raise ValueError(f"jit_compile must be True or False. Received: {jit_compile!r}")
+        # XLA: Keras compiles the whole step (forward, backward, update) with one replica only.
+        # Its XLA function holds every replica's step, and XLA cannot reach the variables of
+        # another device ("Trying to access resource ... located in device CPU:1 from device
+        # CPU:0"), so with 2+ replicas each replica's forward and backward pass is compiled on
+        # its own (`_loss_and_gradients`) and the all-reduce and update run outside XLA.
+        whole_step = jit_compile and self.distribute_strategy.num_replicas_in_sync == 1
+        super().compile(optimizer=optimizer, jit_compile=whole_step, **kwargs)
+        self._compiled_gradients = None
+        if jit_compile and not whole_step:
+            self._compiled_gradients = tf.function(self._loss_and_gradients, jit_compile=True)
         _skip_optimizer_all_reduce(self.optimizer)
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self._accumulators = None
@@ -229,13 +247,18 @@ class GlobalBatchSteps:
         losses = keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True)
         return keras.ops.mean(keras.ops.cast(losses, "float32"))
 
-    def train_step(self, data):
-        inputs, targets = self._unpack(data)
+    def _loss_and_gradients(self, inputs, targets):
+        """This replica's mean token loss and the gradients of the (scaled) loss."""
         with tf.GradientTape() as tape:
             logits = self(inputs, training=True)
             loss = self._token_loss(targets, logits)
             scaled_loss = self.optimizer.scale_loss(loss)  # loss scaling under mixed_float16
-        gradients = tape.gradient(scaled_loss, self.trainable_variables)
+        return loss, tape.gradient(scaled_loss, self.trainable_variables)
+
+    def train_step(self, data):
+        inputs, targets = self._unpack(data)
+        loss_and_gradients = self._compiled_gradients or self._loss_and_gradients
+        loss, gradients = loss_and_gradients(inputs, targets)
         # Equal slices per replica: the mean of the replicas' gradients (and losses) is the
         # gradient (and loss) of the global batch. One all-reduce over all workers.
         replica = tf.distribute.get_replica_context()

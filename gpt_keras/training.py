@@ -46,6 +46,9 @@ class TrainConfig:
     sample_every: int = 250  # steps between printed text samples (0: never)
     sample_tokens: int = 200  # tokens per sample
     freeze_blocks: int = 0  # fine-tuning: keep the first k transformer blocks fixed
+    # "on": compile training steps with XLA (1.4x tokens/s on CPU, BENCHMARKS.md); "off": plain
+    # TensorFlow graphs. A string, not a bool, so that `--xla off` works on the command line.
+    xla: str = "on"
 
     def __post_init__(self):
         positive = ["batch_size", "max_steps", "eval_every", "eval_batches", "checkpoint_every",
@@ -69,6 +72,8 @@ class TrainConfig:
                 "mixed_precision must be None, 'float16' or 'bfloat16'. "
                 f"Received: {self.mixed_precision!r}"
             )
+        if self.xla not in ("on", "off"):
+            raise ValueError(f"xla must be 'on' or 'off'. Received: xla={self.xla!r}")
         if not 0 < self.min_learning_rate <= self.learning_rate:
             raise ValueError(
                 "Need 0 < min_learning_rate <= learning_rate. Received: "
@@ -384,7 +389,8 @@ def _fit(run, strategy, tokenizer, sample, verbose, initial_weights=None):
         # The model computes the loss and accumulates gradients (`distribute.GlobalBatchSteps`),
         # so its optimizer applies every update it gets and counts updates.
         model.compile(optimizer=build_optimizer(model, config),
-                      gradient_accumulation_steps=config.gradient_accumulation_steps)
+                      gradient_accumulation_steps=config.gradient_accumulation_steps,
+                      jit_compile=config.xla == "on")
         optimizer = model.optimizer  # a LossScaleOptimizer under mixed_float16
         optimizer.build(model.trainable_variables)
     state = {}

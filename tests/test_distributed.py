@@ -85,8 +85,11 @@ def _cli(run_dir, corpus, *extra):
 @pytest.mark.parametrize("batch_flags", [
     ["--batch-size", "8"],
     ["--batch-size", "4", "--gradient-accumulation-steps", "2"],
-], ids=["batch8", "batch4x2-accumulated"])
+    ["--batch-size", "8", "--xla", "off"],
+], ids=["batch8", "batch4x2-accumulated", "batch8-no-xla"])
 def test_two_replicas_match_one(corpus, tmp_path, batch_flags):
+    """With XLA (the default), one replica compiles its whole step and two replicas compile
+    each replica's forward and backward pass (`GlobalBatchSteps.compile`): same numbers."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     _run(_cli(one, corpus, *batch_flags))
     _run(_cli(two, corpus, *batch_flags, "--replicas", "2"))

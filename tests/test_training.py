@@ -159,6 +159,38 @@ def test_gradient_accumulation_equals_one_large_batch():
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_xla_setting_is_checked():
+    with pytest.raises(ValueError, match="xla must be 'on' or 'off'. Received: xla='yes'"):
+        TrainConfig(xla="yes")
+    with pytest.raises(ValueError, match="jit_compile must be True or False. Received: 'auto'"):
+        model = TrainingGPT(**vars(TINY_MODEL))
+        model.build()
+        model.compile(build_optimizer(model, TrainConfig()), jit_compile="auto")
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_xla_steps_make_the_updates_of_plain_graphs(accumulation):
+    """One replica: `jit_compile=True` (the default) compiles the whole training step with XLA,
+    accumulation included, and gives the weights of plain TensorFlow graphs."""
+    ids = np.random.default_rng(1).integers(0, 64, (16, 17)).astype("int32")
+    config = TrainConfig(warmup_steps=0, learning_rate=1e-2, clip_norm=0.5)
+    weights, results = None, []
+    for jit_compile in (True, False):
+        model = TrainingGPT(**vars(TINY_MODEL))
+        model.build()
+        weights = weights or model.get_weights()
+        model.set_weights(weights)
+        model.compile(build_optimizer(model, config), gradient_accumulation_steps=accumulation,
+                      jit_compile=jit_compile)
+        assert model.jit_compile == jit_compile and model._compiled_gradients is None
+        model.fit(ids[:, :-1], ids[:, 1:], batch_size=4, epochs=2, shuffle=False, verbose=0)
+        assert int(model.optimizer.iterations.numpy()) == 8 // accumulation
+        results.append(model.get_weights())
+    assert any(not np.allclose(a, b) for a, b in zip(weights, results[0]))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, atol=2e-6)
+
+
 def test_nan_loss_stops_without_checkpointing(corpus, tmp_path):
     model = GPT(**vars(TINY_MODEL))
     model.build()
