@@ -1,18 +1,33 @@
 """Quality and speed of a full training run: nanoGPT's CPU "baby" Shakespeare-char settings,
 gpt_keras (`gpt_keras.training.train`) vs keras-hub's `GPT2Backbone` + tied head, same data.
 
-Run from the repository root (about 7 minutes on a 2-core CPU):
+Run from the repository root (about 5 minutes per seed on an idle 2-core CPU):
 
-    python benchmarks/train_shakespeare.py [--steps 2000] [--out /tmp/bench-shakespeare]
-        [--position-embedding sinusoidal|learned]
+    python benchmarks/train_shakespeare.py [--seeds 1337,1,2] [--steps 2000]
+        [--out /tmp/bench-shakespeare] [--position-embedding rotary|learned|sinusoidal]
 
 Settings (nanoGPT config/train_shakespeare_char.py, CPU variant): 4 layers, 4 heads, 128 dims,
 context 64, batch 12, dropout 0, AdamW lr 1e-3 with 100 warmup steps and cosine decay to 1e-4 at
-2000 steps, betas (0.9, 0.99), weight decay 0.1, gradient clipping 1.0. Both models train on the
-same batches (gpt_keras' data pipeline: random windows of the first 90% of Tiny Shakespeare,
-batch k drawn from seed (1337, k)) and are scored on the same 50 fixed validation batches from
-the last 10%. Each model runs in its own process, so peak RSS is its own. Tokens/s is the median
-over 250-step intervals, excluding the first (compilation).
+2000 steps, betas (0.9, 0.99), weight decay 0.1, gradient clipping 1.0. gpt_keras runs its
+`shakespeare-char` preset (`--position-embedding` overrides the preset's positions) through the
+full product path (`train`: MirroredStrategy, XLA, checkpoints every 250 steps, metrics, plot);
+keras-hub is `GPT2Backbone` + tied head under plain `fit`, compiled with `jit_compile=True`
+(Keras 3.15's default "auto" means no XLA on a CPU-only machine). Both train on the same
+batches (gpt_keras' data pipeline: random windows of the first 90% of Tiny Shakespeare, batch k
+drawn from `(seed, k)`), with weights initialised from the same seed.
+
+Validation loss, two figures per run, both independent of the training seed: `val` is the mean
+over 50 fixed batches of 12 random windows of the last 10% (drawn with seed 1337; for seed 1337
+the figure gpt_keras' own run reports), `val (all)` the mean over every non-overlapping
+64-token window of the validation split (1,742 windows, 111k predictions: less noisy; 50 random
+batches of other seeds moved `val` by ±0.01 for one model).
+
+Speed: the two models run in two processes at the same time but never together: a callback
+holds each one at the start of every 250-step interval until the parent lets it go, and the
+parent alternates them (order flipped every interval). Tokens/s of an interval is its training
+time only (first step of the interval to its last); the first interval (tracing, XLA compile)
+is left out. The ratio is the median of per-interval ratios, so a load change from other
+processes that spans one pair of intervals mostly cancels. Peak RSS is each process's own.
 """
 
 import argparse
@@ -20,6 +35,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -31,36 +47,89 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 SETTINGS = dict(batch_size=12, learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=100,
                 weight_decay=0.1, beta_1=0.9, beta_2=0.99, clip_norm=1.0, eval_batches=50,
-                checkpoint_every=250, sample_every=0, seed=1337)
+                checkpoint_every=250, sample_every=0)
+INTERVAL = 250  # steps between the parent's hand-overs (= gpt_keras' checkpoint interval)
+VALIDATION_SEED = 1337  # the fixed validation batches, whatever the training seed
+READY = "@@ready"
 
 
-def run_gpt_keras(out, steps, position_embedding):
-    from gpt_keras import GPTConfig
-    from gpt_keras.training import TrainConfig, train
+def gate_callback():
+    """A Keras callback that blocks at the start of every epoch (one `INTERVAL` of steps) and at
+    the end of training until the parent writes a line to stdin (or closes it), announcing
+    `READY` on stdout before each wait; it records each interval's training time (first to last
+    step)."""
+    import keras
 
-    config = TrainConfig(max_steps=steps, eval_every=steps, **SETTINGS)
-    train(os.path.join(out, "gpt_keras"), [str(SHAKESPEARE)],
-          GPTConfig.from_preset("shakespeare-char", position_embedding=position_embedding),
-          config, verbose=False)
-    import csv
+    class Gate(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds = []
 
-    with open(os.path.join(out, "gpt_keras", "metrics.csv")) as f:
-        rows = list(csv.DictReader(f))
-    speeds = sorted(float(r["tokens_per_second"]) for r in rows[1:]) or [0.0]
-    return {"val_loss": float(rows[-1]["val_loss"]), "tokens_per_second": speeds[len(speeds) // 2]}
+        def on_epoch_begin(self, epoch, logs=None):
+            self.hold()
+            self.began = time.perf_counter()
+
+        @staticmethod
+        def hold():
+            print(READY, flush=True)
+            sys.stdin.readline()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.ended = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(self.ended - self.began)
+
+        def on_train_end(self, logs=None):
+            self.hold()  # the final evaluation runs alone too
+
+    return Gate()
 
 
-def run_keras_hub(out, steps, position_embedding):
+def fixed_validation(model, token_file):
+    """`(val, val_all)`: the mean loss over 50 batches drawn with `VALIDATION_SEED`, and over
+    every non-overlapping 64-token window of the validation split."""
+    import keras
+    import numpy as np
+
+    from gpt_keras import data
+
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    batches = data.validation_dataset(token_file, 64, SETTINGS["batch_size"], VALIDATION_SEED,
+                                      SETTINGS["eval_batches"])
+    val = model.evaluate(batches, verbose=0)
+    tokens = token_file.tokens()[token_file.num_train:].astype("int32")
+    count = (len(tokens) - 1) // 64
+    windows = tokens[np.arange(count)[:, None] * 64 + np.arange(65)]
+    val_all = model.evaluate(windows[:, :-1], windows[:, 1:], batch_size=128, verbose=0)
+    return float(val), float(val_all)
+
+
+def run_gpt_keras(out, steps, seed, position_embedding):
+    from gpt_keras import GPTConfig, data
+    from gpt_keras.training import TrainConfig, load_model, train
+
+    config = TrainConfig(max_steps=steps, eval_every=steps, seed=seed, **SETTINGS)
+    overrides = {"position_embedding": position_embedding} if position_embedding else {}
+    gate = gate_callback()
+    run = train(os.path.join(out, "gpt_keras"), [str(SHAKESPEARE)],
+                GPTConfig.from_preset("shakespeare-char", **overrides), config, verbose=False,
+                callbacks=[gate])
+    val, val_all = fixed_validation(load_model(run.directory), data.TokenFile.load(run.data_dir))
+    return {"val": val, "val_all": val_all, "interval_seconds": gate.seconds,
+            "position_embedding": run.model_config.position_embedding}
+
+
+def run_keras_hub(out, steps, seed, position_embedding):
     import keras
     import keras_hub
-    import numpy as np
 
     from gpt_keras import data
     from gpt_keras.training import TrainConfig, learning_rate_schedule
 
     token_file = data.TokenFile.load(os.path.join(out, "gpt_keras", "data"))
     vocab = json.load(open(os.path.join(out, "gpt_keras", "run.json")))["model"]["vocab_size"]
-    config = TrainConfig(max_steps=steps, eval_every=steps, **SETTINGS)
+    config = TrainConfig(max_steps=steps, eval_every=steps, seed=seed, **SETTINGS)
     keras.utils.set_random_seed(config.seed)
     backbone = keras_hub.models.GPT2Backbone(
         vocabulary_size=vocab, num_layers=4, num_heads=4, hidden_dim=128, intermediate_dim=512,
@@ -76,67 +145,132 @@ def run_keras_hub(out, steps, position_embedding):
     optimizer.exclude_from_weight_decay(var_list=[
         v for v in model.trainable_variables if len(v.shape) < 2 or "embedding" in v.path
     ])
-    model.compile(optimizer=optimizer,
+    model.compile(optimizer=optimizer, jit_compile=True,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-
-    class IntervalTimer(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.marks = []
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.marks.append(time.perf_counter())
-
-    timer = IntervalTimer()
-    start = time.perf_counter()
+    gate = gate_callback()
     model.fit(
         data.training_dataset(token_file, 64, config.batch_size, config.seed, 0, steps),
-        epochs=steps // 250, steps_per_epoch=250, callbacks=[timer], verbose=0, shuffle=False,
+        epochs=steps // INTERVAL, steps_per_epoch=INTERVAL, callbacks=[gate], verbose=0,
+        shuffle=False,
     )
-    marks = [start] + timer.marks
-    speeds = sorted(250 * 12 * 64 / (b - a) for a, b in zip(marks[1:], marks[2:])) or [0.0]
-    val_loss = model.evaluate(
-        data.validation_dataset(token_file, 64, config.batch_size, config.seed, 50), verbose=0
-    )
-    return {"val_loss": float(val_loss), "tokens_per_second": speeds[len(speeds) // 2]}
+    val, val_all = fixed_validation(model, token_file)
+    return {"val": val, "val_all": val_all, "interval_seconds": gate.seconds}
 
 
-def child(name, out, steps, position_embedding):
+def child(name, out, steps, seed, position_embedding):
     runner = {"gpt_keras": run_gpt_keras, "keras_hub": run_keras_hub}[name]
-    result = runner(out, steps, position_embedding)
+    result = runner(out, steps, seed, position_embedding)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(result))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+class Child:
+    """One child process; `step()` lets it run one interval and waits until it is held again."""
+
+    def __init__(self, name, out, steps, seed, position_embedding):
+        command = [sys.executable, __file__, "--child", name, "--out", out, "--steps", str(steps),
+                   "--seeds", str(seed)]
+        if position_embedding:
+            command += ["--position-embedding", position_embedding]
+        self.name = name
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True)
+        self.result = None
+        self.wait_until_held()
+
+    def wait_until_held(self):
+        for line in self.process.stdout:
+            if line.startswith(READY):
+                return
+            if line.startswith("RESULT "):
+                self.result = json.loads(line[len("RESULT "):])
+        raise RuntimeError(f"the {self.name} child stopped (exit code {self.process.wait()})")
+
+    def step(self):
+        self.process.stdin.write("go\n")
+        self.process.stdin.flush()
+        self.wait_until_held()
+
+    def finish(self):
+        """Lets the child evaluate and exit; returns its result."""
+        self.process.stdin.close()
+        for line in self.process.stdout:
+            if line.startswith("RESULT "):
+                self.result = json.loads(line[len("RESULT "):])
+        if self.process.wait() or self.result is None:
+            raise RuntimeError(f"the {self.name} child failed (exit code {self.process.returncode})")
+        return self.result
+
+
+def run_seed(out, steps, seed, position_embedding):
+    """Both models on one seed, intervals alternating; returns `{name: result}`."""
+    began = time.perf_counter()
+    # gpt_keras first: it tokenizes the corpus into its run directory, which keras-hub reads.
+    children = {"gpt_keras": Child("gpt_keras", out, steps, seed, position_embedding)}
+    children["keras_hub"] = Child("keras_hub", out, steps, seed, position_embedding)
+    for interval in range(steps // INTERVAL):
+        order = ["gpt_keras", "keras_hub"] if interval % 2 == 0 else ["keras_hub", "gpt_keras"]
+        for name in order:
+            children[name].step()
+    results = {name: c.finish() for name, c in children.items()}
+    results["wall_seconds"] = time.perf_counter() - began
+    return results
+
+
+def tokens_per_second(seconds):
+    return [INTERVAL * SETTINGS["batch_size"] * 64 / s for s in seconds[1:]]  # first: compile
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--seeds", default="1337",
+                        help="comma-separated training seeds (data order, initialisation)")
     parser.add_argument("--out", default="/tmp/bench-shakespeare")
-    parser.add_argument("--position-embedding", choices=["sinusoidal", "learned"],
-                        default="sinusoidal", help="gpt_keras' positions (keras-hub: learned)")
+    parser.add_argument("--position-embedding", choices=["rotary", "learned", "sinusoidal"],
+                        help="override the shakespeare-char preset's positions (keras-hub: learned)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps % INTERVAL or args.steps < 2 * INTERVAL:
+        parser.error(f"--steps must be a multiple of {INTERVAL}, at least {2 * INTERVAL}.")
+    seeds = [int(s) for s in args.seeds.split(",")]
     if args.child:
-        return child(args.child, args.out, args.steps, args.position_embedding)
+        return child(args.child, args.out, args.steps, seeds[0], args.position_embedding)
     if os.path.exists(args.out):
         raise SystemExit(f"{args.out} exists; pass a new --out.")
-    results = {}
-    for name in ("gpt_keras", "keras_hub"):  # keras_hub reuses gpt_keras' token file
-        began = time.perf_counter()
-        output = subprocess.run(
-            [sys.executable, __file__, "--child", name, "--out", args.out, "--steps",
-             str(args.steps), "--position-embedding", args.position_embedding],
-            check=True, capture_output=True, text=True,
-        ).stdout
-        results[name] = json.loads(output.split("RESULT ", 1)[1])
-        results[name]["wall_seconds"] = time.perf_counter() - began
-    print(f"| model | val loss @ {args.steps} | val bits/char | tokens/s | peak RSS MiB | wall s |")
+    print(f"{os.cpu_count()} CPUs; load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    rows = []
+    for seed in seeds:
+        results = run_seed(os.path.join(args.out, f"seed-{seed}"), args.steps, seed,
+                           args.position_embedding)
+        speeds = {name: tokens_per_second(results[name]["interval_seconds"])
+                  for name in ("gpt_keras", "keras_hub")}
+        ratios = [a / b for a, b in zip(speeds["gpt_keras"], speeds["keras_hub"])]
+        rows.append((seed, results, speeds, ratios))
+        print(f"seed {seed} done in {results['wall_seconds']:.0f} s; load average "
+              f"{os.getloadavg()[0]:.2f}", flush=True)
+
+    position = rows[0][1]["gpt_keras"]["position_embedding"]
+    print(f"\ngpt_keras: shakespeare-char preset, {position} positions; {args.steps} steps")
+    print(f"| seed | model | val | val (all) | tokens/s (median interval) | peak RSS MiB |")
     print("|---|---|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {r['val_loss']:.4f} | {r['val_loss'] / math.log(2):.4f} | "
-              f"{r['tokens_per_second']:,.0f} | {r['peak_rss_mib']:,.0f} | {r['wall_seconds']:.0f} |")
-    ratio = results["gpt_keras"]["tokens_per_second"] / results["keras_hub"]["tokens_per_second"]
-    print(f"\nspeed ratio gpt_keras / keras-hub: {ratio:.2f}x")
+    for seed, results, speeds, _ in rows:
+        for name in ("gpt_keras", "keras_hub"):
+            r = results[name]
+            print(f"| {seed} | {name} | {r['val']:.4f} | {r['val_all']:.4f} | "
+                  f"{statistics.median(speeds[name]):,.0f} | {r['peak_rss_mib']:,.0f} |")
+    print()
+    for name in ("gpt_keras", "keras_hub"):
+        for key, label in (("val", "val"), ("val_all", "val (all)")):
+            values = [results[name][key] for _, results, _, _ in rows]
+            spread = (f", sd {statistics.stdev(values):.4f}" if len(values) > 1 else "")
+            print(f"{name} {label}: mean {statistics.mean(values):.4f} over {len(values)} seed(s) "
+                  f"(min {min(values):.4f}, max {max(values):.4f}{spread}); "
+                  f"bits/char {statistics.mean(values) / math.log(2):.4f}")
+    ratios = [r for _, _, _, seed_ratios in rows for r in seed_ratios]
+    print(f"\nspeed gpt_keras / keras-hub: median of {len(ratios)} per-interval ratios "
+          f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -248,7 +248,7 @@ def load_source(path):
 
 def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
           tokenizer_vocab_size=None, validation_paths=None, replicas=None, sample=None,
-          verbose=True, init_from=None):
+          verbose=True, init_from=None, callbacks=()):
     """Trains (or resumes) the run in `run_dir` and returns its `Run`.
 
     `model_config.vocab_size` is replaced by the tokenizer's. With `init_from` (see
@@ -257,7 +257,8 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
     after an interruption continues from the newest checkpoint with the same step, learning
     rate, optimizer state, data position and dropout RNG; different arguments raise `ValueError`
     naming what changed. `sample(model) -> str` (default: `text_sampler`) is printed every
-    `sample_every` steps.
+    `sample_every` steps. `callbacks`: extra Keras callbacks for `fit` (one epoch = one checkpoint
+    interval), called before the run's own.
     """
     strategy = distribute.make_strategy(replicas)  # splits the CPU: before TF runs any op
     if train_config.batch_size % strategy.num_replicas_in_sync:
@@ -314,7 +315,7 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
     if not chief:
         text_tokenizer = _read_prepared(run, strategy)
     initial_weights = None if source_model is None else source_model.get_weights()
-    return _fit(run, strategy, text_tokenizer, sample, verbose, initial_weights)
+    return _fit(run, strategy, text_tokenizer, sample, verbose, initial_weights, callbacks)
 
 
 def _prepare(run, kind, vocab_size, train_files, validation_files, source_tokenizer=None):
@@ -370,7 +371,7 @@ def text_sampler(tokenizer, config):
     return sample
 
 
-def _fit(run, strategy, tokenizer, sample, verbose, initial_weights=None):
+def _fit(run, strategy, tokenizer, sample, verbose, initial_weights=None, extra_callbacks=()):
     """`model.fit` under `strategy` with `distribute.GlobalBatchSteps` (see `gpt_keras.distribute`
     for how multi-worker training works); only the chief writes into the run directory."""
     config = run.train_config
@@ -404,6 +405,7 @@ def _fit(run, strategy, tokenizer, sample, verbose, initial_weights=None):
     else:
         nan_stop = run_callbacks.StopOnNaN()
         callbacks = [
+            *extra_callbacks,  # first: their epoch hooks run before the run's own
             nan_stop,
             run_callbacks.RunState(run, state, nan_stop, sample, is_chief=chief),
         ]

@@ -65,6 +65,32 @@ def test_run_directory_holds_everything(corpus, tmp_path):
     assert read_metrics(run_dir) == rows
 
 
+def test_extra_callbacks_see_every_checkpoint_interval(corpus, tmp_path):
+    run_dir = str(tmp_path / "run")
+
+    class Recorder(keras.callbacks.Callback):
+        """Records, at each epoch's start, how many intervals metrics.csv already holds."""
+
+        def __init__(self):
+            super().__init__()
+            self.events, self.batches = [], 0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            path = os.path.join(run_dir, "metrics.csv")
+            self.events.append((epoch, len(read_metrics(run_dir)) if os.path.exists(path) else 0))
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.batches = batch + 1
+
+    recorder = Recorder()
+    config = TrainConfig(batch_size=4, max_steps=10, checkpoint_every=5, eval_every=5,
+                         eval_batches=1, sample_every=0)
+    train(run_dir, [corpus], TINY_MODEL, config, verbose=False, callbacks=[recorder])
+    # One epoch per checkpoint interval, each after the previous one was recorded.
+    assert recorder.events == [(0, 0), (1, 1)]
+    assert recorder.batches == 5
+
+
 def test_evaluate_scores_every_window(corpus, tmp_path):
     run_dir = str(tmp_path / "run")
     config = TrainConfig(batch_size=4, max_steps=10, checkpoint_every=10, eval_every=10,
