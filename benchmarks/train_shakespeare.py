@@ -10,11 +10,11 @@ Settings (nanoGPT config/train_shakespeare_char.py, CPU variant): 4 layers, 4 he
 context 64, batch 12, dropout 0, AdamW lr 1e-3 with 100 warmup steps and cosine decay to 1e-4 at
 2000 steps, betas (0.9, 0.99), weight decay 0.1, gradient clipping 1.0. gpt_keras runs its
 `shakespeare-char` preset (`--position-embedding` overrides the preset's positions) through the
-full product path (`train`: MirroredStrategy, XLA, checkpoints every 250 steps, metrics, plot);
-keras-hub is `GPT2Backbone` + tied head under plain `fit`, compiled with `jit_compile=True`
-(Keras 3.15's default "auto" means no XLA on a CPU-only machine). Both train on the same
-batches (gpt_keras' data pipeline: random windows of the first 90% of Tiny Shakespeare, batch k
-drawn from `(seed, k)`), with weights initialised from the same seed.
+full product path (`train`: one CPU replica under the default strategy, XLA, checkpoints every
+250 steps, metrics, plot); keras-hub is `GPT2Backbone` + tied head under plain `fit`, compiled
+with `jit_compile=True` (Keras 3.15's default "auto" means no XLA on a CPU-only machine). Both
+train on the same batches (gpt_keras' data pipeline: random windows of the first 90% of Tiny
+Shakespeare, batch k drawn from `(seed, k)`), with weights initialised from the same seed.
 
 Validation loss, two figures per run, both independent of the training seed: `val` is the mean
 over 50 fixed batches of 12 random windows of the last 10% (drawn with seed 1337; for seed 1337

@@ -4,7 +4,8 @@ make `model.fit` exact under it: one device, N local devices, or several workers
 Multi-worker training is `model.fit` with our own `train_step`/`test_step`, not a separate loop:
 
 - `make_strategy` picks `MultiWorkerMirroredStrategy` when `TF_CONFIG` describes a cluster of
-  2+ tasks, else `MirroredStrategy` over the local GPUs or over N logical CPU devices.
+  2+ tasks, else `MirroredStrategy` over the local GPUs or over N ≥ 2 logical CPU devices, and
+  TensorFlow's default strategy for one CPU replica.
 - `GlobalBatchSteps` (mixed into the trained `GPT`: `TrainingGPT`) computes the loss itself.
   Each replica takes the gradient of its slice of the global batch, then one all-reduce over
   every replica of every worker gives all of them the global-batch gradient and loss *before*
@@ -49,8 +50,14 @@ def cluster_workers():
 def make_strategy(replicas=None):
     """`MultiWorkerMirroredStrategy` when `TF_CONFIG` describes 2+ tasks; otherwise
     `MirroredStrategy` over all local GPUs (the first `replicas` if given) or, without GPUs, over
-    `replicas` logical CPU devices (1 by default). Splitting the CPU must happen before TensorFlow
-    runs any op, so call this first."""
+    `replicas` logical CPU devices. Splitting the CPU must happen before TensorFlow runs any op,
+    so call this first.
+
+    One CPU replica (the default without GPUs) gets TensorFlow's default strategy: the same
+    train step (one replica in sync), without the per-step cost of a one-device
+    `MirroredStrategy` (or `OneDeviceStrategy`): 31 vs 22 ms per `shakespeare-char` step with
+    XLA, 40 vs 31 ms without, on a 2-core CPU (its distributed input iterator and replica
+    wrapping; measured in separate processes)."""
     if replicas is not None and replicas < 1:
         raise ValueError(f"--replicas must be at least 1. Received: {replicas}")
     if cluster_workers() > 1:
@@ -68,19 +75,20 @@ def make_strategy(replicas=None):
         return tf.distribute.MirroredStrategy(devices)
     cpu = tf.config.list_physical_devices("CPU")[0]
     replicas = replicas or 1
-    if replicas > 1:
-        try:
-            tf.config.set_logical_device_configuration(
-                cpu, [tf.config.LogicalDeviceConfiguration()] * replicas
-            )
-        except RuntimeError:
-            pass  # already initialised; checked below
-        found = len(tf.config.list_logical_devices("CPU"))
-        if found != replicas:
-            raise ValueError(
-                f"--replicas {replicas}: TensorFlow was initialised with {found} CPU device(s) "
-                "before the CPU could be split. Ask for replicas before any TensorFlow op runs."
-            )
+    if replicas == 1:
+        return tf.distribute.get_strategy()  # the default strategy (see above)
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * replicas
+        )
+    except RuntimeError:
+        pass  # already initialised; checked below
+    found = len(tf.config.list_logical_devices("CPU"))
+    if found != replicas:
+        raise ValueError(
+            f"--replicas {replicas}: TensorFlow was initialised with {found} CPU device(s) "
+            "before the CPU could be split. Ask for replicas before any TensorFlow op runs."
+        )
     return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
 
 

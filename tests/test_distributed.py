@@ -264,6 +264,21 @@ def test_only_one_task_is_chief():
     assert not is_chief(_Strategy(_Resolver("worker", 0, with_chief)))
 
 
+def test_one_cpu_replica_uses_the_default_strategy():
+    """No MirroredStrategy for one CPU device: the default strategy runs the same one-replica
+    train step without its per-step cost (`make_strategy`'s docstring)."""
+    import tensorflow as tf
+
+    from gpt_keras.distribute import make_strategy
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("with GPUs, make_strategy mirrors over them")
+    for replicas in (None, 1):
+        strategy = make_strategy(replicas)
+        assert strategy is tf.distribute.get_strategy() and not tf.distribute.has_strategy()
+        assert strategy.num_replicas_in_sync == 1
+
+
 def test_replicas_flag_is_refused_in_a_cluster(monkeypatch):
     from gpt_keras.distribute import cluster_workers, make_strategy
 
