@@ -1,4 +1,4 @@
-"""Position indices shared by the positional layers."""
+"""Position indices and settings shared by the positional layers."""
 
 from keras import ops
 
@@ -14,3 +14,14 @@ def positions_for(start_index, length):
     if len(start.shape) == 0:
         return start + offsets  # [T]
     return ops.expand_dims(start, -1) + ops.expand_dims(offsets, 0)  # [B, T]
+
+
+def check_max_wavelength(max_wavelength):
+    """`max_wavelength` if it is a number greater than 1, else `ValueError`."""
+    if (not isinstance(max_wavelength, (int, float)) or isinstance(max_wavelength, bool)
+            or max_wavelength <= 1):
+        raise ValueError(
+            "`max_wavelength` must be a number greater than 1. "
+            f"Received: max_wavelength={max_wavelength!r}"
+        )
+    return max_wavelength

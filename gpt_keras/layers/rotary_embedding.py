@@ -5,7 +5,7 @@ import math
 import keras
 from keras import ops
 
-from gpt_keras.layers._positions import positions_for
+from gpt_keras.layers._positions import check_max_wavelength, positions_for
 
 
 @keras.saving.register_keras_serializable(package="gpt_keras")
@@ -30,13 +30,7 @@ class RotaryEmbedding(keras.layers.Layer):
 
     def __init__(self, max_wavelength=10000, **kwargs):
         super().__init__(**kwargs)
-        if (not isinstance(max_wavelength, (int, float)) or isinstance(max_wavelength, bool)
-                or max_wavelength <= 1):
-            raise ValueError(
-                "`max_wavelength` must be a number greater than 1. "
-                f"Received: max_wavelength={max_wavelength!r}"
-            )
-        self.max_wavelength = max_wavelength
+        self.max_wavelength = check_max_wavelength(max_wavelength)
         self.built = True
 
     def call(self, inputs, start_index=0):
