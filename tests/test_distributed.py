@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from tests.conftest import SHAKESPEARE  # noqa: E402
 SMALL_MODEL_FLAGS = ["--context-length", "16", "--num-layers", "2", "--num-heads", "2",
                      "--hidden-dim", "32"]
 # Tolerances. Splitting a batch over replicas only changes the order of float32 sums, so the

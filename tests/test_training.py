@@ -19,7 +19,6 @@ from gpt_keras.training import (
     load_model, train,
 )
 
-from tests.conftest import SHAKESPEARE  # noqa: E402
 TINY_MODEL = GPTConfig.from_preset("tiny")  # context 16, 2 layers, 2 heads, 32 dims
 SMALL_MODEL_FLAGS = ["--context-length", "16", "--num-layers", "2", "--num-heads", "2",
                      "--hidden-dim", "32"]
