@@ -421,8 +421,9 @@ def generate_in_graph(model, prompt, lengths, max_new_tokens, knobs, cache_lengt
     last `context_length` tokens), `max_new_tokens` int32 `[]`, `knobs` from `knobs_in_graph`,
     `cache_length` None (the smallest that holds prompt and new tokens, at most the context) or
     a static int, `offset` int32 `[]` (the absolute position of slot 0: it moves the random
-    numbers), `in_place` as in `start`. Returns the final state: `state["out"]` `[B, max_new_tokens]` holds the new ids
-    (-1 after a row's last), `state["emitted"]` `[B]` their count."""
+    numbers), `in_place` as in `start`. Returns the final state: `state["out"]`
+    `[B, max_new_tokens]` holds the new ids (-1 after a row's last), `state["emitted"]` `[B]`
+    their count."""
     context = model.config.context_length
     prompt, lengths = _keep_last(prompt, lengths, context)
     if cache_length is None:

@@ -4,10 +4,11 @@ This is the Python driver of the decoding core (`gpt_keras.decoding`, which docu
 loop, the sliding window and the settings); sampling is `gpt_keras.sampling`. Shapes: B prompts,
 n_b tokens in prompt b, S the KV-cache length, V the vocabulary.
 
-The core runs as compiled `tf.function`s (XLA with `jit_compile=True`, the default; a plain
-TensorFlow graph otherwise), cached per model and per shape bucket (B, prefill width, S); prompt
-contents, `max_new_tokens`, `temperature`, `top_k`, `top_p`, `seed`, stop tokens and the chunk
-size are tensors, so calls that differ only in those reuse the compiled function
+The core runs as compiled `tf.function`s (XLA with `jit_compile=True`, a plain TensorFlow graph
+with `False`, the faster of the two for the model's size with "auto", the default), cached per
+model and per shape bucket (B, prefill width, S); prompt contents, `max_new_tokens`,
+`temperature`, `top_k`, `top_p`, `seed`, stop tokens and the chunk size are tensors, so calls
+that differ only in those reuse the compiled function
 (`tracing_count(model)` counts traces). Each compiled call decides up to S + 1 slots (or
 `chunk_size`) and returns its new ids; the KV cache stays in memory between calls.
 
@@ -29,15 +30,19 @@ import numpy as np
 import tensorflow as tf
 
 from gpt_keras import decoding
+from gpt_keras.config import num_parameters
 
 __all__ = [
-    "IncrementalText", "Stream", "TextGenerator", "bucket", "generate", "stream",
-    "tracing_count",
+    "AUTO_XLA_MAX_PARAMETERS", "IncrementalText", "Stream", "TextGenerator", "bucket",
+    "generate", "resolve_jit_compile", "stream", "tracing_count",
 ]
 
 # Cache and prefill lengths are rounded up (see `bucket`) to at least this, so that nearby
 # prompt/generation lengths share one compiled function.
 _MIN_BUCKET = 16
+
+# `jit_compile="auto"` compiles float32 models under this many parameters with XLA.
+AUTO_XLA_MAX_PARAMETERS = 20_000_000
 
 # model -> {(kind, batch, prefill width, cache length, jit_compile): tf.function}
 _COMPILED = weakref.WeakKeyDictionary()
@@ -60,7 +65,7 @@ def generate(
     lengths=None,
     sliding_window=True,
     cache_length=None,
-    jit_compile=True,
+    jit_compile="auto",
 ):
     """Generates up to `max_new_tokens` token ids after each prompt.
 
@@ -86,7 +91,11 @@ def generate(
             that holds the longest prompt and the new tokens but the last, at most
             `context_length`). Fixing it lets calls with different lengths share one compiled
             function.
-        jit_compile: compile with XLA (True) or as a plain TensorFlow graph (False).
+        jit_compile: compile with XLA (True), as a plain TensorFlow graph (False), or "auto":
+            XLA for float32 models under `AUTO_XLA_MAX_PARAMETERS` parameters, whose steps are
+            mostly per-op overhead that XLA fuses away; a plain graph for larger models, whose
+            steps are matrix-vector products that oneDNN spreads over every core while XLA's
+            CPU backend runs them on one (BENCHMARKS.md).
 
     Returns:
         A list (one per prompt) of lists of new token ids; a single list for a single 1-D prompt.
@@ -117,7 +126,7 @@ def stream(
     lengths=None,
     sliding_window=True,
     cache_length=None,
-    jit_compile=True,
+    jit_compile="auto",
 ):
     """Like `generate`, but decodes `chunk_size` slots per compiled call and yields the new ids
     after each call; the KV cache stays in memory between calls. `chunk_size=None` decodes
@@ -186,7 +195,7 @@ class TextGenerator:
         jit_compile: passed to `generate`/`stream`.
     """
 
-    def __init__(self, model, tokenizer, jit_compile=True):
+    def __init__(self, model, tokenizer, jit_compile="auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.jit_compile = jit_compile
@@ -356,7 +365,7 @@ class _Driver:
         self.max_new_tokens = decoding.check_int("max_new_tokens", max_new_tokens, minimum=0)
         if chunk_size is not None:
             chunk_size = decoding.check_int("chunk_size", chunk_size, minimum=1)
-        self.jit_compile = bool(jit_compile)
+        self.jit_compile = resolve_jit_compile(model, jit_compile)
         self.knobs, _ = decoding.knobs(
             config.vocab_size, temperature, top_k, top_p, seed, stop_token_ids,
             include_stop_token,
@@ -448,6 +457,18 @@ def _compile(model, kind, batch_size, cache_length, jit_compile):
             return decoding.decode(model_ref(), state, knobs, num_steps)
 
     return tf.function(function, jit_compile=jit_compile, autograph=False)
+
+
+def resolve_jit_compile(model, jit_compile):
+    """`jit_compile` of `generate` → True or False (see there)."""
+    if isinstance(jit_compile, bool):
+        return jit_compile
+    if jit_compile != "auto":
+        raise ValueError(
+            f"`jit_compile` must be True, False or 'auto'. Received: jit_compile={jit_compile!r}"
+        )
+    small = num_parameters(model.config) < AUTO_XLA_MAX_PARAMETERS
+    return small and model.compute_dtype == "float32"
 
 
 def bucket(n):

@@ -284,6 +284,8 @@ class GPT(keras.Model):
             # (benchmarks/attention.py).
             embeddings = ops.cast(self.token_embedding.embeddings, x.dtype)
             logits = ops.matmul(x, ops.transpose(embeddings))
+            if self.token_embedding.quantization_mode == "int8":  # int8 rows, a scale per row
+                logits = logits / ops.cast(self.token_embedding.embeddings_scale, x.dtype)
         else:
             logits = self.lm_head(x)
         return ops.cast(logits, "float32")  # [B, T, V]

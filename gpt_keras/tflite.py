@@ -81,9 +81,11 @@ def convert_to_tflite(model, quantize=None):
         return converter.convert()
 
 
-def export_tflite(run_dir, out_dir, quantize=None, force=False):
+def export_tflite(run_dir, out_dir, quantize=None, force=False, weights="float32"):
     """Converts the model of `run_dir` (see `convert_to_tflite`) and writes `out_dir/` with the
-    `.tflite` file, `tokenizer.json` and `manifest.json`; returns the `.tflite` path.
+    `.tflite` file, `tokenizer.json` and `manifest.json`; returns the `.tflite` path. `weights`:
+    "float32", or "int8" (gpt_keras' weight-only int8, `gpt_keras.precision`: the file then
+    decodes with the numerics of the in-process int8 model, unlike `quantize="int8"`).
 
     The directory is built beside `out_dir` and renamed into place, so `out_dir` is never seen
     half-written. An existing non-empty `out_dir` raises `ValueError` unless `force`. Before
@@ -93,26 +95,33 @@ def export_tflite(run_dir, out_dir, quantize=None, force=False):
     from gpt_keras.tokenizers import load_tokenizer
     from gpt_keras.training import load_model
 
+    from gpt_keras.precision import with_weights
+
     _check_quantize(quantize)
+    if weights == "bfloat16":
+        raise ValueError("TFLite's builtin kernels have no bfloat16: export --weights float32 "
+                         "with --quantize float16 instead (half the bytes).")
+    if weights == "int8" and quantize:
+        raise ValueError("--weights int8 already quantizes the weights; drop --quantize.")
     out_dir = os.path.abspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
         raise ValueError(f"{out_dir} already exists; pass force=True (--force) to replace it.")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"{out_dir} exists and is not a directory; choose another --out.")
-    model = load_model(run_dir)
+    model = with_weights(load_model(run_dir), weights)
     tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
     content = convert_to_tflite(model, quantize)
     difference = _logit_difference(content, model)
     if quantize is None and difference > FLOAT32_TOLERANCE:
         raise RuntimeError(
-            f"gpt_keras internal error: the float32 TFLite logits differ from Keras by "
+            f"gpt_keras internal error: the unquantized TFLite logits differ from Keras by "
             f"{difference:.2e} (more than {FLOAT32_TOLERANCE})."
         )
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     temporary = tempfile.mkdtemp(dir=parent, prefix=".tflite-")
     try:
-        name = MODEL_FILES[quantize]
+        name = MODEL_FILES[quantize] if weights == "float32" else "model-weights-int8.tflite"
         _write_file(os.path.join(temporary, name), content)
         tokenizer.save(temporary)
         manifest = {
@@ -121,6 +130,7 @@ def export_tflite(run_dir, out_dir, quantize=None, force=False):
             "model_bytes": len(content),
             "model_sha256": hashlib.sha256(content).hexdigest(),
             "quantization": quantize,
+            "weights": weights,
             "config": dataclasses.asdict(model.config),
             "tokenizer": {"file": "tokenizer.json", **tokenizer.describe()},
             "signatures": _signature_specs(content),

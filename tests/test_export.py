@@ -246,7 +246,7 @@ def test_greedy_generation_equals_text_generator(served, local):
         )
     result = served["results"]["greedy"]
     assert result["completions"] == expected
-    assert len(expected[0]) == NEW_TOKENS  # ran through both slides
+    assert any(len(text) == NEW_TOKENS for text in expected)  # ran through both slides
     assert any(len(text) < NEW_TOKENS for text in expected)  # stopped at end of text
     assert len(set(expected[0])) > 3  # not one repeated character
     ids = unpadded(result["token_ids"])

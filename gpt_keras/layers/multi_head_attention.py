@@ -29,14 +29,29 @@ def write_cache(cache, update, index):
     - Everywhere else `gather` + `where`, core ops that also convert to TFLite builtins
       (`keras.ops.slice_update` lowers to `XlaDynamicUpdateSlice`, which neither TF Serving
       without XLA nor TFLite can run).
+
+    A write that does not fit (`index < 0` or `index + T > S`) raises `InvalidArgumentError`;
+    under XLA, which cannot raise at run time, it writes NaN (so the logits are NaN) rather
+    than clamping a valid-looking write into other slots.
     """
     index = ops.convert_to_tensor(index, dtype="int32")
-    if _in_xla_compilation():
-        rank = len(cache.shape)
-        start = ops.stack([0] * (rank - 2) + [index, 0])
-        return ops.slice_update(cache, start, update)
     length = ops.shape(cache)[-2]
     new_length = ops.shape(update)[-2]
+    fits = ops.logical_and(index >= 0, index + new_length <= length)
+    if _in_xla_compilation():
+        # XLA clamps the start of a dynamic-update-slice so that the update fits, and cannot
+        # raise at run time: a write that does not fit writes NaN instead, which every later
+        # attention read (all S slots enter its einsums) turns into NaN outputs.
+        rank = len(cache.shape)
+        start = ops.stack([0] * (rank - 2) + [index, 0])
+        update = ops.where(fits, update, ops.cast(float("nan"), update.dtype))
+        return ops.slice_update(cache, start, update)
+    check = tf.debugging.Assert(fits, [
+        "The cache write does not fit: slots", index, "to", index + new_length - 1,
+        "of a cache of length", length,
+    ])
+    with tf.control_dependencies([check]):
+        cache = tf.identity(cache)
     if getattr(_WRITES, "in_place", False) and not tf.executing_eagerly():
         head_dim = ops.shape(cache)[-1]
         rows = ops.size(cache) // (length * head_dim)  # product of the leading dimensions
