@@ -21,6 +21,9 @@ DEFAULT_CORPUS_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
 DEFAULT_CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+# `../shared/data` beside the checkout this package runs from (`train` prints the path it uses).
+SHARED_CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                             "tinyshakespeare.txt")
 
 EXAMPLES = """examples:
   gpt-keras train --run-dir runs/shakespeare --max-steps 500   # Tiny Shakespeare, resumable
@@ -110,10 +113,8 @@ def default_corpus(cache_dir=None):
     """Tiny Shakespeare: `../shared/data` beside a checkout if present, else downloaded once into
     the Keras cache (`cache_dir`, default `~/.keras`) and checked against its sha256. Raises
     `ValueError` with the cause when it cannot be had (and leaves no empty cache directory)."""
-    shared = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                          "tinyshakespeare.txt")
-    if os.path.isfile(shared):
-        return os.path.abspath(shared)
+    if os.path.isfile(SHARED_CORPUS):
+        return os.path.abspath(SHARED_CORPUS)
     import keras
 
     cache_dir = os.path.expanduser(cache_dir or os.path.join("~", ".keras"))
@@ -528,12 +529,13 @@ def flag_names(message, parser):
                       if "." not in dest})
 
     def replace(match):
-        name, assigned = match.group(1), match.group(2)
-        if name not in flags or not ("_" in name or "." in name or assigned):
+        quoted, name, assigned = match.group(1), match.group(2), match.group(3)
+        # A plain word (e.g. "the dropout") stays; an identifier (`dropout`, top_k, seed=) goes.
+        if name not in flags or not (quoted or assigned or "_" in name or "." in name):
             return match.group(0)
         return flags[name] + (" " if assigned else "")
 
-    return re.sub(r"(?<![\w/-])`?([a-z][a-z0-9_.]*[a-z0-9])`?(=)?", replace, message)
+    return re.sub(r"(?<![\w/-])(`?)([a-z][a-z0-9_.]*[a-z0-9])`?(=)?", replace, message)
 
 
 def main(argv=None):
