@@ -35,7 +35,8 @@ def _started_by_the_cli():
     """True in a `gpt-keras ...` or `python -m gpt_keras.cli ...` process."""
     argv = getattr(sys, "orig_argv", sys.argv)
     script = os.path.basename(sys.argv[0]) if sys.argv else ""
-    return script.startswith("gpt-keras") or argv[1:3] == ["-m", "gpt_keras.cli"]
+    module = any(a == "-m" and b == "gpt_keras.cli" for a, b in zip(argv, argv[1:]))
+    return script.startswith("gpt-keras") or module
 
 
 if not _started_by_the_cli():

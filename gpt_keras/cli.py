@@ -425,7 +425,7 @@ def build_parser():
         description="Score a run on its own validation split, or on --data.",
         epilog="example: gpt-keras evaluate runs/shakespeare",
     )
-    evaluate_parser.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate_parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
     evaluate_parser.add_argument("--data", nargs="+", metavar="PATH",
                                  help="text to score (default: the run's validation split)")
     evaluate_parser.add_argument("--batch-size", type=POSITIVE_INT, default=32,
@@ -476,7 +476,8 @@ def build_parser():
         "export", help="a run -> a verified TF Serving SavedModel version (or TFLite)",
         epilog="example: gpt-keras export runs/shakespeare --out models/shakespeare",
     )
-    export_parser.add_argument("run_dir", metavar="RUN_DIR")
+    export_parser.add_argument("run_dir", metavar="RUN_DIR",
+                               help="a run directory (`train` or `convert`)")
     export_parser.add_argument("--out", required=True, metavar="DIR",
                                help="SavedModel: the model's base path, versions go in numbered "
                                "directories under it; TFLite: the directory for the file")

@@ -332,7 +332,8 @@ def test_default_corpus_without_network_gives_the_cause_and_leaves_nothing(tmp_p
 
 def test_fine_tuning_starts_from_a_run_and_freezes_blocks(corpus, tmp_path):
     config = TrainConfig(batch_size=8, max_steps=20, learning_rate=1e-2, warmup_steps=2,
-                         checkpoint_every=20, eval_every=20, eval_batches=2, sample_every=0)
+                         checkpoint_every=20, eval_every=20, eval_batches=2, sample_every=0,
+                         log_every=20)
     base = str(tmp_path / "base")
     train(base, [corpus], TINY_MODEL, config, verbose=False)
     tuned = str(tmp_path / "tuned")
