@@ -229,10 +229,8 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
     if train_config.decay_steps is None:  # the first start's max_steps, also when resumed
         stored_train = (stored or {}).get("train", {})
         decay_steps = stored_train.get("decay_steps") or stored_train.get("max_steps")
-        train_config = train_config.__class__(**{
-            **dataclasses.asdict(train_config),
-            "decay_steps": decay_steps or train_config.max_steps,
-        })
+        train_config = dataclasses.replace(train_config,
+                                           decay_steps=decay_steps or train_config.max_steps)
         run.train_config = train_config
     requested = {
         "source": {"init_from": os.path.abspath(init_from) if init_from else None},
