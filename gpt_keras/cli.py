@@ -210,13 +210,12 @@ def _train(args):
             init_from=args.init_from,
         )
     except KeyboardInterrupt:
-        newest = checkpoints.latest(os.path.join(args.run_dir, "checkpoints"))
-        if newest is None:
+        steps = checkpoints.step_checkpoints(os.path.join(args.run_dir, "checkpoints"))
+        if not steps:
             raise _Interrupted("no checkpoint was written yet; re-run the same command to start "
                                "again") from None
-        step = int(re.search(r"(\d+)", os.path.basename(newest)).group(1))
         raise _Interrupted(f"re-run the same command to resume from the checkpoint of step "
-                           f"{step}") from None
+                           f"{max(steps)}") from None
     print(f"Run directory: {run.directory}")
     print(f"  model: {run.model_path}\n  checkpoints: {run.checkpoint_dir}\n"
           f"  metrics: {run.metrics_path}\n  loss plot: {run.plot_path}\n"
