@@ -447,6 +447,7 @@ def test_cli_tflite_format_calls_export_tflite(monkeypatch, tmp_path, capsys):
     main(["export", "RUN", "--out", out, "--format", "tflite", "--quantize", "int8", "--force"])
     assert calls == [("RUN", out, "int8", True)]
     assert capsys.readouterr().out == (
+        "Converting to TFLite and checking the file in the LiteRT interpreter...\n"
         f"TFLite model written to {out}/model.tflite. Signatures:\n"
         "  logits(token_ids int32[1, ?]) -> logits float32[1, ?, 60]\n"
     )
