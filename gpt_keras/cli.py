@@ -535,7 +535,9 @@ def flag_names(message, parser):
             return match.group(0)
         return flags[name] + (" " if assigned else "")
 
-    return re.sub(r"(?<![\w/-])(`?)([a-z][a-z0-9_.]*[a-z0-9])`?(=)?", replace, message)
+    # `force=True`-style advice to Python callers stays as it is.
+    return re.sub(r"(?<![\w/-])(`?)([a-z][a-z0-9_.]*[a-z0-9])`?(=(?!True|False|None))?",
+                  replace, message)
 
 
 def main(argv=None):

@@ -182,9 +182,10 @@ def test_messages_name_flags_not_python_fields():
     ) == "--hidden-dim must be divisible by --num-heads. Received: --hidden-dim 30, --num-heads 4"
     assert cli.flag_names(
         "runs/x holds a run with other settings (model.num_layers, tokenizer.kind, "
-        "train.learning_rate). The dropout and the data stay; see max_steps.", train_parser,
+        "train.learning_rate). The dropout and the data stay; see max_steps; pass xla=True.",
+        train_parser,
     ) == ("runs/x holds a run with other settings (--num-layers, --tokenizer, --learning-rate). "
-          "The dropout and the data stay; see --max-steps.")
+          "The dropout and the data stay; see --max-steps; pass xla=True.")
 
 
 def test_formats_never_overwrite_each_other(run_dir, tmp_path, capsys):

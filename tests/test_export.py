@@ -419,7 +419,7 @@ def test_default_version_is_one_above_the_highest(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--version", "1"], "/1 already exists; pass --force (force=True) to replace it"),
-    (["--version", "0"], "The version must be a positive integer. Received: version=0"),
+    (["--version", "0"], "argument --version: expected an integer >= 1, received 0"),
     (["--quantize", "int8"], "--quantize applies to --format tflite"),
     (["--format", "tflite", "--version", "2"], "--version numbers TF Serving's SavedModel"),
 ])
