@@ -93,9 +93,10 @@ def generate(
             function.
         jit_compile: compile with XLA (True), as a plain TensorFlow graph (False), or "auto":
             XLA for float32 models under `AUTO_XLA_MAX_PARAMETERS` parameters, whose steps are
-            mostly per-op overhead that XLA fuses away; a plain graph for larger models, whose
-            steps are matrix-vector products that oneDNN spreads over every core while XLA's
-            CPU backend runs them on one (BENCHMARKS.md).
+            mostly per-op overhead that XLA fuses away, and for int8 weights; a plain graph for
+            larger float32 and bfloat16 models, whose steps are matrix-vector products that
+            oneDNN spreads over every core while XLA's CPU backend runs them on one
+            (BENCHMARKS.md).
 
     Returns:
         A list (one per prompt) of lists of new token ids; a single list for a single 1-D prompt.
@@ -467,6 +468,8 @@ def resolve_jit_compile(model, jit_compile):
         raise ValueError(
             f"`jit_compile` must be True, False or 'auto'. Received: jit_compile={jit_compile!r}"
         )
+    if getattr(model.token_embedding, "quantization_mode", None) == "int8":
+        return True  # a plain graph casts each int8 kernel to float per call (BENCHMARKS.md)
     small = num_parameters(model.config) < AUTO_XLA_MAX_PARAMETERS
     return small and model.compute_dtype == "float32"
 

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from gpt_keras import GPT, GPTConfig, decoding, generation
+from gpt_keras.precision import with_weights
 from tests import numpy_reference as ref
 
 TINY = GPTConfig.from_preset("tiny")  # vocab 64, context 16, 2 layers, 2 heads, 32 dims
@@ -507,8 +508,8 @@ def test_zero_new_tokens_returns_empty_rows(model):
 
 
 def test_auto_compiles_small_float32_models_with_xla_only():
-    """`jit_compile="auto"`: XLA for float32 models under `AUTO_XLA_MAX_PARAMETERS`, a plain
-    graph (every core through oneDNN) for larger or bfloat16 ones."""
+    """`jit_compile="auto"`: XLA for float32 models under `AUTO_XLA_MAX_PARAMETERS` and int8
+    weights, a plain graph (every core through oneDNN) for larger float32 or bfloat16 ones."""
     small = GPT(**dataclasses.asdict(TINY))
     large = GPT(**dataclasses.asdict(GPTConfig.from_preset("gpt2-small")))
     half = GPT(**dataclasses.asdict(TINY), dtype="bfloat16")
@@ -516,5 +517,7 @@ def test_auto_compiles_small_float32_models_with_xla_only():
     assert generation.resolve_jit_compile(large, "auto") is False
     assert generation.resolve_jit_compile(half, "auto") is False
     assert generation.resolve_jit_compile(large, True) is True
+    small.build()
+    assert generation.resolve_jit_compile(with_weights(small, "int8"), "auto") is True
     with pytest.raises(ValueError, match="`jit_compile` must be True, False or 'auto'"):
         generation.resolve_jit_compile(small, "yes")
