@@ -5,7 +5,9 @@
 
 `MODELS/NAME` holds numeric version directories (`gpt-keras export ... --out MODELS/NAME`). Like
 TF Serving's default policy it serves the highest version, polls the directory for new ones,
-loads a new version before switching to it and then unloads the old one. Endpoints, JSON formats
+loads a new version and replays its warm-up records (`assets.extra/tf_serving_warmup_requests`;
+a version whose warm-up fails is not served) before switching to it, and then unloads the old
+one. Endpoints, JSON formats
 and error bodies follow TF Serving's REST API (https://www.tensorflow.org/tfx/serving/api_rest):
 
     GET  /v1/models/NAME[/versions/N]             model status
@@ -36,6 +38,8 @@ import tensorflow as tf
 from aiohttp import web
 from google.protobuf import json_format
 from tensorflow.core.protobuf import saved_model_pb2
+
+from gpt_keras.warmup import replay_warmup
 
 DEFAULT_PORT = 8501
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -260,13 +264,23 @@ def _op_error_message(error):
 
 
 class Servable:
-    """One loaded version of a SavedModel: its signatures, callable from any thread."""
+    """One loaded version of a SavedModel: its signatures, callable from any thread. Loading
+    replays the version's warm-up records (`warmup_records` of them); `ValueError` if one fails."""
 
     def __init__(self, version, path):
         self.version = version
         self.path = path
         self._model = tf.saved_model.load(path, tags=["serve"])  # owns the signatures' variables
         self.signatures = dict(self._model.signatures)
+        self.warmup_records = replay_warmup(path, self._run)
+
+    def _run(self, signature, feeds):
+        """Runs `signature` on `{input name: np.ndarray}`."""
+        if signature not in self.signatures:
+            raise ValueError(f"no signature '{signature}' (the model has "
+                             f"{', '.join(sorted(self.signatures))})")
+        return self.signatures[signature](**{name: tf.constant(value)
+                                             for name, value in feeds.items()})
 
     def predict(self, body):
         """A `:predict` request body (bytes) -> the response as a dict; `RequestError` if the
@@ -375,8 +389,8 @@ class ModelVersions:
             states[version] = ("END", f"Failed to load {path}: {error}")
             _LOG.error("Failed to load version %d from %s: %s", version, path, error)
             return None
-        _LOG.info("Loaded version %d from %s in %.1f s.", version, path,
-                  time.perf_counter() - start)
+        _LOG.info("Loaded version %d from %s in %.1f s (%d warm-up records replayed).", version,
+                  path, time.perf_counter() - start, servable.warmup_records)
         return servable
 
 

@@ -17,8 +17,10 @@ import urllib.request
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2
 
-from gpt_keras.server import BackgroundServer, make_app
+from gpt_keras.server import VERSIONS, BackgroundServer, make_app
+from gpt_keras.warmup import write_warmup_requests
 
 VOCAB = 5  # rows of the toy `logits` table: ids >= 5 are out of range
 
@@ -371,6 +373,62 @@ def test_new_versions_are_picked_up_and_old_ones_unloaded(toy_versions, tmp_path
         assert predict(running, {"instances": ["a"]}) == (200, {"predictions": ["a!v2"]})
 
 
+def copy_with_warmup(source, target, requests):
+    """Copies a saved toy version to `target`, with TF Serving's warm-up file holding `requests`:
+    `(signature name, {input name: value})` pairs."""
+    shutil.copytree(source, target)
+    protos = []
+    for signature, inputs in requests:
+        protos.append(predict_pb2.PredictRequest())
+        protos[-1].model_spec.signature_name = signature
+        for name, value in inputs.items():
+            protos[-1].inputs[name].CopyFrom(tf.make_tensor_proto(value))
+    os.makedirs(target / "assets.extra", exist_ok=True)
+    write_warmup_requests(protos, str(target / "assets.extra"))
+
+
+def test_warmup_records_are_replayed_before_a_version_is_served(toy_versions, tmp_path):
+    """While version 2's last warm-up record (`wait_for`, held by a file) runs, version 2 is
+    neither reported nor served; once it returns, version 2 is AVAILABLE and serves."""
+    base, flag = tmp_path / "toy", tmp_path / "flag"
+    shutil.copytree(toy_versions / "1", base / "1")
+    with BackgroundServer(str(base), poll_seconds=0) as running:
+        copy_with_warmup(toy_versions / "2", base / "2", [
+            ("serving_default", {"prompts": ["warm"]}), ("wait_for", {"path": str(flag)})])
+        versions = running.app[VERSIONS]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            refreshed = pool.submit(versions.refresh)
+            try:
+                wait_until(lambda: os.path.exists(f"{flag}.started"))  # warming up version 2
+                assert call(running.url + "/v1/models/toy/versions/2")[0] == 404
+                assert predict(running, {"instances": ["a"]}) == (200, {"predictions": ["a!v1"]})
+                assert not refreshed.done()
+            finally:
+                flag.touch()
+            refreshed.result(timeout=60)
+        assert versions.states[2] == ("AVAILABLE", "") and versions.loaded[2].warmup_records == 2
+        assert predict(running, {"instances": ["a"]}) == (200, {"predictions": ["a!v2"]})
+
+
+def test_a_version_whose_warmup_fails_is_not_served(toy_versions, tmp_path, caplog):
+    """A warm-up record the model rejects (the toy refuses an empty prompt) keeps the version
+    out of service, with one log line, as in TF Serving; the previous version keeps serving."""
+    base = tmp_path / "toy"
+    shutil.copytree(toy_versions / "1", base / "1")
+    with BackgroundServer(str(base), poll_seconds=0) as running:
+        copy_with_warmup(toy_versions / "2", base / "2", [
+            ("serving_default", {"prompts": ["fine"]}), ("serving_default", {"prompts": [""]})])
+        with caplog.at_level(logging.INFO, logger="gpt_keras.server"):
+            running.app[VERSIONS].refresh()
+        status = call(running.url + "/v1/models/toy/versions/2")[1]["model_version_status"][0]
+        assert status["state"] == "END" and status["status"]["error_code"] == "UNKNOWN"
+        assert "Warm-up record 1 of" in status["status"]["error_message"]
+        assert "prompts must not be empty" in status["status"]["error_message"]
+        assert predict(running, {"instances": ["a"]}) == (200, {"predictions": ["a!v1"]})
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0] and "Warm-up record 1" in errors[0]
+
+
 def test_num_versions_keeps_older_versions_addressable(toy_versions, tmp_path):
     base = tmp_path / "toy"
     for version in ("1", "2"):
@@ -493,6 +551,14 @@ def test_real_export_rejects_bad_knobs_with_400(real, inputs, fragment):
         inputs, prompts=["To be"])}, "/v1/models/tiny")
     assert status == 400 and fragment in body["error"]
     assert_real_serving(server)
+
+
+def test_real_export_warmup_records_are_replayed_at_load(real):
+    from gpt_keras.serving import read_manifest
+
+    server, _, _ = real
+    servable = server.app[VERSIONS].loaded[1]
+    assert servable.warmup_records == read_manifest(servable.path)["warmup"]["records"] > 0
 
 
 def test_real_export_ids_out_of_range_give_400(real):
