@@ -22,11 +22,10 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
-from google.protobuf import wrappers_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
 from gpt_keras import GPT, GPTConfig, generation, serving, warmup
+from gpt_keras.batching import read_batching_parameters
 from gpt_keras.cli import main
 from gpt_keras.tokenizers import CharTokenizer, load_tokenizer
 from gpt_keras.training import create_run, load_model
@@ -460,41 +459,12 @@ def test_warmup_table_must_match_the_signatures(local, monkeypatch, change, mess
         warmup.warmup_requests(inputs, tokenizer, context_length=16)
 
 
-def batching_parameters_message():
-    """TF Serving's `tensorflow.serving.BatchingParameters`, built from its declaration in
-    tensorflow_serving/servables/tensorflow/session_bundle_config.proto (TF Serving 2.21; the
-    pip package tensorflow-serving-api does not ship that proto)."""
-    file = descriptor_pb2.FileDescriptorProto(
-        name="gpt_keras_test/batching_parameters.proto", package="tensorflow.serving",
-        syntax="proto3", dependency=["google/protobuf/wrappers.proto"])
-    message = file.message_type.add(name="BatchingParameters")
-    wrapped = {"max_batch_size": (1, "Int64Value"), "batch_timeout_micros": (2, "Int64Value"),
-               "max_enqueued_batches": (3, "Int64Value"), "num_batch_threads": (4, "Int64Value"),
-               "thread_pool_name": (5, "StringValue"),
-               "enable_large_batch_splitting": (8, "BoolValue"),
-               "max_execution_batch_size": (9, "Int64Value")}
-    field = descriptor_pb2.FieldDescriptorProto
-    for name, (number, kind) in wrapped.items():
-        message.field.add(name=name, number=number, type=field.TYPE_MESSAGE,
-                          type_name=f".google.protobuf.{kind}", label=field.LABEL_OPTIONAL)
-    message.field.add(name="allowed_batch_sizes", number=6, type=field.TYPE_INT64,
-                      label=field.LABEL_REPEATED)
-    message.field.add(name="pad_variable_length_inputs", number=7, type=field.TYPE_BOOL,
-                      label=field.LABEL_OPTIONAL)
-    pool = descriptor_pool.DescriptorPool()
-    pool.AddSerializedFile(descriptor_pb2.FileDescriptorProto.FromString(
-        wrappers_pb2.DESCRIPTOR.serialized_pb).SerializeToString())
-    pool.Add(file)
-    return message_factory.GetMessageClass(
-        pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters"))
-
-
 def test_batching_parameters_file_is_tf_servings_and_matches_the_warmup():
-    """export/batching_parameters.txt parses (strictly) as TF Serving's `BatchingParameters` text
-    proto; its allowed batch sizes are the warmed-up ones, increasing, the last one
+    """export/batching_parameters.txt parses (strictly: unknown fields fail) as TF Serving's
+    `BatchingParameters` text proto (`gpt_keras.batching` declares it as session_bundle_config.proto
+    does); its allowed batch sizes are the warmed-up ones, increasing, the last one
     `max_batch_size`, as TF Serving requires."""
-    with open(BATCHING_PARAMETERS, encoding="utf-8") as f:
-        parameters = text_format.Parse(f.read(), batching_parameters_message()())
+    parameters = read_batching_parameters(BATCHING_PARAMETERS)
     assert tuple(parameters.allowed_batch_sizes) == warmup.BATCH_SIZES
     assert list(parameters.allowed_batch_sizes) == sorted(set(parameters.allowed_batch_sizes))
     assert parameters.allowed_batch_sizes[-1] == parameters.max_batch_size.value

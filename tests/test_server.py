@@ -59,6 +59,11 @@ class _Toy(tf.Module):
         return {"logits": tf.gather(self.table, token_ids)}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompts")])
+    def rows(self, prompts):
+        """Each prompt, and how many rows the call had: the batch a request was merged into."""
+        return {"rows": tf.fill(tf.shape(prompts), tf.size(prompts)), "echo": prompts}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompts")])
     def first_byte(self, prompts):
         head = tf.strings.substr(prompts, 0, 1)  # half of a 2-byte character: not UTF-8
         return {"head": head, "head_bytes": head}
@@ -77,7 +82,8 @@ class _Toy(tf.Module):
 def _save_toy(path, suffix):
     toy = _Toy(suffix)
     signatures = {name: getattr(toy, name)
-                  for name in ("serving_default", "generate", "logits", "first_byte", "wait_for")}
+                  for name in ("serving_default", "generate", "logits", "rows", "first_byte",
+                               "wait_for")}
     tf.saved_model.save(toy, str(path), signatures=signatures)
 
 
@@ -427,6 +433,94 @@ def test_a_version_whose_warmup_fails_is_not_served(toy_versions, tmp_path, capl
         assert predict(running, {"instances": ["a"]}) == (200, {"predictions": ["a!v1"]})
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "\n" not in errors[0] and "Warm-up record 1" in errors[0]
+
+
+# --- Batching: TF Serving's --enable_batching rules ----------------------------------------------
+
+
+def batched(toy_versions, tmp_path, parameters):
+    """A server of toy version 1 with batching, `parameters` a `BatchingParameters` text proto."""
+    shutil.copytree(toy_versions / "1", tmp_path / "toy" / "1")
+    (tmp_path / "batching.txt").write_text(parameters)
+    return BackgroundServer(str(tmp_path / "toy"), poll_seconds=0, enable_batching=True,
+                            batching_parameters_file=str(tmp_path / "batching.txt"))
+
+
+def concurrently(server, bodies):
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda body: predict(server, body), bodies))
+
+
+def test_batching_merges_concurrent_requests_into_one_call(toy_versions, tmp_path):
+    """8 concurrent one-row requests, batches of up to 8 and a 60 s timeout: the batch runs when
+    the 8th request arrives, so each request sees 8 rows (1 without batching) and gets its own."""
+    with batched(toy_versions, tmp_path, "max_batch_size { value: 8 }\n"
+                                         "batch_timeout_micros { value: 60000000 }\n") as running:
+        answers = concurrently(running, [{"signature_name": "rows", "instances": [f"p{i}"]}
+                                         for i in range(8)])
+    assert answers == [(200, {"predictions": [{"rows": 8, "echo": f"p{i}"}]}) for i in range(8)]
+
+
+def test_batches_are_padded_to_an_allowed_batch_size(toy_versions, tmp_path):
+    with batched(toy_versions, tmp_path, "max_batch_size { value: 4 }\n"
+                                         "allowed_batch_sizes: [1, 4]\n") as running:
+        status, body = predict(running, {"signature_name": "rows", "instances": ["a", "b", "c"]})
+        assert (status, body) == (200, {"predictions": [{"rows": 4, "echo": text}
+                                                        for text in "abc"]})
+        # TF Serving's refusals: scalar inputs, and more rows than a batch holds.
+        status, body = predict(running, {"signature_name": "generate", "inputs": GENERATE})
+        assert status == 400 and "input tensors must have at least one dimension" in body["error"]
+        status, body = predict(running, {"instances": list("abcde")})
+        assert status == 400 and "Task size 5 is larger than maximum input batch size 4" in (
+            body["error"])
+        assert_serving(running)
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_inputs_of_different_lengths_in_one_batch(toy_versions, tmp_path, pad, toy_model):
+    """Two `logits` requests of 2 and 1 ids in one batch: refused unless
+    `pad_variable_length_inputs`, which pads the short one with its first id."""
+    parameters = ("max_batch_size { value: 2 }\nbatch_timeout_micros { value: 60000000 }\n"
+                  f"pad_variable_length_inputs: {str(pad).lower()}\n")
+    with batched(toy_versions, tmp_path, parameters) as running:
+        answers = concurrently(running, [{"signature_name": "logits", "instances": ids}
+                                         for ids in ([[1, 2]], [[3]])])
+    if not pad:
+        assert [status for status, _ in answers] == [400, 400]
+        assert "different shapes and padding is turned off" in answers[0][1]["error"]
+        return
+    for (status, body), ids in zip(answers, ([[1, 2]], [[3, 3]])):
+        assert status == 200
+        np.testing.assert_allclose(body["predictions"], direct(
+            toy_model, "logits", token_ids=tf.constant(ids))["logits"], rtol=1e-6)
+
+
+def test_warmup_runs_through_the_batcher_as_in_tf_serving(toy_versions, tmp_path):
+    """A warm-up record with scalar inputs fails under batching, so the version is not served:
+    what TF Serving does with an export whose `generate` has scalar knobs."""
+    copy_with_warmup(toy_versions / "1", tmp_path / "toy" / "1", [("generate", {
+        "prompts": ["a"], "max_new_tokens": np.int32(2), "temperature": np.float32(0),
+        "seed": np.int64(1)})])
+    (tmp_path / "batching.txt").write_text("max_batch_size { value: 8 }\n")
+    with pytest.raises(ValueError, match=r"No loadable version .*Warm-up record 0 .*'generate'.*"
+                                         "input tensors must have at least one dimension"):
+        make_app(str(tmp_path / "toy"), enable_batching=True,
+                 batching_parameters_file=str(tmp_path / "batching.txt"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("max_batch_size { value: 8 }\nbatch_size: 3\n", "Cannot read the batching parameters"),
+    ("max_batch_size { value: 8 }\nallowed_batch_sizes: [2, 4]\n",
+     r"allowed_batch_sizes \[2, 4\] must increase and end with max_batch_size \(8\)"),
+])
+def test_bad_batching_parameters_are_refused(toy_versions, tmp_path, text, message):
+    shutil.copytree(toy_versions / "1", tmp_path / "toy" / "1")
+    (tmp_path / "batching.txt").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        make_app(str(tmp_path / "toy"), enable_batching=True,
+                 batching_parameters_file=str(tmp_path / "batching.txt"))
+    with pytest.raises(ValueError, match="only with batching enabled"):
+        make_app(str(tmp_path / "toy"), batching_parameters_file=str(tmp_path / "batching.txt"))
 
 
 def test_num_versions_keeps_older_versions_addressable(toy_versions, tmp_path):
