@@ -6,8 +6,8 @@ Run from the repository root:
 
     TF_CPP_MIN_LOG_LEVEL=3 python benchmarks/serving_warmup_batching.py
 
-Options: `--rounds 5`, `--repeats 5`, `--train-steps 150`, `--new-tokens 32`. About 6 minutes on
-a 2-core CPU.
+Options: `--rounds 5`, `--repeats 5`, `--train-steps 150`, `--new-tokens 32`, `--part warmup`,
+`--part batching` or `--part http` (default: all three). About 15 minutes on a 2-core CPU.
 
 Setting: the `shakespeare-char` preset (4 layers, 4 heads, 128 dims, context 64) with a
 `CharTokenizer` over Tiny Shakespeare, trained for `--train-steps` Adam steps (batch 16) so that
@@ -28,28 +28,43 @@ random weights, completions stop at random lengths), exported with `gpt_keras.se
    `batch_timeout_micros` = 2 ms, is not included). Each mode is repeated `--repeats` times per
    process. Reported: requests/s, generated characters/s (one token per character) and
    per-request latency (p50, max), over all rounds.
+3. Batching through HTTP. Each round starts, in alternating order, `gpt-keras serve` without and
+   with `--enable-batching --batching-parameters-file export/batching_parameters.txt`, and 8
+   closed-loop clients (threads) send batch-1 `serving_default` requests, one untimed and then
+   `--repeats` timed each. Both serve a copy of the version whose warm-up file lacks the
+   `generate` records: under batching those fail (scalar inputs), and the version would not be
+   served, as in TF Serving (export/README.md). Reported as in 2, over all rounds.
 The 1-minute load average is printed with every round: other processes on the machine inflate
 the figures, so compare modes within this run only.
 """
 
 import argparse
+import concurrent.futures
+import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's gpt_keras
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout's gpt_keras
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from tensorflow_serving.apis import prediction_log_pb2  # noqa: E402
 
 from gpt_keras import GPT  # noqa: E402
 from gpt_keras.cli import default_corpus  # noqa: E402
 from gpt_keras.serving import export_model, run_like_tf_serving  # noqa: E402
 from gpt_keras.tokenizers import CharTokenizer  # noqa: E402
+from gpt_keras.warmup import WARMUP_FILE  # noqa: E402
 
 PROMPT_CHARS = 16
 CONCURRENCY = 8
@@ -185,9 +200,10 @@ def batching_rounds(version_dir, prompts, args):
             loads.append(f"{mode} {load_average()}")
             results[mode].append(run_like_tf_serving([version_dir], BATCHING, {
                 "mode": mode, "prompts": prompts, "repeats": args.repeats}))
+        rates = [CONCURRENCY * args.repeats / sum(results[mode][-1]["walls"]) for mode in modes]
         print(f"batching round {index + 1}: load average before {', '.join(loads)}; "
-              + ", ".join(f"{mode} {CONCURRENCY * args.repeats / sum(results[mode][-1]['walls']):.2f}"
-                          " req/s" for mode in modes), flush=True)
+              + ", ".join(f"{mode} {rate:.2f} req/s" for mode, rate in zip(modes, rates)),
+              flush=True)
     print(f"\n| {CONCURRENCY} prompts, `serving_default` | requests/s | characters/s | "
           "characters per request | p50 latency ms | max latency ms |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -203,13 +219,92 @@ def batching_rounds(version_dir, prompts, args):
               f"{1000 * max(latencies):.0f} |")
 
 
+def without_generate_warmup(version_dir, base_dir):
+    """A copy of the version as `base_dir/1` whose warm-up file lacks the `generate` records."""
+    shutil.copytree(version_dir, os.path.join(base_dir, "1"))
+    path = os.path.join(base_dir, "1", "assets.extra", WARMUP_FILE)
+    records = [record for record in tf.data.TFRecordDataset(path).as_numpy_iterator()
+               if prediction_log_pb2.PredictionLog.FromString(record)
+               .predict_log.request.model_spec.signature_name != "generate"]
+    with tf.io.TFRecordWriter(path) as writer:
+        for record in records:
+            writer.write(record)
+
+
+def start_server(base_dir, batching):
+    """`gpt-keras serve` on a free port, with or without batching; returns (process, URL)."""
+    options = ["--enable-batching", "--batching-parameters-file",
+               str(ROOT / "export" / "batching_parameters.txt")] if batching else []
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpt_keras.cli", "serve", base_dir, "--port", "0", "--quiet",
+         "--poll-seconds", "0", "--model-name", "m", *options],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    line = process.stdout.readline()  # "Serving m (version 1) from DIR at URL"
+    if " at http" not in line:
+        process.kill()
+        raise RuntimeError(f"The server did not start: {line!r}")
+    return process, line.rsplit(" at ", 1)[1].strip() + ":predict"
+
+
+def closed_loop(url, prompts, repeats):
+    """Each prompt's client sends it once untimed, then `repeats` times; returns (wall seconds of
+    the timed part, [latency seconds], characters generated)."""
+    def post(prompt):
+        body = json.dumps({"instances": [prompt]}).encode()
+        start = time.perf_counter()
+        with urllib.request.urlopen(urllib.request.Request(url, body), timeout=600) as answer:
+            text = json.loads(answer.read())["predictions"][0]
+        return time.perf_counter() - start, len(text)
+
+    def client(prompt):
+        return [post(prompt) for _ in range(repeats)]
+
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        list(pool.map(post, prompts))
+        start = time.perf_counter()
+        results = [result for results in pool.map(client, prompts) for result in results]
+        wall = time.perf_counter() - start
+    return wall, [latency for latency, _ in results], sum(length for _, length in results)
+
+
+def http_rounds(version_dir, prompts, args, directory):
+    base_dir = os.path.join(directory, "http", "m")
+    without_generate_warmup(version_dir, base_dir)
+    modes = ["no batching", "batching"]
+    results = {mode: [] for mode in modes}
+    for index in range(args.rounds):
+        loads = []
+        for mode in alternate(index, modes):
+            process, url = start_server(base_dir, mode == "batching")
+            try:
+                loads.append(f"{mode} {load_average()}")
+                results[mode].append(closed_loop(url, prompts, args.repeats))
+            finally:
+                process.terminate()
+                process.wait()
+        print(f"http round {index + 1}: load average before {', '.join(loads)}; "
+              + ", ".join(f"{mode} {len(results[mode][-1][1]) / results[mode][-1][0]:.2f} req/s"
+                          for mode in modes), flush=True)
+    print(f"\n| `gpt-keras serve`, {CONCURRENCY} closed-loop clients, `serving_default` | "
+          "requests/s | characters/s | characters per request | p50 latency ms | "
+          "p99 latency ms |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for mode, runs in results.items():
+        wall = sum(w for w, _, _ in runs)
+        latencies = [latency for _, run_latencies, _ in runs for latency in run_latencies]
+        characters = sum(c for _, _, c in runs)
+        print(f"| {mode} | {len(latencies) / wall:.2f} | {characters / wall:.0f} | "
+              f"{characters / len(latencies):.0f} | {1000 * percentile(latencies, 50):.0f} | "
+              f"{1000 * percentile(latencies, 99):.0f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--train-steps", type=int, default=150)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--part", choices=["warmup", "batching", "both"], default="both")
+    parser.add_argument("--part", choices=["warmup", "batching", "http", "all"], default="all")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
         start = time.perf_counter()
@@ -218,10 +313,12 @@ def main():
         print(f"trained {args.train_steps} steps and exported in "
               f"{time.perf_counter() - start:.0f} s; load average {load_average()}; "
               f"{os.cpu_count()} cores", flush=True)
-        if args.part in ("warmup", "both"):
+        if args.part in ("warmup", "all"):
             warmup_rounds(version_dir, prompts[0], args)
-        if args.part in ("batching", "both"):
+        if args.part in ("batching", "all"):
             batching_rounds(version_dir, prompts, args)
+        if args.part in ("http", "all"):
+            http_rounds(version_dir, prompts, args, directory)
     print(f"\nload average at the end: {load_average()}")
 
 

@@ -85,7 +85,8 @@ def _checked(signature, feeds, specs):
         if not spec.shape.is_compatible_with(array.shape):
             raise ValueError(
                 f"The warm-up input '{name}' of '{signature}' in gpt_keras.warmup.EXAMPLE_INPUTS "
-                f"has shape {list(array.shape)}; the signature takes {spec.shape}. Update the table."
+                f"has shape {list(array.shape)}; the signature takes {spec.shape}. Update the "
+                "table."
             )
         arrays[name] = array
     return arrays
