@@ -553,18 +553,28 @@ def test_bad_server_settings_are_refused(toy_versions, tmp_path):
         make_app(str(base), num_versions=0)
 
 
-def test_cli_serves_on_localhost_and_stops_on_interrupt(toy_versions, tmp_path):
+BATCHING_PARAMETERS = os.path.join(os.path.dirname(__file__), "..", "export",
+                                   "batching_parameters.txt")
+
+
+@pytest.mark.parametrize("batching", [False, True])
+def test_cli_serves_on_localhost_and_stops_on_interrupt(toy_versions, tmp_path, batching):
+    """With `--enable-batching --batching-parameters-file`, `generate` (scalar inputs) is
+    refused as TF Serving's batching refuses it."""
     base = tmp_path / "toy"
     shutil.copytree(toy_versions / "1", base / "1")
+    options = ["--enable-batching", "--batching-parameters-file", BATCHING_PARAMETERS]
     process = subprocess.Popen(
         [sys.executable, "-m", "gpt_keras.cli", "serve", str(base), "--port", "0",
-         "--poll-seconds", "0"],
+         "--poll-seconds", "0", *(options if batching else [])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
         assert line.startswith(f"Serving toy (version 1) from {base} at http://127.0.0.1:"), line
         url = line.split(" at ")[1].strip()
         assert call(url + ":predict", {"instances": ["a"]}) == (200, {"predictions": ["a!v1"]})
+        status, _ = call(url + ":predict", {"signature_name": "generate", "inputs": GENERATE})
+        assert status == (400 if batching else 200)
     finally:
         process.send_signal(signal.SIGINT)
         _, errors = process.communicate(timeout=30)
