@@ -44,8 +44,9 @@ def warmup_requests(signature_inputs, tokenizer, context_length):
     """`PredictRequest`s warming up every signature for each batch size in `BATCH_SIZES`, with a
     short and a context-long prompt.
 
-    `signature_inputs` maps each signature name to its inputs, `{name: tf.TensorSpec}`. Raises
-    `ValueError` if they differ from `EXAMPLE_INPUTS` (names, dtypes, ranks)."""
+    `signature_inputs` maps each signature name to its inputs, `{name: tf.TensorSpec}`; the
+    table's values are cast to their dtypes. Raises `ValueError` if the table's signatures,
+    input names or shapes differ from them."""
     if set(signature_inputs) != set(EXAMPLE_INPUTS):
         raise ValueError(
             f"The warm-up table gpt_keras.warmup.EXAMPLE_INPUTS covers signatures "
@@ -72,7 +73,7 @@ def warmup_requests(signature_inputs, tokenizer, context_length):
 
 
 def _checked(signature, feeds, specs):
-    """`feeds` as arrays of the dtypes of `specs`; `ValueError` if names or ranks differ."""
+    """`feeds` as arrays of the dtypes of `specs`; `ValueError` if names or shapes differ."""
     if set(feeds) != set(specs):
         raise ValueError(
             f"The warm-up inputs of '{signature}' in gpt_keras.warmup.EXAMPLE_INPUTS are "
