@@ -433,9 +433,10 @@ def make_app(base_dir, model_name=None, *, poll_seconds=2.0, num_versions=1,
     if batching_parameters_file and not enable_batching:
         raise ValueError("A batching parameters file is read only with batching enabled "
                          "(--enable-batching).")
-    batcher = Batcher(read_batching_parameters(batching_parameters_file)
-                      if batching_parameters_file else BatchingParameters()
-                      ) if enable_batching else None
+    batcher = None
+    if enable_batching:
+        batcher = Batcher(read_batching_parameters(batching_parameters_file)
+                          if batching_parameters_file else BatchingParameters())
     versions = ModelVersions(base_dir, num_versions, batcher)
     versions.refresh()
     if not versions.loaded:
