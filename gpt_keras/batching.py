@@ -35,9 +35,9 @@ DEFAULTS = {"max_batch_size": 1000, "batch_timeout_micros": 0, "max_enqueued_bat
 
 
 def _batching_parameters_class():
-    """`tensorflow.serving.BatchingParameters` as declared in TF Serving 2.21's
-    tensorflow_serving/servables/tensorflow/session_bundle_config.proto, which the pip package
-    tensorflow-serving-api does not ship."""
+    """`tensorflow.serving.BatchingParameters` as declared in TF Serving's
+    tensorflow_serving/servables/tensorflow/session_bundle_config.proto (master of 2026-07-30,
+    9d981c5), which the pip package tensorflow-serving-api does not ship."""
     file = descriptor_pb2.FileDescriptorProto(
         name="gpt_keras/batching_parameters.proto", package="tensorflow.serving",
         syntax="proto3", dependency=["google/protobuf/wrappers.proto"])
