@@ -6,8 +6,9 @@ Run from the repository root:
 
     TF_CPP_MIN_LOG_LEVEL=3 python benchmarks/serving_warmup_batching.py
 
-Options: `--rounds 5`, `--repeats 5`, `--train-steps 150`, `--new-tokens 32`, `--part warmup`,
-`--part batching` or `--part http` (default: all three). About 15 minutes on a 2-core CPU.
+Options: `--rounds 5`, `--repeats 5`, `--train-steps 150`, `--new-tokens 32`; `--part warmup`,
+`batching`, `http` or `buckets` runs one part (default: all four). About 20 minutes on a 2-core
+CPU.
 
 Setting: the `shakespeare-char` preset (4 layers, 4 heads, 128 dims, context 64) with a
 `CharTokenizer` over Tiny Shakespeare, trained for `--train-steps` Adam steps (batch 16) so that
@@ -34,6 +35,9 @@ random weights, completions stop at random lengths), exported with `gpt_keras.se
    `--repeats` timed each. Both serve a copy of the version whose warm-up file lacks the
    `generate` records: under batching those fail (scalar inputs), and the version would not be
    served, as in TF Serving (export/README.md). Reported as in 2, over all rounds.
+4. Which shape buckets need warm-up records. As 1, for `generate` at batch 8 with prompts of
+   `context_length - 1` characters, after replaying no record, only the first record of each
+   signature (batch 1, short prompt), or all of them.
 The 1-minute load average is printed with every round: other processes on the machine inflate
 the figures, so compare modes within this run only.
 """
@@ -77,9 +81,16 @@ start = time.perf_counter()
 run = load(sys.argv[1])
 loaded = time.perf_counter() - start
 start = time.perf_counter()
-replayed = replay_warmup(sys.argv[1], run) if request["replay"] else 0
+if request["replay"] == "all":
+    replayed = replay_warmup(sys.argv[1], run)
+else:  # none, or the first record of each signature (batch 1, short prompt)
+    records = read_warmup_requests(sys.argv[1]) if request["replay"] != "none" else []
+    records = [r for i, r in enumerate(records) if r[0] not in {s for s, _ in records[:i]}]
+    for signature, feeds in records:
+        run(signature, feeds)
+    replayed = len(records)
 replay_seconds = time.perf_counter() - start
-prompts = np.array([request["prompt"].encode("utf-8")], object)
+prompts = np.array([p.encode("utf-8") for p in request["prompts"]], object)
 feeds = {"prompts": prompts} if request["signature"] == "serving_default" else {
     "prompts": prompts, "max_new_tokens": np.int32(request["new_tokens"]),
     "temperature": np.float32(0), "top_k": np.int32(1), "top_p": np.float32(1),
@@ -135,7 +146,7 @@ print(json.dumps({"walls": walls, "latencies": latencies, "characters": characte
 
 def trained_export(directory, steps):
     """The `shakespeare-char` preset after `steps` Adam steps, exported under `directory`;
-    returns (version directory, the 8 prompts)."""
+    returns (version directory, the 8 prompts, a prompt of `context_length - 1` characters)."""
     keras.utils.set_random_seed(0)
     with open(default_corpus(), encoding="utf-8") as f:
         text = f.read()
@@ -152,7 +163,7 @@ def trained_export(directory, steps):
         model.fit(windows[:, :-1], windows[:, 1:], batch_size=16, epochs=1, verbose=0)
     lines = [line for line in text.splitlines() if len(line) >= PROMPT_CHARS]
     return export_model(model, tokenizer, directory), [
-        line[:PROMPT_CHARS] for line in lines[:CONCURRENCY]]
+        line[:PROMPT_CHARS] for line in lines[:CONCURRENCY]], text[:model.config.context_length - 1]
 
 
 def alternate(index, items):
@@ -168,23 +179,22 @@ def load_average():
     return f"{os.getloadavg()[0]:.2f}"
 
 
-def warmup_rounds(version_dir, prompt, args):
-    cases = [(signature, replay) for signature in ("serving_default", "generate")
-             for replay in (False, True)]
+def first_request_rounds(version_dir, cases, prompts, args, part):
+    """Part 1 (or 4): one fresh process per (signature, replay) case per round."""
     results = {case: [] for case in cases}
     for index in range(args.rounds):
         for signature, replay in alternate(index, cases):
             results[signature, replay].append(run_like_tf_serving([version_dir], FIRST_REQUEST, {
-                "signature": signature, "replay": replay, "prompt": prompt,
+                "signature": signature, "replay": replay, "prompts": prompts,
                 "new_tokens": args.new_tokens, "repeats": args.repeats}))
-        print(f"warm-up round {index + 1}: load average {load_average()}", flush=True)
-    print("\n| signature | warm-up replay | load s | replay s (records) | first request ms | "
-          "steady state ms | first / steady | characters |")
+        print(f"{part} round {index + 1}: load average {load_average()}", flush=True)
+    print(f"\n| signature, batch {len(prompts)} | warm-up replay | load s | replay s (records) | "
+          "first request ms | steady state ms | first / steady | characters |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for (signature, replay), runs in results.items():
         first = statistics.median(r["times"][0] for r in runs)
         steady = statistics.median(statistics.median(r["times"][1:]) for r in runs)
-        print(f"| `{signature}` | {'yes' if replay else 'no'} | "
+        print(f"| `{signature}` | {replay} | "
               f"{statistics.median(r['load'] for r in runs):.2f} | "
               f"{statistics.median(r['replay'] for r in runs):.2f} ({runs[0]['records']}) | "
               f"{1000 * first:.1f} | {1000 * steady:.1f} | {first / steady:.2f} | "
@@ -304,21 +314,28 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--train-steps", type=int, default=150)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--part", choices=["warmup", "batching", "http", "all"], default="all")
+    parser.add_argument("--part", choices=["warmup", "batching", "http", "buckets", "all"],
+                        default="all")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
         start = time.perf_counter()
-        version_dir, prompts = trained_export(os.path.join(directory, "models"),
-                                              args.train_steps)
+        version_dir, prompts, long_prompt = trained_export(os.path.join(directory, "models"),
+                                                           args.train_steps)
         print(f"trained {args.train_steps} steps and exported in "
               f"{time.perf_counter() - start:.0f} s; load average {load_average()}; "
               f"{os.cpu_count()} cores", flush=True)
         if args.part in ("warmup", "all"):
-            warmup_rounds(version_dir, prompts[0], args)
+            first_request_rounds(version_dir, [
+                (signature, replay) for signature in ("serving_default", "generate")
+                for replay in ("none", "all")], prompts[:1], args, "warm-up")
         if args.part in ("batching", "all"):
             batching_rounds(version_dir, prompts, args)
         if args.part in ("http", "all"):
             http_rounds(version_dir, prompts, args, directory)
+        if args.part in ("buckets", "all"):
+            first_request_rounds(version_dir, [("generate", replay) for replay in (
+                "none", "one per signature", "all")], [long_prompt] * CONCURRENCY, args,
+                "buckets")
     print(f"\nload average at the end: {load_average()}")
 
 
