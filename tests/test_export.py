@@ -441,29 +441,27 @@ def test_export_whose_warmup_fails_is_not_installed(char_run, tmp_path, monkeypa
     (lambda table: table.update(logits=lambda prompts, ids: {"token_ids": ids[0]}),
      r"'token_ids' of 'logits' .* has shape \[4\]; the signature takes \(None, None\)"),
 ])
-def test_warmup_table_must_match_the_signatures(local, monkeypatch, change, message):
+def test_warmup_table_must_match_the_signatures(exported, local, monkeypatch, change, message):
     """When a signature's inputs change, the export says which entry of the one table to
-    update."""
+    update (checked against the exported signatures' inputs, as recorded in the manifest)."""
     _, tokenizer = local
+    inputs = {name: {key: tf.TensorSpec(spec["shape"], spec["dtype"])
+                     for key, spec in contract["inputs"].items()}
+              for name, contract in serving.read_manifest(exported[0])["signatures"].items()}
+    assert len(warmup.warmup_requests(inputs, tokenizer, context_length=16)) == (
+        2 * len(warmup.BATCH_SIZES) * len(serving.SIGNATURES))
     table = dict(warmup.EXAMPLE_INPUTS)
     change(table)
     monkeypatch.setattr(warmup, "EXAMPLE_INPUTS", table)
-    inputs = {name: {"prompts": tf.TensorSpec([None], tf.string)} for name in serving.SIGNATURES}
-    inputs["logits"] = {"token_ids": tf.TensorSpec([None, None], tf.int32)}
-    inputs["detokenize"] = inputs["logits"]
-    inputs["generate"] = {"prompts": tf.TensorSpec([None], tf.string), **{
-        name: tf.TensorSpec([], dtype) for name, dtype in (
-            ("max_new_tokens", tf.int32), ("temperature", tf.float32), ("top_k", tf.int32),
-            ("top_p", tf.float32), ("seed", tf.int64))}}
     with pytest.raises(ValueError, match=message):
         warmup.warmup_requests(inputs, tokenizer, context_length=16)
 
 
 def test_batching_parameters_file_is_tf_servings_and_matches_the_warmup():
     """export/batching_parameters.txt parses (strictly: unknown fields fail) as TF Serving's
-    `BatchingParameters` text proto (`gpt_keras.batching` declares it as session_bundle_config.proto
-    does); its allowed batch sizes are the warmed-up ones, increasing, the last one
-    `max_batch_size`, as TF Serving requires."""
+    `BatchingParameters` text proto (declared in `gpt_keras.batching` as TF Serving declares it);
+    its allowed batch sizes are the warmed-up ones, increasing, the last one `max_batch_size`, as
+    TF Serving requires."""
     parameters = read_batching_parameters(BATCHING_PARAMETERS)
     assert tuple(parameters.allowed_batch_sizes) == warmup.BATCH_SIZES
     assert list(parameters.allowed_batch_sizes) == sorted(set(parameters.allowed_batch_sizes))
