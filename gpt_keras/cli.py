@@ -9,6 +9,8 @@ import dataclasses
 import os
 import sys
 
+from gpt_keras.config import WEIGHT_FORMATS
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads: keep the CLI quiet
 
 DEFAULT_CORPUS_URL = (
@@ -122,6 +124,7 @@ def _evaluate(args):
 
 def _generate(args):
     from gpt_keras.generation import TextGenerator
+    from gpt_keras.precision import with_weights
     from gpt_keras.tokenizers import load_tokenizer
     from gpt_keras.training import load_model, read_run_config
 
@@ -132,7 +135,7 @@ def _generate(args):
         generator.check_source(args.run_dir)
     else:
         read_run_config(args.run_dir)  # a clear error for a directory that is not a run
-        generator = TextGenerator(load_model(args.run_dir),
+        generator = TextGenerator(with_weights(load_model(args.run_dir), args.weights),
                                   load_tokenizer(os.path.join(args.run_dir, "tokenizer")))
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     knobs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -190,7 +193,8 @@ def _export(args):
 
         from gpt_keras.tflite import MANIFEST_FILE, export_tflite
 
-        path = export_tflite(args.run_dir, args.out, quantize=args.quantize, force=args.force)
+        path = export_tflite(args.run_dir, args.out, quantize=args.quantize, force=args.force,
+                             weights=args.weights)
         with open(os.path.join(os.path.dirname(path), MANIFEST_FILE), encoding="utf-8") as f:
             signatures = json.load(f)["signatures"]
         print(f"TFLite model written to {path}. Signatures:")
@@ -199,7 +203,8 @@ def _export(args):
             raise ValueError("--quantize applies to --format tflite; the SavedModel is float32.")
         from gpt_keras.serving import export_saved_model, read_manifest
 
-        path = export_saved_model(args.run_dir, args.out, version=args.version, force=args.force)
+        path = export_saved_model(args.run_dir, args.out, version=args.version, force=args.force,
+                                  weights=args.weights)
         signatures = read_manifest(path)["signatures"]
         print(f"SavedModel written to {path} (verified as TF Serving loads it). Signatures:")
     for name, contract in signatures.items():
@@ -282,6 +287,9 @@ def build_parser():
     generate_parser.add_argument("--num-samples", type=int, default=1)
     generate_parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                                  help="print tokens as they are produced (default)")
+    generate_parser.add_argument("--weights", choices=WEIGHT_FORMATS, default="float32",
+                                 help="decode with the weights in this format (bfloat16: half "
+                                 "the bytes; int8: weight-only int8, a quarter)")
     generate_parser.set_defaults(handler=_generate)
     convert_parser = commands.add_parser(
         "convert", help="Hugging Face GPT-2 checkpoint -> run directory, or back (--to hf)"
@@ -306,7 +314,10 @@ def build_parser():
     export_parser.add_argument("--format", choices=["saved_model", "tflite"],
                                default="saved_model")
     export_parser.add_argument("--quantize", choices=["float16", "int8"], default=None,
-                               help="TFLite weight quantization (with --format tflite)")
+                               help="TFLite's own weight quantization (with --format tflite)")
+    export_parser.add_argument("--weights", choices=WEIGHT_FORMATS, default="float32",
+                               help="export the weights in this format (gpt_keras.precision; "
+                               "TFLite: float32 or int8)")
     export_parser.set_defaults(handler=_export)
     serve_parser = commands.add_parser(
         "serve", help="a development server speaking TF Serving's REST API over exported versions"

@@ -4,6 +4,8 @@ import dataclasses
 from typing import Optional
 
 POSITION_EMBEDDINGS = ("sinusoidal", "learned", "rotary")
+# Formats of `gpt_keras.precision.with_weights` (here so that the CLI needs no TensorFlow).
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
 
 
 @dataclasses.dataclass(frozen=True)

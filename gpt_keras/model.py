@@ -9,6 +9,7 @@ from keras import ops
 
 from gpt_keras.config import POSITION_EMBEDDINGS, GPTConfig
 from gpt_keras.layers._initializers import fresh
+from gpt_keras.layers.multi_head_attention import zero_cache
 from gpt_keras.layers import (
     LearnedPositionalEmbedding,
     SinusoidalPositionalEncoding,
@@ -206,24 +207,30 @@ class GPT(keras.Model):
         return logits, ops.stack(caches, axis=1)
 
     def call_with_layer_caches(self, token_ids, caches, cache_index, padding_mask=None,
-                               training=False):
+                               training=False, return_hidden_states=False):
         """`call_with_cache` with the cache as a list of L per-layer `[B, 2, H, S, K]` tensors
-        (see `init_layer_caches`); returns `(logits, updated caches)`. A decoding loop that
-        carries the list does not slice and re-stack the whole cache at every step (-30% per
-        decoded token, BENCHMARKS.md)."""
+        (see `init_layer_caches`); returns `(logits, updated caches)`, or with
+        `return_hidden_states=True` `(hidden states [B, T, D], updated caches)` (pass the rows
+        you need to `project_logits`). A decoding loop that carries the list does not slice and
+        re-stack the whole cache at every step (-30% per decoded token, BENCHMARKS.md)."""
         if _is_concrete(cache_index):
             start = int(cache_index)
             if start < 0:
                 raise ValueError(f"`cache_index` must be >= 0. Received: cache_index={start}")
             limit = min(caches[0].shape[3], self.config.context_length) - start
             self._check_inputs(token_ids, limit=limit, limit_name="cache length - cache_index")
-        return self._forward(token_ids, padding_mask, list(caches), cache_index, training)
+        return self._forward(
+            token_ids, padding_mask, list(caches), cache_index, training,
+            head=not return_hidden_states,
+        )
 
     def init_cache(self, batch_size, length=None):
         """An all-zero KV cache `[batch_size, L, 2, H, length, K]` in the compute dtype;
-        `length` defaults to (and may not exceed) `context_length`."""
-        length = length or self.config.context_length
-        if length > self.config.context_length:
+        `length` (an int, or a scalar tensor in a graph) defaults to (and may not exceed)
+        `context_length`."""
+        if length is None:
+            length = self.config.context_length
+        if isinstance(length, int) and length > self.config.context_length:
             raise ValueError(
                 f"The cache length must be at most context_length={self.config.context_length}. "
                 f"Received: length={length}"
@@ -231,7 +238,7 @@ class GPT(keras.Model):
         heads = self.config.num_heads
         head_dim = self.config.hidden_dim // heads
         shape = (batch_size, self.config.num_layers, 2, heads, length, head_dim)
-        return ops.zeros(shape, dtype=self.compute_dtype)
+        return zero_cache(shape, dtype=self.compute_dtype)
 
     def init_layer_caches(self, batch_size, length=None):
         """`init_cache` as a list of L all-zero per-layer caches `[batch_size, 2, H, length, K]`."""
@@ -264,19 +271,24 @@ class GPT(keras.Model):
                     training=training,
                 )
                 updated_caches.append(layer_cache)  # [B, 2, H, S, K]
-        x = self.final_norm(x)
-        if not head:
-            logits = x  # [B, T, D]: hidden states, not logits
-        elif self.lm_head is None:
+        x = self.final_norm(x)  # [B, T, D]
+        outputs = self.project_logits(x) if head else ops.cast(x, "float32")
+        return outputs, (None if cache is None else updated_caches)
+
+    def project_logits(self, hidden_states):
+        """The output projection: final hidden states `[B, T, D]` → float32 logits `[B, T, V]`."""
+        x = ops.cast(hidden_states, self.compute_dtype)
+        if self.lm_head is None:
             # Tied embeddings (GPT-2): the output projection is the token embedding transposed.
             # matmul with a transpose: 1.16-1.31x faster than einsum at GPT-2's vocabulary
             # (benchmarks/attention.py).
             embeddings = ops.cast(self.token_embedding.embeddings, x.dtype)
             logits = ops.matmul(x, ops.transpose(embeddings))
+            if self.token_embedding.quantization_mode == "int8":  # int8 rows, a scale per row
+                logits = logits / ops.cast(self.token_embedding.embeddings_scale, x.dtype)
         else:
             logits = self.lm_head(x)
-        logits = ops.cast(logits, "float32")  # [B, T, V]
-        return logits, (None if cache is None else updated_caches)
+        return ops.cast(logits, "float32")  # [B, T, V]
 
     def _check_inputs(self, token_ids, limit, limit_name):
         """Raises `ValueError` for sequences longer than `limit` (when the length is known) and,

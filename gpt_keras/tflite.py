@@ -12,20 +12,18 @@ Signatures of the `.tflite` file (ids int32, other floats float32; every input i
   `cache` holding them.
 - `decode`: `token` `[B]` at `position` `[]` (< S), `cache` → `logits` `[B, V]` (for the next
   position) and the `cache` with slot `position` written.
-- `generate`: `gpt_keras.generation`'s decoding loop in one call, up to a full cache:
-  `token_ids` `[B, S]` (prompts right-padded to S), `lengths` `[B]` (each in [1, S]),
-  `max_new_tokens` `[]` (≥ 1), `temperature` `[]` (0 = greedy), `top_k` `[]` (0 = no cut), `top_p`
+- `generate`: the decoding core (`gpt_keras.decoding`, sliding window included) in one call:
+  `token_ids` `[B, P]` (prompts right-padded, P ≤ S), `lengths` `[B]` (each in [1, P]),
+  `max_new_tokens` `[]`, `temperature` `[]` (0 = greedy), `top_k` `[]` (0 = no cut), `top_p`
   `[]` (1 = no cut), `seed` `[2]` (a 62-bit seed s as `[s >> 31, s & 0x7FFFFFFF]`: `[0, s]`
   for s < 2**31), `offset` `[]` (absolute position of the prompt's first token; it only moves
   the random numbers), `stop_token_ids` `[n]` (-1 entries ignored) → `new_token_ids` `[B, N]`
-  (-1 after a row's last id) and `num_new_tokens` `[B]`. A row ends after N ids, after a stop
-  token (which it keeps), or when it reaches S tokens. Longer generations continue from the last
-  `S // 2` tokens with `offset` advanced by as many as were dropped (`TFLiteGenerator` does this),
-  which gives the tokens of `gpt_keras.generation.generate` with the same seed.
+  (-1 after a row's last id; a stop token is not returned), `num_new_tokens` `[B]`, and the
+  window to continue from: `window_ids` `[B, W]`, `window_lengths` `[B]`, `window_offset` `[]`
+  (pass them as `token_ids`, `lengths` and `offset` of the next call, as `TFLiteGenerator` does
+  when it streams). The tokens are those of `gpt_keras.generation.generate` for the same seed.
 
 Prefill and decode positions are shared by the batch (one scalar), as in `GPT.call_with_cache`.
-The `generate` signature always prefills S slots: `generation._start` pins the token buffer with
-`tf.ensure_shape`, which is not a builtin unless the width is already static.
 
 `export_tflite(run_dir, out_dir)` writes `out_dir/` = `model[-float16|-int8].tflite`,
 `tokenizer.json` (the run's vocabulary file; `gpt_keras.tokenizers.load_tokenizer(out_dir)`)
@@ -39,13 +37,12 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from gpt_keras import generation
+from gpt_keras import decoding, generation
 from gpt_keras.config import GPTConfig
 
 LOGITS_SIGNATURE = "logits"
@@ -84,9 +81,11 @@ def convert_to_tflite(model, quantize=None):
         return converter.convert()
 
 
-def export_tflite(run_dir, out_dir, quantize=None, force=False):
+def export_tflite(run_dir, out_dir, quantize=None, force=False, weights="float32"):
     """Converts the model of `run_dir` (see `convert_to_tflite`) and writes `out_dir/` with the
-    `.tflite` file, `tokenizer.json` and `manifest.json`; returns the `.tflite` path.
+    `.tflite` file, `tokenizer.json` and `manifest.json`; returns the `.tflite` path. `weights`:
+    "float32", or "int8" (gpt_keras' weight-only int8, `gpt_keras.precision`: the file then
+    decodes with the numerics of the in-process int8 model, unlike `quantize="int8"`).
 
     The directory is built beside `out_dir` and renamed into place, so `out_dir` is never seen
     half-written. An existing non-empty `out_dir` raises `ValueError` unless `force`. Before
@@ -96,26 +95,33 @@ def export_tflite(run_dir, out_dir, quantize=None, force=False):
     from gpt_keras.tokenizers import load_tokenizer
     from gpt_keras.training import load_model
 
+    from gpt_keras.precision import with_weights
+
     _check_quantize(quantize)
+    if weights == "bfloat16":
+        raise ValueError("TFLite's builtin kernels have no bfloat16: export --weights float32 "
+                         "with --quantize float16 instead (half the bytes).")
+    if weights == "int8" and quantize:
+        raise ValueError("--weights int8 already quantizes the weights; drop --quantize.")
     out_dir = os.path.abspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
         raise ValueError(f"{out_dir} already exists; pass force=True (--force) to replace it.")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"{out_dir} exists and is not a directory; choose another --out.")
-    model = load_model(run_dir)
+    model = with_weights(load_model(run_dir), weights)
     tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
     content = convert_to_tflite(model, quantize)
     difference = _logit_difference(content, model)
     if quantize is None and difference > FLOAT32_TOLERANCE:
         raise RuntimeError(
-            f"gpt_keras internal error: the float32 TFLite logits differ from Keras by "
+            f"gpt_keras internal error: the unquantized TFLite logits differ from Keras by "
             f"{difference:.2e} (more than {FLOAT32_TOLERANCE})."
         )
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     temporary = tempfile.mkdtemp(dir=parent, prefix=".tflite-")
     try:
-        name = MODEL_FILES[quantize]
+        name = MODEL_FILES[quantize] if weights == "float32" else "model-weights-int8.tflite"
         _write_file(os.path.join(temporary, name), content)
         tokenizer.save(temporary)
         manifest = {
@@ -124,6 +130,7 @@ def export_tflite(run_dir, out_dir, quantize=None, force=False):
             "model_bytes": len(content),
             "model_sha256": hashlib.sha256(content).hexdigest(),
             "quantization": quantize,
+            "weights": weights,
             "config": dataclasses.asdict(model.config),
             "tokenizer": {"file": "tokenizer.json", **tokenizer.describe()},
             "signatures": _signature_specs(content),
@@ -221,21 +228,20 @@ class TFLiteGenerator:
         if end_of_text is not None:
             kwargs.setdefault("stop_token_ids", (end_of_text,))
         chunks = self.stream_ids(ids, max_new_tokens, chunk_size=chunk_size, **kwargs)
-        return self._texts(chunks, generation._TextRow(self._bytes, ()))
+        return self._texts(chunks, generation.IncrementalText(self._bytes, ()))
 
     def stream_ids(self, prompt_ids, max_new_tokens, *, chunk_size=None, temperature=1.0,
                    top_k=None, top_p=None, seed=None, stop_token_ids=()):
         """An iterator over lists of new ids after one prompt (a sequence of ids), `chunk_size`
-        (None: as many as fit the window) per interpreter call. Arguments as
-        `gpt_keras.generation.generate` (checked here, before iteration); a stop token ends the
-        generation and is dropped."""
-        (prompt,), _ = generation._normalize_prompts([prompt_ids], None, self.config.vocab_size)
-        max_new_tokens = generation._check_int("max_new_tokens", max_new_tokens, minimum=0)
+        (None: all) per interpreter call. Arguments as `gpt_keras.generation.generate` (checked
+        here, before iteration); a stop token ends the generation and is dropped."""
+        context, vocab_size = self.config.context_length, self.config.vocab_size
+        (prompt,), _ = decoding.check_prompts([prompt_ids], None, vocab_size)
+        max_new_tokens = decoding.check_int("max_new_tokens", max_new_tokens, minimum=0)
         if chunk_size is not None:
-            chunk_size = generation._check_int("chunk_size", chunk_size, minimum=1)
-        knobs, stop_ids = generation._knobs(
-            temperature, top_k, top_p, seed, stop_token_ids, self.config.vocab_size
-        )
+            chunk_size = decoding.check_int("chunk_size", chunk_size, minimum=1)
+        knobs, stop_ids = decoding.knobs(vocab_size, temperature, top_k, top_p, seed,
+                                         stop_token_ids)
         feeds = {
             "temperature": np.float32(knobs["temperature"]),
             "top_k": np.int32(knobs["top_k"]),
@@ -243,39 +249,26 @@ class TFLiteGenerator:
             "seed": np.asarray(knobs["seed"], np.int32),
             "stop_token_ids": np.array(sorted(stop_ids) or [-1], np.int32),
         }
-        keep = self.config.context_length - 1
-        if len(prompt) > keep:
-            warnings.warn(f"The prompt has {len(prompt)} tokens; keeping its last {keep} so that "
-                          f"a new token fits in context_length={keep + 1}.", stacklevel=2)
-            prompt = prompt[-keep:]
-        return self._windows(prompt.tolist(), max_new_tokens, chunk_size, feeds, stop_ids)
+        (prompt,) = decoding.crop_prompts([prompt], context, context)
+        return self._calls(prompt, max_new_tokens, chunk_size, feeds)
 
-    def _windows(self, window, remaining, chunk_size, feeds, stop_ids):
-        context = self.config.context_length
+    def _calls(self, window, remaining, chunk_size, feeds):
         offset = 0  # absolute position of window[0]
         while remaining > 0:
-            if len(window) == context:  # full: continue from its last tokens, as generation does
-                dropped = context - max(1, context // generation._SLIDE_DIVISOR)
-                window, offset = window[dropped:], offset + dropped
-            count = min(remaining, context - len(window), chunk_size or remaining)
-            padded = np.zeros([1, context], np.int32)  # [1, S]
-            padded[0, : len(window)] = window
+            count = min(remaining, chunk_size or remaining)
             out = self._runner(
-                token_ids=padded, lengths=np.array([len(window)], np.int32),
+                token_ids=np.asarray([window], np.int32),
+                lengths=np.array([len(window)], np.int32),
                 max_new_tokens=np.int32(count), offset=np.int32(offset), **feeds,
             )
             new = out["new_token_ids"][0, : out["num_new_tokens"][0]].tolist()
-            if not new:
-                raise RuntimeError(f"gpt_keras internal error: {self.path} returned no token.")
-            window.extend(new)
-            remaining -= len(new)
-            stopped = new[-1] in stop_ids
-            if stopped:
-                new.pop()
             if new:
                 yield new
-            if stopped:
+            if len(new) < count:  # a stop token ended the row
                 return
+            remaining -= count
+            window = out["window_ids"][0, : out["window_lengths"][0]]
+            offset = int(out["window_offset"])
 
     @staticmethod
     def _texts(chunks, row):
@@ -315,27 +308,21 @@ def _device_endpoints(model):
 
     def generate(token_ids, lengths, max_new_tokens, temperature, top_k, top_p, seed, offset,
                  stop_token_ids):
-        limits = tf.minimum(lengths + max_new_tokens, context)  # [B]
-        stop_mask = tf.reduce_any(  # [V]
-            tf.equal(tf.expand_dims(tf.range(vocab_size), 1), tf.expand_dims(stop_token_ids, 0)),
-            axis=1,
+        knobs = decoding.knobs_in_graph(
+            vocab_size, temperature, top_k, top_p, seed, stop_token_ids
         )
-        knobs = {
-            "temperature": temperature,
-            "top_k": tf.where(top_k > 0, tf.minimum(top_k, vocab_size), vocab_size),
-            "top_p": top_p,
-            "seed": seed,
-            "stop_mask": stop_mask,
-        }
-        state = generation._start(
-            model, None, context, token_ids, lengths, limits, limits <= lengths, offset,
-            context, knobs,
+        # A static cache length: the loop's shapes stay fixed in the interpreter.
+        state = decoding.generate_in_graph(
+            model, token_ids, lengths, max_new_tokens, knobs, cache_length=context, offset=offset,
+            in_place=False,  # InplaceUpdate is not a TFLite builtin
         )
-        slots = tf.expand_dims(lengths, 1) + tf.expand_dims(tf.range(max_new_tokens), 0)  # [B, N]
-        new_ids = tf.gather(state["tokens"], tf.minimum(slots, context - 1), batch_dims=1)
+        window_ids, window_lengths, window_offset = decoding.resume_window(state)
         return {
-            "new_token_ids": tf.where(slots < tf.expand_dims(state["ends"], 1), new_ids, -1),
-            "num_new_tokens": state["ends"] - lengths,
+            "new_token_ids": state["out"],
+            "num_new_tokens": state["emitted"],
+            "window_ids": window_ids,
+            "window_lengths": window_lengths,
+            "window_offset": window_offset,
         }
 
     return {
@@ -345,7 +332,7 @@ def _device_endpoints(model):
             decode, [_ids("token", (None,)), _ids("position", ()), _cache_spec(model)]
         ),
         GENERATE_SIGNATURE: (generate, [
-            _ids("token_ids", (None, context)),
+            _ids("token_ids", (None, None)),
             _ids("lengths", (None,)),
             _ids("max_new_tokens", ()),
             tf.TensorSpec((), tf.float32, name="temperature"),

@@ -55,7 +55,7 @@ def test_prompt_from_stdin_and_several_samples(run_dir, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--top-k", "0"], "top_k` must be an integer ≥ 1. Received: top_k=0"),
+    (["--top-k", "-1"], "top_k` must be an integer ≥ 0 (0 = no cut). Received: top_k=-1"),
     (["--top-p", "1.5"], "top_p"),
     (["--temperature", "-1"], "temperature"),
 ])

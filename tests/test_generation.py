@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gpt_keras import GPT, GPTConfig, generation
+from gpt_keras import GPT, GPTConfig, decoding, generation
 from tests import numpy_reference as ref
 
 TINY = GPTConfig.from_preset("tiny")  # vocab 64, context 16, 2 layers, 2 heads, 32 dims
@@ -36,11 +36,15 @@ class ScriptedGPT(GPT):
         self._table = np.asarray(table, np.float32)
 
     def call_with_layer_caches(self, token_ids, cache, cache_index, padding_mask=None,
-                               training=False):
+                               training=False, return_hidden_states=False):
         batch, length = tf.shape(token_ids)[0], tf.shape(token_ids)[1]
         positions = cache_index + tf.range(length)
         logits = tf.gather(tf.constant(self._table), positions)  # [T, V]
+        # The "hidden states" are the logits themselves: `project_logits` is the identity.
         return tf.broadcast_to(logits, [batch, length, self._table.shape[1]]), cache
+
+    def project_logits(self, hidden_states):
+        return tf.cast(hidden_states, tf.float32)
 
 
 def scripted_model(script, vocab_size=256, context_length=32, base=None):
@@ -65,11 +69,11 @@ def oracle_logits(model, sequence):
 
 def oracle_greedy(model, prompt, max_new_tokens, window=None, keep=None):
     """nanoGPT-style greedy decoding: the whole visible sequence through `model` every step.
-    With `window`, once the visible part reaches `window` tokens it restarts from the last
-    `keep` tokens (the documented sliding window)."""
+    With `window`, a token is predicted from up to `window` tokens; when the visible part would
+    exceed that, it restarts from the last `keep` tokens (the documented sliding window)."""
     sequence, start = list(prompt), 0
     for _ in range(max_new_tokens):
-        if window is not None and len(sequence) - start == window:
+        if window is not None and len(sequence) - start > window:
             start = len(sequence) - keep
         logits = oracle_logits(model, sequence[start:])
         top_two = np.sort(logits)[-2:]
@@ -100,34 +104,92 @@ def test_without_xla_gives_the_same_tokens(model):
     )
 
 
+def in_graph_generator(model, stop_token_ids=()):
+    """`decoding.generate_in_graph` as a signature would trace it: a plain graph (no XLA) with a
+    dynamic batch, prompt width and cache length. Returns (concrete function, knob values)."""
+    vocab_size = model.config.vocab_size
+
+    @tf.function(autograph=False, input_signature=[
+        tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32),
+        tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.int32),
+        tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.int64),
+    ])
+    def run(prompt, lengths, max_new_tokens, temperature, top_k, top_p, seed):
+        knobs = decoding.knobs_in_graph(
+            vocab_size, temperature, top_k, top_p, decoding.seed_pair(seed),
+            tf.constant(stop_token_ids, tf.int32, shape=[len(stop_token_ids)]),
+        )
+        state = decoding.generate_in_graph(model, prompt, lengths, max_new_tokens, knobs)
+        return state["out"], state["emitted"]
+
+    return run.get_concrete_function()
+
+
+def padded_batch(prompts, width=None):
+    padded = np.zeros([len(prompts), width or max(map(len, prompts))], np.int32)
+    for b, p in enumerate(prompts):
+        padded[b, : len(p)] = p
+    return padded, np.array([len(p) for p in prompts], np.int32)
+
+
 def test_graph_without_xla_uses_no_xla_ops_and_takes_any_batch(model):
-    """The loop as it would be exported for TF Serving (XLA disabled): no `Xla*` op anywhere
-    (while body and cond branches included), and one graph for every batch size."""
-    start = generation._compile(model, "start", None, TINY.context_length, jit_compile=False)
-    kwargs = dict(temperature=1.0, top_k=5, top_p=0.9, seed=3)
-    knobs, _ = generation._knobs(stop_token_ids=(), vocab_size=TINY.vocab_size, **kwargs)
-    specs = [tf.TensorSpec([None, None], tf.int32)] + [tf.TensorSpec([None], tf.int32)] * 2
-    specs += [tf.TensorSpec([None], tf.bool)] + [tf.TensorSpec([], tf.int32)] * 2
-    specs.append({name: tf.TensorSpec.from_tensor(value) for name, value in knobs.items()})
-    concrete = start.get_concrete_function(*specs)
+    """The loop as it is exported for TF Serving (XLA disabled): no `Xla*` op anywhere (while
+    bodies and cond branches included), one graph for every batch size, prompt width and
+    length, and the tokens of in-process generation, past the context too."""
+    concrete = in_graph_generator(model)
     graph = concrete.graph.as_graph_def()
     op_types = {node.op for node in graph.node}
     op_types |= {node.op for function in graph.library.function for node in function.node_def}
     assert "While" in op_types or "StatelessWhile" in op_types
     assert not [op for op in op_types if op.startswith("Xla")]
-    for prompts in [RAGGED[:3], RAGGED[3:]]:
-        padded = np.zeros([len(prompts), 8], np.int32)
-        for b, p in enumerate(prompts):
-            padded[b, : len(p)] = p
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        state = concrete(
-            padded, lengths, lengths + 6, np.zeros(len(prompts), bool), 0, TINY.context_length,
-            knobs,
-        )
-        tokens, ends = state["tokens"].numpy(), state["ends"].numpy()
-        out = [tokens[b, n:end].tolist() for b, (n, end) in enumerate(zip(lengths, ends))]
+    kwargs = dict(temperature=1.0, top_k=5, top_p=0.9, seed=3)
+    for prompts, max_new_tokens in [(RAGGED[:3], 6), (RAGGED[3:], 2), (RAGGED, 40)]:
+        padded, lengths = padded_batch(prompts, width=9)
+        out, emitted = concrete(padded, lengths, max_new_tokens, 1.0, 5, 0.9, 3)
+        rows = [out[b, :n].numpy().tolist() for b, n in enumerate(emitted.numpy())]
         # The same tokens as the XLA-compiled loop: the random numbers are bit-exact.
-        assert out == generation.generate(model, prompts, 6, **kwargs)
+        assert rows == generation.generate(model, prompts, max_new_tokens, **kwargs)
+
+
+def test_negative_stop_ids_are_padding_in_graph():
+    """-1 in a signature's stop ids means "none": it never marks token V - 1 as a stop."""
+    vocab_size = 64
+    model = scripted_model([vocab_size - 1] * 8, vocab_size=vocab_size, context_length=16)
+    padded, lengths = padded_batch([[0, 0]])
+    out, emitted = in_graph_generator(model, stop_token_ids=(-1,))(padded, lengths, 4, 0.0, 0,
+                                                                     1.0, 0)
+    assert emitted.numpy().tolist() == [4]
+    assert out.numpy().tolist() == [[vocab_size - 1] * 4]
+
+
+def test_knob_rules_are_the_same_in_python_and_in_the_graph():
+    """One definition of the rules: a bad value gets the same message from `generate` (ValueError)
+    and from an exported graph (InvalidArgumentError)."""
+    vocab_size = 64
+    model = scripted_model([], vocab_size=vocab_size, context_length=16)
+
+    @tf.function(autograph=False)
+    def check(max_new_tokens, temperature, top_k, top_p):
+        checks = decoding.check_knobs_in_graph(
+            vocab_size, max_new_tokens, temperature, top_k, top_p, tf.constant([-1, 3])
+        )
+        with tf.control_dependencies(checks):
+            return tf.constant(0)
+
+    for name, bad in [("temperature", -1.0), ("temperature", float("inf")), ("top_k", -2),
+                      ("top_p", 1.5), ("max_new_tokens", -3)]:
+        values = dict(max_new_tokens=1, temperature=1.0, top_k=0, top_p=1.0)
+        values[name] = bad
+        with pytest.raises(ValueError) as python_error:
+            generation.generate(model, [[1]], **values)
+        with pytest.raises(tf.errors.InvalidArgumentError) as graph_error:
+            check(tf.constant(values["max_new_tokens"]),
+                  tf.constant(values["temperature"], tf.float32), tf.constant(values["top_k"]),
+                  tf.constant(values["top_p"], tf.float32))
+        rule = str(python_error.value).split(" Received")[0]
+        assert rule.startswith(f"`{name}` must be") and rule in graph_error.value.message
+    # The defaults pass.
+    assert check(tf.constant(4), tf.constant(0.0), tf.constant(0), tf.constant(1.0)) == 0
 
 
 def test_array_prompts_with_lengths_and_single_prompt(model):
@@ -153,13 +215,28 @@ def test_sliding_window_matches_oracle(model):
 
 def test_long_prompt_keeps_its_last_tokens_and_warns(model):
     prompt = list(np.random.default_rng(0).integers(0, TINY.vocab_size, 20))
-    with pytest.warns(UserWarning, match="Prompt 0 has 20 tokens; keeping its last 15"):
+    with pytest.warns(UserWarning, match="Prompt 0 has 20 tokens; keeping its last 16"):
         out = generation.generate(model, [prompt], max_new_tokens=3, temperature=0)
     keep = TINY.context_length // 2
-    assert out == [oracle_greedy(model, prompt[-15:], 3, window=TINY.context_length, keep=keep)]
-    with pytest.warns(UserWarning, match="keeping its last 12"):
+    assert out == [oracle_greedy(model, prompt[-16:], 3, window=TINY.context_length, keep=keep)]
+    with pytest.warns(UserWarning, match="keeping its last 13"):
         out = generation.generate(model, [prompt], 4, temperature=0, sliding_window=False)
-    assert out == [oracle_greedy(model, prompt[-12:], 4)]
+    assert out == [oracle_greedy(model, prompt[-13:], 4)]
+
+
+def test_a_full_context_is_used(model):
+    """A prompt of exactly `context_length` tokens is kept whole, and the token after it is
+    predicted from all of them; without a sliding window, prompt + new tokens may reach
+    `context_length + 1`."""
+    context = TINY.context_length
+    prompt = [int(t) for t in np.random.default_rng(1).integers(0, TINY.vocab_size, context)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = generation.generate(model, [prompt], 1, temperature=0)
+        assert first == [[int(np.argmax(oracle_logits(model, prompt)))]]
+        short = prompt[: context + 1 - 5]
+        out = generation.generate(model, [short], 5, temperature=0, sliding_window=False)
+    assert out == [oracle_greedy(model, short, 5)]
 
 
 # -- Sampling ------------------------------------------------------------------------------
@@ -219,6 +296,8 @@ def test_sampled_frequencies_follow_the_restricted_distribution():
     table[0, :4] = np.log(peaked)  # after a 1-token prompt
     broad = np.arange(400, 0, -1) / np.arange(400, 0, -1).sum()  # p_i ∝ 400 - i
     table[1, :400] = np.log(broad)  # after a 2-token prompt
+    table[2, :4] = [2.0, 1.0, 1.0, 1.0]  # after a 3-token prompt: a tie at the 2nd place
+    table[3, 0], table[3, 1:301] = 2.0, 1.0  # the tie reaches past the 256 candidates
     model = scripted_model([], vocab_size=vocab_size, base=table)
 
     def expect(probabilities):
@@ -233,6 +312,9 @@ def test_sampled_frequencies_follow_the_restricted_distribution():
         (2, {"top_k": 300}, expect(broad[:300])),  # k > 256: whole vocabulary
         # The top 256 hold 0.87 < 0.99: whole vocabulary; the nucleus is the first 361.
         (2, {"top_p": 0.99}, expect(broad[:361])),
+        # Logits tied with the top_k-th are all kept (as in Hugging Face), on both paths.
+        (3, {"top_k": 2}, expect(np.exp(table[2, :4]))),
+        (4, {"top_k": 2}, expect(np.exp(table[3, :301]))),
     ]
     for prompt_length, kwargs, expected in cases:
         kwargs = {"temperature": 1.0, **kwargs}
@@ -364,7 +446,7 @@ def test_text_stop_strings_end_the_text_and_are_never_streamed():
 def test_incremental_text_matches_decoding_everything_at_once(sanitize):
     data = "añ€😀".encode("utf-8") + b"\xff" + "z€".encode("utf-8") + b"\xe2\x82"
     tokenizer = ByteTokenizer(sanitize)
-    row = generation._TextRow(lambda ids: tokenizer.detokenize(ids).numpy(), ())
+    row = generation.IncrementalText(lambda ids: tokenizer.detokenize(ids).numpy(), ())
     pieces = [row.feed([byte]) for byte in data] + [row.finish()]
     assert "".join(pieces) == data.decode("utf-8", errors="replace")
     # Fed one byte at a time, each multi-byte character still comes out whole, in one piece.
@@ -375,9 +457,9 @@ def test_incremental_text_matches_decoding_everything_at_once(sanitize):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(top_k=0), "`top_k` must be an integer ≥ 1. Received: top_k=0"),
+    (dict(top_k=-1), r"`top_k` must be an integer ≥ 0 \(0 = no cut\). Received: top_k=-1"),
     (dict(top_k=2.5), "top_k=2.5"),
-    (dict(top_p=0.0), r"`top_p` must be a number in \(0, 1\]. Received: top_p=0.0"),
+    (dict(top_p=0.0), r"`top_p` must be a number in \(0, 1\] \(1 = no cut\). Received: top_p=0.0"),
     (dict(top_p=1.5), "top_p=1.5"),
     (dict(temperature=-0.1), "`temperature` must be a finite number ≥ 0 .* temperature=-0.1"),
     (dict(temperature=float("nan")), "temperature=nan"),
@@ -387,12 +469,12 @@ def test_incremental_text_matches_decoding_everything_at_once(sanitize):
     (dict(prompts=[[1.5]]), "Prompt 0 must be a 1-D sequence of int token ids"),
     (dict(max_new_tokens=-1), "`max_new_tokens` must be an integer ≥ 0. .* max_new_tokens=-1"),
     (
-        dict(max_new_tokens=16, sliding_window=False),
-        "must be below context_length=16 .* max_new_tokens=16",
+        dict(max_new_tokens=17, sliding_window=False),
+        "must be at most context_length=16 .* max_new_tokens=17",
     ),
     (dict(stop_token_ids=[64]), r"`stop_token_ids` must be ids in \[0, 64\)"),
     (dict(seed="a"), "`seed` must be an int or None"),
-    (dict(cache_length=4), r"`cache_length` must lie in \[7, context_length=16\]"),
+    (dict(cache_length=4), r"`cache_length` must lie in \[6, context_length=16\]"),
     (dict(chunk_size=0), "`chunk_size` must be an integer ≥ 1. Received: chunk_size=0"),
 ])
 def test_invalid_arguments_raise(kwargs, message):

@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 
 from gpt_keras.layers import MultiHeadAttention
-from gpt_keras.layers.multi_head_attention import write_cache
+from gpt_keras.layers.multi_head_attention import in_place_cache_writes, write_cache
 from tests import numpy_reference as ref
 from tests.layer_checks import assert_config_round_trip, assert_keras_round_trip
 
@@ -110,14 +110,52 @@ def test_rejects_rotary_with_an_odd_head_size():
         MultiHeadAttention(2, rotary_max_wavelength=10000).build((None, None, 6))
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
-def test_write_cache_writes_only_the_target_slots(jit_compile):
-    """Both implementations: gather + where (plain graphs) and dynamic-update-slice (XLA)."""
-    cache = np.full((1, 6, 1), -1.0, "float32")
-    update = np.array([10.0, 20.0], "float32").reshape(1, 2, 1)
-    write = tf.function(write_cache, jit_compile=jit_compile)
-    written = np.asarray(write(cache, update, tf.constant(3))).ravel()
-    np.testing.assert_array_equal(written, [-1, -1, -1, 10, 20, -1])
+WRITES = {  # how `write_cache` is traced: (jit_compile, in place)
+    "gather+where": (False, False), "InplaceUpdate": (False, True), "XLA": (True, False),
+}
+
+
+def traced_write(kind):
+    jit_compile, in_place = WRITES[kind]
+
+    def write(cache, update, index):
+        with in_place_cache_writes(in_place):
+            return write_cache(cache, update, index)
+
+    return tf.function(write, jit_compile=jit_compile, autograph=False)
+
+
+@pytest.mark.parametrize("kind", sorted(WRITES))
+def test_write_cache_writes_only_the_target_slots(kind):
+    cache = np.full((2, 6, 1), -1.0, "float32")
+    update = np.array([[10.0, 20.0], [30.0, 40.0]], "float32").reshape(2, 2, 1)
+    written = np.asarray(traced_write(kind)(tf.constant(cache), update, tf.constant(3)))
+    np.testing.assert_array_equal(written[..., 0], [[-1, -1, -1, 10, 20, -1],
+                                                    [-1, -1, -1, 30, 40, -1]])
+
+
+@pytest.mark.parametrize("kind", sorted(WRITES))
+@pytest.mark.parametrize("index", [-1, 5])
+def test_a_write_that_does_not_fit_is_refused(kind, index):
+    """Slots index, index + 1 of a 6-slot cache: never clamped into other slots. Plain graphs
+    raise; XLA, which cannot raise at run time, returns NaN where the write went."""
+    cache = tf.zeros((1, 6, 1))
+    update = tf.ones((1, 2, 1))
+    write = traced_write(kind)
+    if kind == "XLA":
+        written = np.asarray(write(cache, update, tf.constant(index)))
+        assert np.isnan(written).any() and not (written == 1).any()
+    else:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="cache write does not fit"):
+            write(cache, update, tf.constant(index))
+
+
+def test_in_place_writes_leave_eager_callers_alone():
+    """`in_place_cache_writes` only applies to graphs: an eager cache is never changed."""
+    cache = tf.zeros((1, 4, 1))
+    with in_place_cache_writes():
+        written = write_cache(cache, tf.ones((1, 1, 1)), 2)
+    assert np.asarray(cache).sum() == 0 and np.asarray(written).sum() == 1
 
 
 def test_cache_write_is_in_place_under_xla_only():

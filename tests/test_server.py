@@ -641,7 +641,7 @@ def test_real_export_default_signature_and_tokenizer_round_trip(real):
 
 
 @pytest.mark.parametrize("inputs, fragment", [
-    ({"max_new_tokens": 2, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 1}, "top_k"),
+    ({"max_new_tokens": 2, "temperature": 1.0, "top_k": -1, "top_p": 1.0, "seed": 1}, "top_k"),
     ({"max_new_tokens": 10 ** 6, "temperature": 1.0, "top_k": 5, "top_p": 1.0, "seed": 1},
      "max_new_tokens"),
     ({"max_new_tokens": 2, "temperature": -1.0, "top_k": 5, "top_p": 1.0, "seed": 1},

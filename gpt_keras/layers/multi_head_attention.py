@@ -1,5 +1,8 @@
 """Causal multi-head self-attention with an optional fixed-size key/value cache."""
 
+import contextlib
+import threading
+
 import keras
 import tensorflow as tf
 from keras import ops
@@ -16,23 +19,79 @@ def write_cache(cache, update, index):
     """Writes `update` `[..., T, K]` into `cache` `[..., S, K]` (same leading dimensions) at
     slots `index .. index+T-1` of the second-to-last axis; returns the new cache.
 
-    Inside an XLA-compiled function (`jit_compile=True`, e.g. `gpt_keras.generation`) this is a
-    dynamic-update-slice, which XLA performs in place: 1.7x faster per decoded token than the
-    fallback on the `shakespeare-char` shape (BENCHMARKS.md). Everywhere else it is `gather` +
-    `where`, core TensorFlow ops that run with XLA disabled (TF Serving) and convert to TFLite
-    builtins: `keras.ops.slice_update` lowers to `XlaDynamicUpdateSlice`, which neither can run.
+    - Inside an XLA-compiled function (`jit_compile=True`) this is a dynamic-update-slice, which
+      XLA performs in place: 1.7x faster per decoded token than a copy on the `shakespeare-char`
+      shape (BENCHMARKS.md).
+    - In other graphs, within `in_place_cache_writes()` (the decoding core, whose caches no one
+      else holds), an `InplaceUpdate` of the written rows: O(T) work instead of a copy of the
+      whole cache per step, a core op that TF Serving runs with XLA disabled. It changes the
+      input cache's buffer, which is why it is opt-in.
+    - Everywhere else `gather` + `where`, core ops that also convert to TFLite builtins
+      (`keras.ops.slice_update` lowers to `XlaDynamicUpdateSlice`, which neither TF Serving
+      without XLA nor TFLite can run).
+
+    A write that does not fit (`index < 0` or `index + T > S`) raises `InvalidArgumentError`;
+    under XLA, which cannot raise at run time, it writes NaN (so the logits are NaN) rather
+    than clamping a valid-looking write into other slots.
     """
     index = ops.convert_to_tensor(index, dtype="int32")
-    if _in_xla_compilation():
-        rank = len(cache.shape)
-        start = ops.stack([0] * (rank - 2) + [index, 0])
-        return ops.slice_update(cache, start, update)
     length = ops.shape(cache)[-2]
     new_length = ops.shape(update)[-2]
+    fits = ops.logical_and(index >= 0, index + new_length <= length)
+    if _in_xla_compilation():
+        # XLA clamps the start of a dynamic-update-slice so that the update fits, and cannot
+        # raise at run time: a write that does not fit writes NaN instead, which every later
+        # attention read (all S slots enter its einsums) turns into NaN outputs.
+        rank = len(cache.shape)
+        start = ops.stack([0] * (rank - 2) + [index, 0])
+        update = ops.where(fits, update, ops.cast(float("nan"), update.dtype))
+        return ops.slice_update(cache, start, update)
+    check = tf.debugging.Assert(fits, [
+        "The cache write does not fit: slots", index, "to", index + new_length - 1,
+        "of a cache of length", length,
+    ])
+    with tf.control_dependencies([check]):
+        cache = tf.identity(cache)
+    if getattr(_WRITES, "in_place", False) and not tf.executing_eagerly():
+        head_dim = ops.shape(cache)[-1]
+        rows = ops.size(cache) // (length * head_dim)  # product of the leading dimensions
+        slots = ops.arange(rows, dtype="int32")[:, None] * length + index  # [R, 1]
+        slots = ops.reshape(slots + ops.arange(new_length, dtype="int32")[None], [-1])  # [R·T]
+        flat = tf.raw_ops.InplaceUpdate(  # reshapes share the buffer: nothing is copied
+            x=ops.reshape(cache, [-1, head_dim]), i=slots,
+            v=ops.cast(ops.reshape(update, [-1, head_dim]), cache.dtype),
+        )
+        return ops.reshape(flat, ops.shape(cache))
     offsets = ops.arange(length, dtype="int32") - index  # [S]: where each cache slot reads from
     source = ops.take(update, ops.clip(offsets, 0, new_length - 1), axis=-2)  # [..., S, K]
     inside = ops.logical_and(offsets >= 0, offsets < new_length)  # [S]
     return ops.where(ops.expand_dims(inside, -1), source, cache)
+
+
+_WRITES = threading.local()
+
+
+def zero_cache(shape, dtype):
+    """An all-zero cache. Under `in_place_cache_writes()` in a graph without XLA, an `Empty` op:
+    stateful, so never constant-folded into a buffer that in-place writes would then share
+    between runs."""
+    if getattr(_WRITES, "in_place", False) and not tf.executing_eagerly() and not (
+        _in_xla_compilation()
+    ):
+        return tf.raw_ops.Empty(shape=tf.stack(shape), dtype=dtype, init=True)
+    return ops.zeros(shape, dtype=dtype)
+
+
+@contextlib.contextmanager
+def in_place_cache_writes(enabled=True):
+    """Within this context, `write_cache` calls traced into a graph without XLA update the cache
+    in place (see there). For code that owns its caches, like `gpt_keras.decoding`."""
+    previous = getattr(_WRITES, "in_place", False)
+    _WRITES.in_place = enabled
+    try:
+        yield
+    finally:
+        _WRITES.in_place = previous
 
 
 def _in_xla_compilation():

@@ -1,0 +1,445 @@
+"""The decoding core: one definition of the decode loop and of its settings, used by every engine.
+
+In-process generation (`gpt_keras.generation`, XLA or not), the SavedModel's `generate`
+signatures (`gpt_keras.serving`, run by TF Serving with XLA disabled) and the TFLite `generate`
+signature (`gpt_keras.tflite`) all call `start` and `decode` below, and validate their settings
+with the rules in `RULES`. Everything here is a core TensorFlow op that also converts to a TFLite
+builtin, so one graph runs in all three places and gives the same tokens for a seed.
+
+Shapes: B prompts, P the prefill width (≥ the longest prompt), S the KV-cache length
+(≤ C = `context_length`), W = S + 1 slots of token buffer, V the vocabulary, N the width of a
+call's output buffer.
+
+How a batch is decoded. Prompts are **right-padded**: token j of every row sits at slot j, which is
+also its position, so the model's scalar `cache_index` is right for every row. `start` prefills
+the cache with the prompts and decides slot `min(lengths)` from the prefill; each step of `decode`
+then feeds token `cursor - 1` and decides slot `cursor` for the whole batch. A row whose prompt is
+longer than the cursor keeps its own prompt token (keras-hub's scheme): its keys/values at that
+slot are written from the right token before any query can see them. The cost of a ragged batch is
+`max n_b - min n_b` extra single-token steps.
+
+The context is used in full: slot S is predicted from the S tokens in the cache. When a sequence
+needs a token after a full context (S = C), the window slides: its last `C // 2` tokens move to
+slots `0 ..` (positions restart there), are prefilled, and decoding continues, so every token is
+predicted from at least half a context and at most a full one (nanoGPT's crop, applied every
+C // 2 tokens instead of every token).
+
+Settings (one convention everywhere; `RULES` states the bounds):
+- `max_new_tokens` ≥ 0: new ids per row, fewer if a stop token comes first (it counts as one).
+- `temperature` ≥ 0, finite; 0 = greedy. `top_k` ≥ 0, 0 (or None in Python) = no cut.
+  `top_p` in (0, 1], 1 (or None) = no cut. See `gpt_keras.sampling` for how they combine.
+- `seed`: an int (taken modulo 2**62; None in Python draws one from Python's `random`, which
+  `keras.utils.set_random_seed` seeds). The random number for slot i of row b is a hash of
+  (seed, i + offset, b), so a seed gives the same tokens whatever the chunking or the engine.
+- `stop_token_ids`: ids in [0, V) that end a row. In tensor form (signatures) -1 entries are
+  padding and ignored. `include_stop_token`: whether the stop id is returned (default not).
+"""
+
+import numbers
+import random
+import warnings
+
+import numpy as np
+import tensorflow as tf
+
+from gpt_keras.layers.multi_head_attention import in_place_cache_writes
+from gpt_keras.sampling import sample
+
+__all__ = [
+    "RULES", "check_in_graph", "check_int", "check_prompts", "crop_prompts", "decode",
+    "generate_in_graph", "knobs", "knobs_in_graph", "resume_window", "start",
+]
+
+# name → (a test that NumPy/Python values and tensors alike pass, what the value must be).
+RULES = {
+    "max_new_tokens": (lambda v: v >= 0, "an integer ≥ 0"),
+    "temperature": (lambda v: (v - v == 0) & (v >= 0), "a finite number ≥ 0 (0 = greedy)"),
+    "top_k": (lambda v: v >= 0, "an integer ≥ 0 (0 = no cut)"),
+    "top_p": (lambda v: (v > 0) & (v <= 1), "a number in (0, 1] (1 = no cut)"),
+}
+
+# When a sequence needs a token after a full context, it continues from its last
+# `context_length // SLIDE_DIVISOR` tokens.
+SLIDE_DIVISOR = 2
+
+# `decode`'s step budget for "until every row is done".
+UNLIMITED = np.iinfo(np.int32).max
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings: checked once, in Python or in the graph, with the same rules
+
+
+def _rule_message(name, value="{}"):
+    return f"`{name}` must be {RULES[name][1]}. Received: {name}={value}"
+
+
+def check_int(name, value, minimum):
+    """`value` as an int; `ValueError` unless it is an integer ≥ `minimum`."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer ≥ {minimum}. Received: {name}={value!r}")
+    return int(value)
+
+
+def knobs(vocab_size, temperature=1.0, top_k=None, top_p=None, seed=None, stop_token_ids=(),
+          include_stop_token=False):
+    """Python settings → `(knobs, stop_ids)`: the knob tensors `decode` takes (fixed shapes and
+    dtypes, so new values never retrace) and the stop ids as a set. Raises `ValueError` naming the
+    rule and the value."""
+    checks = {
+        "temperature": (numbers.Real, temperature),
+        "top_k": (numbers.Integral, 0 if top_k is None else top_k),
+        "top_p": (numbers.Real, 1.0 if top_p is None else top_p),
+    }
+    for name, (kind, value) in checks.items():
+        if not isinstance(value, kind) or isinstance(value, bool) or not RULES[name][0](value):
+            raise ValueError(_rule_message(name, repr(value)))
+    if seed is None:
+        seed = random.getrandbits(62)
+    elif not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise ValueError(f"`seed` must be an int or None. Received: seed={seed!r}")
+    if isinstance(stop_token_ids, numbers.Integral):
+        stop_token_ids = (stop_token_ids,)
+    stop_ids = set()
+    for token in stop_token_ids:
+        if not isinstance(token, numbers.Integral) or not 0 <= token < vocab_size:
+            raise ValueError(
+                f"`stop_token_ids` must be ids in [0, {vocab_size}). "
+                f"Received: stop_token_ids={stop_token_ids!r}"
+            )
+        stop_ids.add(int(token))
+    values = knobs_in_graph(
+        vocab_size,
+        tf.constant(float(temperature), tf.float32),
+        tf.constant(checks["top_k"][1], tf.int32),
+        tf.constant(float(checks["top_p"][1]), tf.float32),
+        seed_pair(tf.constant(int(seed) % (1 << 62), tf.int64)),
+        tf.constant(sorted(stop_ids), tf.int32, shape=[len(stop_ids)]),
+        tf.constant(bool(include_stop_token)),
+    )
+    return values, stop_ids
+
+
+def knobs_in_graph(vocab_size, temperature, top_k, top_p, seed, stop_token_ids,
+                   include_stop_token=False):
+    """Knob tensors (as received by a signature) → the dict `decode` takes: `top_k` 0 becomes V,
+    `stop_token_ids` int32 `[n]` (-1 = padding) becomes a `[V]` mask, `seed` is int32 `[2]`."""
+    matches = tf.equal(tf.range(vocab_size)[:, None], tf.reshape(stop_token_ids, [1, -1]))
+    return {
+        "temperature": temperature,
+        "top_k": tf.where(top_k > 0, tf.minimum(top_k, vocab_size), vocab_size),
+        "top_p": top_p,
+        "seed": seed,
+        "stop_mask": tf.reduce_any(matches, axis=1),  # [V]
+        "include_stop_token": tf.convert_to_tensor(include_stop_token, tf.bool),
+    }
+
+
+def seed_pair(seed):
+    """An int64 seed `[]` → int32 `[2]`: `[s >> 31, s & 0x7FFFFFFF]` of s = seed mod 2**62."""
+    seed = tf.math.floormod(seed, tf.constant(1 << 62, tf.int64))
+    return tf.cast(tf.stack([seed // (1 << 31), seed % (1 << 31)]), tf.int32)
+
+
+def check_in_graph(condition, message, *values):
+    """An assertion op that fails with `InvalidArgumentError: <message>`, its `{}` filled with
+    `values` (TF Serving answers it with HTTP 400 and the message)."""
+    return tf.debugging.Assert(condition, [tf.strings.format(message, values, summarize=8)])
+
+
+def check_knobs_in_graph(vocab_size, max_new_tokens, temperature, top_k, top_p, stop_token_ids):
+    """Assertion ops for knob tensors received by a signature (the rules of `RULES`)."""
+    values = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+              "top_p": top_p}
+    checks = [
+        check_in_graph(RULES[name][0](value), _rule_message(name), value)
+        for name, value in values.items()
+    ]
+    valid_stop = tf.logical_or(
+        tf.equal(stop_token_ids, -1),
+        tf.logical_and(stop_token_ids >= 0, stop_token_ids < vocab_size),
+    )
+    checks.append(check_in_graph(
+        tf.reduce_all(valid_stop),
+        f"`stop_token_ids` must be ids in [0, {vocab_size}) (-1 = none). Received: {{}}",
+        stop_token_ids,
+    ))
+    return checks
+
+
+def check_prompts(prompts, lengths, vocab_size):
+    """Prompts as `generate` takes them → `(list of int64 [n_b] arrays, whether a single 1-D
+    prompt was given)`; `ValueError` for empty prompts or ids outside [0, V)."""
+    if isinstance(prompts, tf.RaggedTensor):
+        prompts = prompts.to_list()
+    elif isinstance(prompts, tf.Tensor):
+        prompts = prompts.numpy()
+    single = False
+    if isinstance(prompts, np.ndarray):
+        if prompts.ndim == 1:
+            prompts, single = prompts[None], True
+        if prompts.ndim != 2:
+            raise ValueError(
+                "`prompts` must be a list of token-id sequences, a 2-D [batch, time] array or one "
+                f"1-D sequence. Received an array of shape {prompts.shape}."
+            )
+        rows = list(prompts)
+        if lengths is not None:
+            lengths = [int(n) for n in np.asarray(lengths).reshape(-1)]
+            if len(lengths) != len(rows) or any(not 0 <= n <= prompts.shape[1] for n in lengths):
+                raise ValueError(
+                    f"`lengths` must hold one length in [0, {prompts.shape[1]}] per prompt row "
+                    f"({len(rows)} rows). Received: lengths={lengths}"
+                )
+            rows = [row[:n] for row, n in zip(rows, lengths)]
+    else:
+        if lengths is not None:
+            raise ValueError("`lengths` is only used with a 2-D array of padded prompts.")
+        prompts = list(prompts)
+        if prompts and all(isinstance(t, numbers.Integral) for t in prompts):
+            prompts, single = [prompts], True
+        rows = prompts
+    if not rows:
+        raise ValueError(
+            "`prompts` is empty: pass at least one prompt (a list of token-id lists). "
+            f"Received: prompts={prompts!r}"
+        )
+    checked = []
+    for b, row in enumerate(rows):
+        try:
+            array = np.asarray(row)
+        except ValueError:
+            array = None
+        if array is None or array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+            raise ValueError(
+                f"Prompt {b} must be a 1-D sequence of int token ids. Received: {row!r}"
+            )
+        if array.size == 0:
+            raise ValueError(
+                f"Prompt {b} is empty; every prompt needs at least one token (e.g. start from "
+                "the tokenizer's end-of-text id)."
+            )
+        bad = array[(array < 0) | (array >= vocab_size)]
+        if bad.size:
+            raise ValueError(
+                f"Prompt {b} has token id {int(bad[0])} outside the vocabulary [0, {vocab_size})."
+            )
+        checked.append(array.astype(np.int64))
+    return checked, single
+
+
+def crop_prompts(rows, keep, context_length, stacklevel=3):
+    """Each prompt's last `keep` tokens, with a `UserWarning` for each one cut."""
+    cropped = []
+    for b, row in enumerate(rows):
+        if len(row) > keep:
+            warnings.warn(
+                f"Prompt {b} has {len(row)} tokens; keeping its last {keep} so that "
+                f"{'the new tokens fit' if keep < context_length else 'it fits'} in "
+                f"context_length={context_length}.",
+                stacklevel=stacklevel,
+            )
+            row = row[-keep:]
+        cropped.append(row)
+    return cropped
+
+
+# ----------------------------------------------------------------------------------------------
+# The decode loop
+#
+# `state` is a dict of tensors:
+#   tokens  int32 [B, W]  the window: prompts (right-padded) and the tokens decided so far
+#   lengths int32 [B]     slots < lengths[b] of the window are prompt tokens of row b
+#   counts  int32 [B]     new tokens decided per row so far (all calls, stop tokens included)
+#   budget  int32 []      `max_new_tokens`
+#   done    bool  [B]     rows that stopped (stop token, budget, or told to)
+#   cursor  int32 []      the next slot to decide; token `cursor - 1` is not in the cache yet
+#   offset  int32 []      absolute position of slot 0 (grows when the window slides)
+#   out     int32 [B, N]  this call's new ids per row, -1 after the last
+#   emitted int32 [B]     how many ids of `out` are set
+#   cache   L × [B, 2, H, S, K] the model's per-layer KV caches; slots < cursor - 1 are filled
+
+
+def start(model, prompt, lengths, knobs, max_new_tokens, cache_length, out_width, offset=0,
+          batch_size=None, in_place=True):
+    """Prefills a cache of `cache_length` slots with `prompt` int32 `[B, P]` (right-padded, every
+    row 1 ≤ `lengths[b]` ≤ P ≤ `cache_length`) and decides the first slot; returns the state.
+
+    `cache_length` and `out_width` may be Python ints (static shapes, for XLA) or tensors.
+    `batch_size` None: read from `prompt` (a graph with a dynamic batch). `in_place`: write the
+    cache in place in graphs without XLA (`write_cache`); False for TFLite (builtin ops only)."""
+    with in_place_cache_writes(in_place):
+        return _start(model, prompt, lengths, knobs, max_new_tokens, cache_length, out_width,
+                      offset, batch_size)
+
+
+def _start(model, prompt, lengths, knobs, max_new_tokens, cache_length, out_width, offset,
+           batch_size):
+    batch = batch_size or tf.shape(prompt)[0]
+    width = cache_length + 1
+    tokens = tf.pad(prompt, [[0, 0], [0, width - tf.shape(prompt)[1]]])  # [B, W]
+    if isinstance(width, int):  # a static width (a reshape, not ensure_shape: TFLite builtin)
+        tokens = tf.reshape(tokens, [-1, width])
+    state = {
+        "tokens": tokens,
+        "lengths": lengths,
+        "counts": tf.zeros_like(lengths),
+        "budget": tf.convert_to_tensor(max_new_tokens, tf.int32),
+        "done": tf.fill([batch], tf.convert_to_tensor(max_new_tokens, tf.int32) <= 0),
+        "cursor": tf.reduce_min(lengths),  # the shortest prompt's first new slot
+        "offset": tf.convert_to_tensor(offset, tf.int32),
+        "out": tf.fill([batch, out_width], -1),
+        "emitted": tf.zeros_like(lengths),
+        "cache": model.init_layer_caches(batch, cache_length),
+    }
+    return _prefill(model, state, knobs, prompt)
+
+
+def decode(model, state, knobs, num_steps=UNLIMITED, in_place=True):
+    """Up to `num_steps` more decisions (each decides one slot of every row), until every row is
+    done; slides the window when a row needs a token after a full context. `in_place`: as in
+    `start`."""
+    with in_place_cache_writes(in_place):
+        return _decode(model, state, knobs, num_steps)
+
+
+def _decode(model, state, knobs, num_steps):
+    cache_length = state["cache"][0].shape[3] or tf.shape(state["cache"][0])[3]
+    width = cache_length + 1
+    context = model.config.context_length
+    keep = max(1, context // SLIDE_DIVISOR)
+    keep = min(keep, cache_length) if isinstance(cache_length, int) else tf.minimum(
+        keep, cache_length)  # sliding only happens when the cache holds the whole context
+    steps = tf.constant(0)
+
+    def active(state, steps):
+        return tf.logical_and(steps < num_steps, tf.logical_not(tf.reduce_all(state["done"])))
+
+    def slide(state):
+        """The window is full: continue from its last `keep` tokens."""
+        dropped = width - keep
+        tokens = state["tokens"]
+        tokens = tf.concat([tokens[:, dropped:], tf.zeros_like(tokens[:, :dropped])], axis=1)
+        state = dict(
+            state, tokens=tokens, lengths=tf.fill(tf.shape(state["lengths"]), keep),
+            cursor=tf.convert_to_tensor(keep, tf.int32), offset=state["offset"] + dropped,
+        )
+        return _prefill(model, state, knobs, tokens[:, :keep])
+
+    def step(state, steps):
+        index = state["cursor"] - 1
+        token = tf.gather(state["tokens"], index, axis=1)  # [B]
+        logits, cache = model.call_with_layer_caches(
+            tf.expand_dims(token, 1), state["cache"], index
+        )
+        return _decide(dict(state, cache=cache), logits[:, 0], knobs), steps + 1  # logits [B, V]
+
+    def window(state, steps):
+        state, steps = tf.cond(
+            state["cursor"] >= width,
+            lambda: (slide(state), steps + 1),
+            lambda: (state, steps),
+        )
+        return tf.while_loop(
+            lambda state, steps: tf.logical_and(active(state, steps), state["cursor"] < width),
+            step, (state, steps),
+        )
+
+    state, _ = tf.while_loop(active, window, (state, steps))
+    return state
+
+
+def _prefill(model, state, knobs, prefix):
+    """Writes the keys/values of `prefix` `[B, T]` (slots 0 .. T-1) into the cache and decides
+    slot `cursor` (≤ T) from the hidden state at `cursor - 1`: only that position goes through
+    the output projection."""
+    hidden, cache = model.call_with_layer_caches(
+        prefix, state["cache"], 0, return_hidden_states=True
+    )  # [B, T, D]
+    last = tf.gather(hidden, state["cursor"] - 1, axis=1)  # [B, D]
+    logits = model.project_logits(tf.expand_dims(last, 1))[:, 0]  # [B, V]
+    return _decide(dict(state, cache=cache), logits, knobs)
+
+
+def _decide(state, logits, knobs):
+    """Decides slot `cursor` of every row from `logits` `[B, V]` (predicting that slot): a sample
+    for rows past their prompt, the prompt token otherwise; records new ids in `out`, updates
+    `counts` and `done`, and advances the cursor."""
+    index = state["cursor"]
+    tokens, done = state["tokens"], state["done"]
+    sampled = sample(  # [B]
+        logits, knobs["temperature"], knobs["top_k"], knobs["top_p"], knobs["seed"],
+        index + state["offset"],
+    )
+    decides = tf.logical_and(tf.logical_not(done), index >= state["lengths"])  # [B]
+    tokens = _write_column(tokens, index, sampled, decides)
+    stops = tf.gather(knobs["stop_mask"], sampled)  # [B]
+    emits = tf.logical_and(decides, tf.logical_or(tf.logical_not(stops),
+                                                  knobs["include_stop_token"]))
+    out = _write_column(state["out"], state["emitted"], sampled, emits, per_row=True)
+    counts = state["counts"] + tf.cast(decides, tf.int32)
+    finished = tf.logical_or(stops, counts >= state["budget"])
+    return dict(
+        state, tokens=tokens, out=out, counts=counts,
+        emitted=state["emitted"] + tf.cast(emits, tf.int32),
+        done=tf.logical_or(done, tf.logical_and(decides, finished)), cursor=index + 1,
+    )
+
+
+def _write_column(matrix, column, values, rows, per_row=False):
+    """`matrix` `[B, n]` with `values` `[B]` written at `column` (`[]`, or `[B]` with `per_row`)
+    of the rows where `rows` `[B]` is true: a one-hot `where`, core ops only."""
+    columns = tf.range(tf.shape(matrix)[1])
+    hit = tf.equal(columns[None, :], column[:, None] if per_row else column)  # [B|1, n]
+    return tf.where(tf.logical_and(hit, rows[:, None]), values[:, None], matrix)
+
+
+def resume_window(state):
+    """The window to pass as the prompt of a later `start` (same `offset` and seed) so that it
+    continues this state's rows: `(ids [B, W'], lengths [B], offset [])`, the window already
+    slid if it was full. All rows share the cursor; rows that are done are not meaningful."""
+    width = tf.shape(state["tokens"])[1]
+    # A full window means the cache holds the whole context (see `decode`).
+    keep = tf.maximum(1, (width - 1) // SLIDE_DIVISOR)
+    cursor = state["cursor"]
+    dropped = tf.where(cursor >= width, width - keep, 0)
+    length = cursor - dropped
+    ids = state["tokens"][:, dropped:cursor]
+    return ids, tf.fill(tf.shape(state["lengths"]), length), state["offset"] + dropped
+
+
+# ----------------------------------------------------------------------------------------------
+# One graph for a whole generation (signatures)
+
+
+def generate_in_graph(model, prompt, lengths, max_new_tokens, knobs, cache_length=None,
+                      offset=0, in_place=True):
+    """A whole generation as one graph with a dynamic batch, for the SavedModel and TFLite
+    signatures: the tokens of `gpt_keras.generation.generate` for the same prompts and knobs.
+
+    `prompt` int32 `[B, P]` right-padded, `lengths` int32 `[B]` (each ≥ 1; a prompt keeps its
+    last `context_length` tokens), `max_new_tokens` int32 `[]`, `knobs` from `knobs_in_graph`,
+    `cache_length` None (the smallest that holds prompt and new tokens, at most the context) or
+    a static int, `offset` int32 `[]` (the absolute position of slot 0: it moves the random
+    numbers), `in_place` as in `start`. Returns the final state: `state["out"]`
+    `[B, max_new_tokens]` holds the new ids (-1 after a row's last), `state["emitted"]` `[B]`
+    their count."""
+    context = model.config.context_length
+    prompt, lengths = _keep_last(prompt, lengths, context)
+    if cache_length is None:
+        needed = tf.reduce_max(lengths) + tf.maximum(max_new_tokens, 1) - 1
+        cache_length = tf.minimum(needed, context)
+    state = start(model, prompt, lengths, knobs, max_new_tokens, cache_length,
+                  tf.maximum(max_new_tokens, 0), offset, in_place=in_place)
+    return decode(model, state, knobs, in_place=in_place)
+
+
+def _keep_last(prompt, lengths, keep):
+    """Right-padded `prompt` `[B, P]` → its rows' last `keep` tokens `[B, min(n, keep)]` (n the
+    longest length), and the new lengths `[B]`."""
+    width = tf.minimum(tf.reduce_max(lengths), keep)
+    first = tf.maximum(lengths - keep, 0)  # [B]
+    source = tf.expand_dims(first, 1) + tf.expand_dims(tf.range(width), 0)  # [B, W]
+    lengths = tf.minimum(lengths, keep)
+    kept = tf.gather(prompt, tf.minimum(source, tf.shape(prompt)[1] - 1), batch_dims=1)
+    return tf.where(source < tf.expand_dims(first + lengths, 1), kept, 0), lengths

@@ -1,0 +1,96 @@
+"""Reduced-precision weights (`gpt_keras.precision`): stored in their format, close to float32,
+and decoded to the same greedy text by in-process generation, the exported SavedModel and
+(int8) TFLite."""
+
+import os
+
+import numpy as np
+import pytest
+
+from gpt_keras import GPT, generation, serving
+from gpt_keras.cli import main
+from gpt_keras.precision import weight_format, with_weights
+from gpt_keras.tflite import TFLiteGenerator, export_tflite
+from gpt_keras.tokenizers import CharTokenizer, load_tokenizer
+from gpt_keras.training import create_run, load_model
+from tests import numpy_reference as ref
+
+PROMPTS = ["To be, or not", "KING"]
+NEW_TOKENS = 24  # > the tiny preset's context 16: the window slides
+
+
+@pytest.fixture(scope="module")
+def run(corpus, tmp_path_factory):
+    with open(corpus, encoding="utf-8") as f:
+        tokenizer = CharTokenizer.train(f.read(50_000))
+    model = GPT.from_preset("tiny", vocab_size=tokenizer.vocab_size, hidden_dim=64)
+    model.build()
+    ref.randomize_weights(model, scale=0.3)
+    run_dir = str(tmp_path_factory.mktemp("precision") / "run")
+    create_run(run_dir, model, tokenizer, {"test": "random weights"})
+    return run_dir
+
+
+@pytest.mark.parametrize("weights, dtype, relative_error", [
+    # bfloat16 keeps 8 significant bits (relative rounding 2**-9 per value): a few roundings
+    # per layer stay within a few percent of the logits' scale.
+    ("bfloat16", "bfloat16", 2**-4),
+    # int8 rows scaled by their largest entry: rounding of up to 1/254 of it per weight.
+    ("int8", "int8", 2**-4),
+])
+def test_weights_are_stored_in_their_format_and_stay_close(run, weights, dtype, relative_error):
+    model = load_model(run)
+    converted = with_weights(model, weights)
+    assert weight_format(model) == "float32" and weight_format(converted) == weights
+    kernel = converted.blocks[0].attention.query_key_value.kernel
+    assert converted.token_embedding.embeddings.dtype == kernel.dtype == dtype
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 16))
+    expected = np.asarray(model(ids))
+    error = np.abs(np.asarray(converted(ids), np.float32) - expected).max()
+    assert 0 < error <= relative_error * np.abs(expected).max()
+    assert with_weights(converted, weights) is converted
+    assert weight_format(model) == "float32"  # the original is left as it was
+
+
+def test_weight_errors_name_the_formats(run):
+    model = load_model(run)
+    with pytest.raises(ValueError, match="`weights` must be one of float32, bfloat16, int8. "
+                                         "Received: weights='int4'"):
+        with_weights(model, "int4")
+    with pytest.raises(ValueError, match="Convert from float32 weights: this model already "
+                                         "has int8 weights"):
+        with_weights(with_weights(model, "int8"), "bfloat16")
+
+
+@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
+def test_every_engine_decodes_the_same_greedy_text(run, weights, tmp_path, capsys):
+    """In-process (plain graph, and XLA for int8), the exported SavedModel (its export checks
+    the served greedy text against in-process generation and records it) and the CLI; TFLite for
+    int8 (it has no bfloat16 kernels, and says so)."""
+    model = with_weights(load_model(run), weights)
+    tokenizer = load_tokenizer(os.path.join(run, "tokenizer"))
+    expected = generation.TextGenerator(model, tokenizer, jit_compile=False).generate(
+        PROMPTS, NEW_TOKENS, temperature=0
+    )
+    assert len(set(expected[0])) > 3  # not one repeated character
+    if weights == "int8":
+        assert generation.TextGenerator(model, tokenizer, jit_compile=True).generate(
+            PROMPTS, NEW_TOKENS, temperature=0
+        ) == expected
+    version = serving.export_saved_model(run, str(tmp_path / "models"), weights=weights)
+    manifest = serving.read_manifest(version)
+    assert manifest["weights"] == weights
+    golden = manifest["golden"]
+    assert golden["completions"] == generation.TextGenerator(
+        model, tokenizer, jit_compile=False
+    ).generate(golden["prompts"], golden["max_new_tokens"], temperature=0)
+    main(["generate", run, "--prompt", PROMPTS[0], "--max-new-tokens", str(NEW_TOKENS),
+          "--temperature", "0", "--weights", weights, "--no-stream"])
+    assert capsys.readouterr().out.strip() == (PROMPTS[0] + expected[0]).strip()
+    if weights == "bfloat16":
+        with pytest.raises(ValueError, match="no bfloat16.*--quantize float16"):
+            export_tflite(run, str(tmp_path / "tflite"), weights=weights)
+        return
+    path = export_tflite(run, str(tmp_path / "tflite"), weights=weights)
+    generator = TFLiteGenerator(path)
+    assert [generator.generate(p, NEW_TOKENS, temperature=0) for p in PROMPTS] == expected
