@@ -438,13 +438,13 @@ def test_warmup_records_replay_in_the_server_like_process(served, exported, gpt2
 
 
 def test_export_whose_warmup_fails_is_not_installed(char_run, tmp_path, monkeypatch):
-    """A warm-up record the graph rejects (`top_k=0`) fails the export, as it would fail TF
-    Serving's load: no version directory, no temporary directory left."""
+    """A warm-up record the graph rejects (`temperature=-1`) fails the export, as it would fail
+    TF Serving's load: no version directory, no temporary directory left."""
     bad_generate = warmup.EXAMPLE_INPUTS["generate"]
     monkeypatch.setitem(warmup.EXAMPLE_INPUTS, "generate",
-                        lambda prompts, ids: {**bad_generate(prompts, ids), "top_k": 0})
+                        lambda prompts, ids: {**bad_generate(prompts, ids), "temperature": -1})
     with pytest.raises(ValueError, match=r"Warm-up record \d+ of .*\('generate'\) failed: .*"
-                                         r"`top_k` must be an integer >= 1"):
+                                         r"`temperature` must be a finite number"):
         serving.export_saved_model(char_run, str(tmp_path / "models"))
     assert os.listdir(tmp_path / "models") == []
 
