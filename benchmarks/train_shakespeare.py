@@ -47,8 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 SETTINGS = dict(batch_size=12, learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=100,
                 weight_decay=0.1, beta_1=0.9, beta_2=0.99, clip_norm=1.0, eval_batches=50,
-                checkpoint_every=250, sample_every=0)
-INTERVAL = 250  # steps between the parent's hand-overs (= gpt_keras' checkpoint interval)
+                checkpoint_every=250, log_every=250, sample_every=0)
+INTERVAL = 250  # steps between the parent's hand-overs (= gpt_keras' epochs: see epoch_steps)
 VALIDATION_SEED = 1337  # the fixed validation batches, whatever the training seed
 READY = "@@ready"
 

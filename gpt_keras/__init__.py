@@ -1,10 +1,13 @@
 """gpt_keras: a GPT language model built from Keras 3 layers on TensorFlow.
 
-The public names below are imported on first use, so `gpt-keras -h` answers without loading
-TensorFlow.
+`import gpt_keras` registers `GPT` and its layers with Keras, so that
+`keras.saving.load_model("model.keras")` finds them. Only the `gpt-keras` command line defers
+that (it imports what each command needs), so that `gpt-keras -h` answers without TensorFlow.
 """
 
 import importlib
+import os
+import sys
 
 __version__ = "0.1.0"
 
@@ -26,3 +29,15 @@ def __getattr__(name):
         raise AttributeError(f"module 'gpt_keras' has no attribute {name!r}")
     module = importlib.import_module(_EXPORTS[name])
     return module if name == "layers" else getattr(module, name)
+
+
+def _started_by_the_cli():
+    """True in a `gpt-keras ...` or `python -m gpt_keras.cli ...` process."""
+    argv = getattr(sys, "orig_argv", sys.argv)
+    script = os.path.basename(sys.argv[0]) if sys.argv else ""
+    module = any(a == "-m" and b == "gpt_keras.cli" for a, b in zip(argv, argv[1:]))
+    return script.startswith("gpt-keras") or module
+
+
+if not _started_by_the_cli():
+    from gpt_keras import model as _model  # noqa: E402,F401 (registers the Keras classes)

@@ -1,4 +1,5 @@
-"""`GPTConfig`, the model's hyper-parameters, and the named presets."""
+"""`GPTConfig` (the model's hyper-parameters) with its named presets, and `TrainConfig` (the
+optimisation and bookkeeping settings of a run). TensorFlow-free, so `gpt-keras -h` stays fast."""
 
 import dataclasses
 from typing import Optional
@@ -83,3 +84,76 @@ def num_parameters(config):
     if not config.tie_embeddings:
         total += d * v  # output projection, no bias
     return total
+
+
+MIXED_PRECISION = {None: "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
+TOKENIZERS = ("char", "bpe")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping settings (defaults: nanoGPT's CPU Shakespeare run).
+
+    Any `max_steps` works: the last step always validates and writes a checkpoint. The fields in
+    `CADENCE_FIELDS` only say when things happen, so a resumed run may change them (e.g. a larger
+    `max_steps` trains further); the others fix the trajectory and must stay the same."""
+
+    batch_size: int = 12  # global batch: split over all replicas, the same for any replica count
+    max_steps: int = 2000  # optimizer updates
+    learning_rate: float = 1e-3  # peak, after warmup
+    min_learning_rate: float = 1e-4  # end of the cosine decay, kept after `decay_steps`
+    warmup_steps: int = 100  # linear warmup from 0
+    # updates until the cosine decay reaches `min_learning_rate` (nanoGPT's lr_decay_iters);
+    # None: `max_steps` of the run's first start, kept when a resumed run trains further
+    decay_steps: Optional[int] = None
+    weight_decay: float = 0.1  # AdamW decay on weight matrices only (see `decay_groups`)
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    clip_norm: float = 1.0  # global gradient-norm clipping (0 disables)
+    gradient_accumulation_steps: int = 1  # micro-batches of `batch_size` per update
+    mixed_precision: Optional[str] = None  # None, "float16" or "bfloat16"
+    seed: int = 1337  # data order, initialisation and dropout
+    log_every: int = 10  # steps between training-loss rows of metrics.csv and the loss plot
+    eval_every: int = 250  # steps between validations (and at the last step)
+    eval_batches: int = 20  # fixed validation batches per evaluation
+    checkpoint_every: int = 250  # steps between checkpoints (and at the last step)
+    keep_checkpoints: int = 3  # newest step checkpoints kept (plus the best one)
+    sample_every: int = 250  # steps between printed text samples, and the last step (0: never)
+    sample_tokens: int = 200  # tokens per sample
+    freeze_blocks: int = 0  # fine-tuning: keep the first k transformer blocks fixed
+    # "on": compile training steps with XLA (1.4x tokens/s on CPU, BENCHMARKS.md); "off": plain
+    # TensorFlow graphs. A string, not a bool, so that `--xla off` works on the command line.
+    xla: str = "on"
+
+    def __post_init__(self):
+        positive = ["batch_size", "max_steps", "log_every", "eval_every", "eval_batches",
+                    "checkpoint_every", "gradient_accumulation_steps", "keep_checkpoints"]
+        if self.decay_steps is not None:
+            positive.append("decay_steps")
+        for name in positive:
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "sample_every", "sample_tokens", "freeze_blocks"):
+            _check_int(name, getattr(self, name), minimum=0)
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                "mixed_precision must be None, 'float16' or 'bfloat16'. "
+                f"Received: mixed_precision={self.mixed_precision!r}"
+            )
+        if self.xla not in ("on", "off"):
+            raise ValueError(f"xla must be 'on' or 'off'. Received: xla={self.xla!r}")
+        if not 0 < self.min_learning_rate <= self.learning_rate:
+            raise ValueError(
+                "Need 0 < min_learning_rate <= learning_rate. Received: "
+                f"learning_rate={self.learning_rate}, min_learning_rate={self.min_learning_rate}"
+            )
+
+
+# Settings that only say when things happen (not what is computed): a resumed run may change them.
+CADENCE_FIELDS = ("max_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                  "sample_every", "sample_tokens")
+
+
+def _check_int(name, value, minimum):
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {kind}. Received: {name}={value!r}")

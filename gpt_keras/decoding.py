@@ -345,6 +345,10 @@ def _decode(model, state, knobs, num_steps):
             step, (state, steps),
         )
 
+    if isinstance(cache_length, int) and cache_length < context:
+        # A static cache shorter than the context holds every row's last token (the caller
+        # sized it so): the window never slides, and its branch is not even compiled.
+        return tf.while_loop(active, step, (state, steps))[0]
     state, _ = tf.while_loop(active, window, (state, steps))
     return state
 

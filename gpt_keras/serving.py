@@ -281,6 +281,9 @@ def _version_directory(base_dir, version, force):
     """The path of the version to write; raises `ValueError` for a bad or existing version."""
     if os.path.exists(base_dir) and not os.path.isdir(base_dir):
         raise ValueError(f"{base_dir} is a file; pass a directory for the model's versions.")
+    if os.path.isfile(os.path.join(base_dir, "manifest.json")):  # `export --format tflite`
+        raise ValueError(f"{base_dir} holds a TFLite export; choose another --out for "
+                         "SavedModel versions.")
     os.makedirs(base_dir, exist_ok=True)
     if version is None:
         return os.path.join(base_dir, str(max(_versions(base_dir), default=0) + 1))

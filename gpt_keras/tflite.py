@@ -88,7 +88,8 @@ def export_tflite(run_dir, out_dir, quantize=None, force=False, weights="float32
     decodes with the numerics of the in-process int8 model, unlike `quantize="int8"`).
 
     The directory is built beside `out_dir` and renamed into place, so `out_dir` is never seen
-    half-written. An existing non-empty `out_dir` raises `ValueError` unless `force`. Before
+    half-written. An existing TFLite export in `out_dir` raises `ValueError` unless `force`;
+    any other non-empty `out_dir` (e.g. SavedModel versions) always does. Before
     that, the file runs in the LiteRT interpreter and its logits are compared with Keras'
     (float32: at most `FLOAT32_TOLERANCE` apart, else `RuntimeError`; quantized files record the
     difference in the manifest)."""
@@ -104,8 +105,12 @@ def export_tflite(run_dir, out_dir, quantize=None, force=False, weights="float32
     if weights == "int8" and quantize:
         raise ValueError("--weights int8 already quantizes the weights; drop --quantize.")
     out_dir = os.path.abspath(out_dir)
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
-        raise ValueError(f"{out_dir} already exists; pass force=True (--force) to replace it.")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        if not os.path.isfile(os.path.join(out_dir, MANIFEST_FILE)):  # e.g. SavedModel versions
+            raise ValueError(f"{out_dir} holds files that are not a TFLite export; --force only "
+                             "replaces a TFLite export. Choose another --out.")
+        if not force:
+            raise ValueError(f"{out_dir} already exists; pass force=True (--force) to replace it.")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"{out_dir} exists and is not a directory; choose another --out.")
     model = with_weights(load_model(run_dir), weights)

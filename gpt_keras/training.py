@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from typing import Optional
 
 import keras
@@ -15,71 +16,11 @@ from keras import ops
 
 from gpt_keras import callbacks as run_callbacks
 from gpt_keras import checkpoints, data, distribute
-from gpt_keras.config import GPTConfig
+from gpt_keras.config import (  # noqa: F401 (TrainConfig: public here too)
+    CADENCE_FIELDS, MIXED_PRECISION, TOKENIZERS, GPTConfig, TrainConfig,
+)
 from gpt_keras.model import GPT
 from gpt_keras.tokenizers import ByteLevelBPETokenizer, CharTokenizer, load_tokenizer
-
-MIXED_PRECISION = {None: "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
-TOKENIZERS = ("char", "bpe")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation and bookkeeping settings (defaults: nanoGPT's CPU Shakespeare run)."""
-
-    batch_size: int = 12  # global batch: split over all replicas, the same for any replica count
-    max_steps: int = 2000  # optimizer updates
-    learning_rate: float = 1e-3  # peak, after warmup
-    min_learning_rate: float = 1e-4  # end of the cosine decay
-    warmup_steps: int = 100  # linear warmup from 0
-    weight_decay: float = 0.1  # AdamW decay on weight matrices only (see `decay_groups`)
-    beta_1: float = 0.9
-    beta_2: float = 0.99
-    clip_norm: float = 1.0  # global gradient-norm clipping (0 disables)
-    gradient_accumulation_steps: int = 1  # micro-batches of `batch_size` per update
-    mixed_precision: Optional[str] = None  # None, "float16" or "bfloat16"
-    seed: int = 1337  # data order, initialisation and dropout
-    eval_every: int = 250  # steps between validations (a multiple of checkpoint_every)
-    eval_batches: int = 20  # fixed validation batches per evaluation
-    checkpoint_every: int = 250  # steps between checkpoints (divides max_steps)
-    keep_checkpoints: int = 3  # newest step checkpoints kept (plus the best one)
-    sample_every: int = 250  # steps between printed text samples (0: never)
-    sample_tokens: int = 200  # tokens per sample
-    freeze_blocks: int = 0  # fine-tuning: keep the first k transformer blocks fixed
-    # "on": compile training steps with XLA (1.4x tokens/s on CPU, BENCHMARKS.md); "off": plain
-    # TensorFlow graphs. A string, not a bool, so that `--xla off` works on the command line.
-    xla: str = "on"
-
-    def __post_init__(self):
-        positive = ["batch_size", "max_steps", "eval_every", "eval_batches", "checkpoint_every",
-                    "gradient_accumulation_steps"]
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer. Received: {name}={value!r}")
-        if self.max_steps % self.checkpoint_every:
-            raise ValueError(
-                f"max_steps={self.max_steps} must be a multiple of checkpoint_every="
-                f"{self.checkpoint_every}; change one of them."
-            )
-        if self.eval_every % self.checkpoint_every:
-            raise ValueError(
-                f"eval_every={self.eval_every} must be a multiple of checkpoint_every="
-                f"{self.checkpoint_every}; change one of them."
-            )
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(
-                "mixed_precision must be None, 'float16' or 'bfloat16'. "
-                f"Received: {self.mixed_precision!r}"
-            )
-        if self.xla not in ("on", "off"):
-            raise ValueError(f"xla must be 'on' or 'off'. Received: xla={self.xla!r}")
-        if not 0 < self.min_learning_rate <= self.learning_rate:
-            raise ValueError(
-                "Need 0 < min_learning_rate <= learning_rate. Received: "
-                f"learning_rate={self.learning_rate}, min_learning_rate={self.min_learning_rate}"
-            )
-
 
 def decay_groups(model):
     """Splits `model.trainable_variables` into `(decayed, not_decayed)`: AdamW's weight decay
@@ -98,7 +39,7 @@ def decay_groups(model):
 @keras.saving.register_keras_serializable(package="gpt_keras")
 class WarmupCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warmup from 0 to `peak` over `warmup_steps` updates, then cosine decay to `minimum`
-    at `total_steps` (nanoGPT's schedule)."""
+    at `total_steps`, then `minimum` (nanoGPT's schedule; `total_steps` is its lr_decay_iters)."""
 
     def __init__(self, peak, minimum, warmup_steps, total_steps):
         self.peak = peak
@@ -121,9 +62,11 @@ class WarmupCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def learning_rate_schedule(config):
-    """The `WarmupCosineSchedule` of `config`, counted in optimizer updates."""
+    """The `WarmupCosineSchedule` of `config`, counted in optimizer updates; it decays over
+    `decay_steps` (`max_steps` when None)."""
     return WarmupCosineSchedule(
-        config.learning_rate, config.min_learning_rate, config.warmup_steps, config.max_steps
+        config.learning_rate, config.min_learning_rate, config.warmup_steps,
+        config.decay_steps or config.max_steps,
     )
 
 
@@ -253,13 +196,17 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
 
     `model_config.vocab_size` is replaced by the tokenizer's. With `init_from` (see
     `load_source`), the model's config, weights and tokenizer come from there instead (fine-tuning;
-    `train_config.freeze_blocks` keeps the first blocks fixed). Re-running with the same arguments
-    after an interruption continues from the newest checkpoint with the same step, learning
-    rate, optimizer state, data position and dropout RNG; different arguments raise `ValueError`
-    naming what changed. `sample(model) -> str` (default: `text_sampler`) is printed every
-    `sample_every` steps. `callbacks`: extra Keras callbacks for `fit` (one epoch = one checkpoint
-    interval), called before the run's own.
+    `train_config.freeze_blocks` keeps the first blocks fixed). Every setting is checked before
+    anything is written. Re-running after an interruption continues from the newest checkpoint
+    with the same step, learning rate, optimizer state, data position and dropout RNG. A resumed
+    run may change the settings of `CADENCE_FIELDS`: a larger `max_steps` trains further (after
+    `decay_steps` the learning rate stays at `min_learning_rate`); other changes raise
+    `ValueError` naming them. `sample(model) -> str` (default: `text_sampler`) is printed every
+    `sample_every` steps and at the last one. `verbose` prints the corpus, a line per phase and
+    a progress bar. `callbacks`: extra Keras callbacks for `fit` (one epoch ends at every step
+    where something is logged, validated, sampled or saved), called before the run's own.
     """
+    say = print if verbose else _silent
     strategy = distribute.make_strategy(replicas)  # splits the CPU: before TF runs any op
     if train_config.batch_size % strategy.num_replicas_in_sync:
         raise ValueError(
@@ -276,6 +223,15 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
     if train_config.freeze_blocks > model_config.num_layers:
         raise ValueError(f"--freeze-blocks {train_config.freeze_blocks} is more than the model's "
                          f"{model_config.num_layers} blocks.")
+    GPT(**dataclasses.asdict(model_config))  # checks the model's settings before any file exists
+    run = Run(run_dir, model_config, train_config)
+    stored = read_run_config(run_dir) if os.path.isfile(run.config_path) else None
+    if train_config.decay_steps is None:  # the first start's max_steps, also when resumed
+        stored_train = (stored or {}).get("train", {})
+        decay_steps = stored_train.get("decay_steps") or stored_train.get("max_steps")
+        train_config = dataclasses.replace(train_config,
+                                           decay_steps=decay_steps or train_config.max_steps)
+        run.train_config = train_config
     requested = {
         "source": {"init_from": os.path.abspath(init_from) if init_from else None},
         "model": dataclasses.asdict(model_config),
@@ -283,28 +239,17 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
         "tokenizer": {"kind": tokenizer, "vocab_size": tokenizer_vocab_size},
         "data": {"train": train_files, "validation": validation_files},
     }
-    run = Run(run_dir, model_config, train_config)
-    if os.path.isfile(run.config_path):
-        stored = read_run_config(run_dir)
-        stored_request = {**stored, "model": {**stored["model"], "vocab_size": model_config.vocab_size}}
-        changed = sorted(
-            f"{section}.{key}"
-            for section in requested
-            for key in set(requested[section] or {}) | set(stored_request.get(section) or {})
-            if (requested[section] or {}).get(key) != (stored_request.get(section) or {}).get(key)
-        )
-        if changed:
-            raise ValueError(
-                f"{run_dir} holds a run with other settings ({', '.join(changed)}). Re-run the "
-                "same command to resume it, or pass a new --run-dir."
-            )
+    if stored is not None:
+        _check_same_settings(run_dir, requested, stored)
+    say(f"Corpus: {_describe_files(train_files)}"
+        + (f"; validation: {_describe_files(validation_files)}" if validation_files else ""))
 
     chief = distribute.is_chief(strategy)
     if chief:
         new_run = not os.path.exists(run_dir)
         try:
             text_tokenizer = _prepare(run, tokenizer, tokenizer_vocab_size, train_files,
-                                      validation_files, source_tokenizer)
+                                      validation_files, source_tokenizer, say)
             _write_json(run.config_path,
                         {**requested, "model": dataclasses.asdict(run.model_config)})
         except BaseException:
@@ -318,18 +263,60 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
     return _fit(run, strategy, text_tokenizer, sample, verbose, initial_weights, callbacks)
 
 
-def _prepare(run, kind, vocab_size, train_files, validation_files, source_tokenizer=None):
-    """Trains (or takes `source_tokenizer`, or loads) the tokenizer and tokenizes the corpus into the run directory (or checks
-    that the stored tokens still match the files); sets `run.token_file` and the vocabulary size
-    of `run.model_config`. Returns the tokenizer."""
+def _silent(*args, **kwargs):
+    pass
+
+
+def _check_same_settings(run_dir, requested, stored):
+    """Raises `ValueError` naming the settings that differ from the stored run's, except the
+    cadence settings (`CADENCE_FIELDS`), which a resumed run may change."""
+    stored = {**stored, "model": {**stored["model"],
+                                  "vocab_size": requested["model"]["vocab_size"]}}
+    # Runs written before `decay_steps` existed decayed over their max_steps.
+    stored["train"] = {"decay_steps": stored["train"].get("max_steps"), **stored["train"]}
+    changed = sorted(
+        f"{section}.{key}"
+        for section in requested
+        for key in set(requested[section] or {}) | set(stored.get(section) or {})
+        if not (section == "train" and key in CADENCE_FIELDS)
+        and (requested[section] or {}).get(key) != (stored.get(section) or {}).get(key)
+    )
+    if changed:
+        raise ValueError(
+            f"{run_dir} holds a run with other settings ({', '.join(changed)}). Re-run with its "
+            "settings to resume it (only --max-steps and the cadence options may change), or "
+            "pass a new --run-dir."
+        )
+
+
+def _describe_files(files):
+    """`path (1.1 MB)`, or the first paths and a count for many files."""
+    size = sum(os.path.getsize(f) for f in files)
+    shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more files" if len(files) > 3 else "")
+    return f"{shown} ({size / 1e6:.1f} MB)" if size >= 1e5 else f"{shown} ({size / 1e3:.1f} kB)"
+
+
+def _prepare(run, kind, vocab_size, train_files, validation_files, source_tokenizer=None,
+             say=_silent):
+    """Trains (or takes `source_tokenizer`, or loads) the tokenizer and tokenizes the corpus into
+    the run directory (or checks that the stored tokens still match the files); sets
+    `run.token_file` and the vocabulary size of `run.model_config`. Returns the tokenizer."""
     if os.path.isfile(os.path.join(run.tokenizer_dir, "tokenizer.json")):
         tokenizer = load_tokenizer(run.tokenizer_dir)
+    elif source_tokenizer is not None:
+        tokenizer = source_tokenizer
     else:
-        tokenizer = source_tokenizer or _train_tokenizer(kind, vocab_size, train_files)
+        say(f"Training the {kind} tokenizer...", flush=True)
+        tokenizer = _train_tokenizer(kind, vocab_size, train_files)
     if os.path.isfile(os.path.join(run.data_dir, data.META_FILE)):
         run.token_file = data.TokenFile.load(run.data_dir)
     else:
+        say(f"Tokenizing the corpus into {run.data_dir}...", flush=True)
+        started = time.perf_counter()
         run.token_file = data.prepare_tokens(train_files, tokenizer, run.data_dir, validation_files)
+        say(f"  {run.token_file.num_train:,} training and {run.token_file.num_validation:,} "
+            f"validation tokens ({tokenizer.vocab_size} ids) in "
+            f"{time.perf_counter() - started:.1f} s")
     if run.token_file.fingerprint != data.fingerprint(train_files + (validation_files or [])):
         raise ValueError(
             f"The files under --data changed since {run.directory} was tokenized. "
@@ -371,9 +358,18 @@ def text_sampler(tokenizer, config):
     return sample
 
 
+def epoch_steps(config, start_step=0):
+    """Optimizer steps per Keras epoch of `fit`: the largest number that divides every step where
+    something happens (a training-loss row, a validation, a checkpoint, a sample, the last step)
+    and the step a resumed run starts from."""
+    return math.gcd(config.log_every, config.eval_every, config.checkpoint_every,
+                    config.sample_every, config.max_steps, start_step)
+
+
 def _fit(run, strategy, tokenizer, sample, verbose, initial_weights=None, extra_callbacks=()):
     """`model.fit` under `strategy` with `distribute.GlobalBatchSteps` (see `gpt_keras.distribute`
     for how multi-worker training works); only the chief writes into the run directory."""
+    say = print if verbose else _silent
     config = run.train_config
     if sample is None and config.sample_every:
         sample = text_sampler(tokenizer, config)
@@ -400,35 +396,54 @@ def _fit(run, strategy, tokenizer, sample, verbose, initial_weights=None, extra_
         state = checkpoints.load(newest, model, optimizer)
     start_step = int(optimizer.iterations.numpy())
     distribute.check_same_on_workers(strategy, "newest checkpoint steps", start_step)
-    if start_step >= config.max_steps:
-        print(f"{run.directory} is already trained to step {start_step}.")
+    trained = start_step < config.max_steps
+    if not trained:
+        say(f"{run.directory} is already trained to step {start_step}; pass a larger "
+            "--max-steps to train further.")
     else:
+        if start_step:
+            say(f"Resuming from the checkpoint of step {start_step}; training to step "
+                f"{config.max_steps}.")
+        if start_step >= config.decay_steps:
+            say(f"The learning rate stays at --min-learning-rate {config.min_learning_rate:g} "
+                f"after --decay-steps {config.decay_steps}.")
+        if chief and os.path.isfile(run.model_path):
+            os.unlink(run.model_path)  # the final weights of a shorter run: stale from now on
         nan_stop = run_callbacks.StopOnNaN()
+        timer = run_callbacks.StepTimer()
         callbacks = [
-            *extra_callbacks,  # first: their epoch hooks run before the run's own
+            timer,  # first: it times the training steps only
+            *extra_callbacks,  # before the run's own: their epoch hooks run first
             nan_stop,
-            run_callbacks.RunState(run, state, nan_stop, sample, is_chief=chief),
+            run_callbacks.RunState(run, state, nan_stop, sample, timer, is_chief=chief,
+                                   start_step=start_step),
         ]
         if chief:  # TensorBoard runs no collective op: other workers can skip it
             callbacks.append(keras.callbacks.TensorBoard(run.tensorboard_dir))
         if verbose:
-            callbacks.insert(0, run_callbacks.ProgressBar(
-                config.max_steps, start_step, run.tokens_per_step,
+            callbacks.insert(1, run_callbacks.ProgressBar(
+                config.max_steps, start_step, run.tokens_per_step, timer,
                 config.gradient_accumulation_steps))
         micro_steps = config.gradient_accumulation_steps
+        steps = epoch_steps(config, start_step)
+        epochs = config.max_steps // steps
+        validate = [e for e in range(start_step // steps + 1, epochs + 1)
+                    if e * steps % config.eval_every == 0 or e == epochs]  # 1-based epochs
+        say(f"Compiling the training step{' with XLA' if config.xla == 'on' else ''} "
+            "(the first step takes a while)...", flush=True)
         model.fit(
             distribute.stack_pairs(data.training_dataset(
                 run.token_file, run.model_config.context_length, config.batch_size, config.seed,
                 start_step * micro_steps, (config.max_steps - start_step) * micro_steps,
             )),
-            epochs=config.max_steps // config.checkpoint_every,
-            initial_epoch=start_step // config.checkpoint_every,
-            steps_per_epoch=config.checkpoint_every * micro_steps,
+            epochs=epochs,
+            initial_epoch=start_step // steps,
+            steps_per_epoch=steps * micro_steps,
             validation_data=distribute.stack_pairs(data.validation_dataset(
                 run.token_file, run.model_config.context_length, config.batch_size, config.seed,
                 config.eval_batches,
             )),
-            validation_freq=config.eval_every // config.checkpoint_every,
+            validation_freq=validate,
             callbacks=callbacks,
             shuffle=False,  # batches are already drawn at random offsets
             verbose=0,
@@ -440,6 +455,7 @@ def _fit(run, strategy, tokenizer, sample, verbose, initial_weights=None, extra_
                 "learning rate or raise --clip-norm, then resume from it."
             )
     if chief and not os.path.isfile(run.model_path):
+        say(f"Saving the final weights to {run.model_path}...", flush=True)
         _save_inference_model(model, run.model_path)
     distribute.barrier(strategy)  # all workers finish together, after the chief's last write
     keras.config.set_dtype_policy("float32")
@@ -458,27 +474,49 @@ def _save_inference_model(model, path):
     os.replace(temporary, path)
 
 
-def evaluate(run_dir, data_paths, batch_size=32):
-    """Loss (nats/token), perplexity and bits per char/byte of the run's model on `data_paths`,
-    over all non-overlapping context windows of the text."""
+def evaluate(run_dir, data_paths=None, batch_size=32, progress=None):
+    """Loss (nats/token), perplexity and bits per char/byte of the run's model over all
+    non-overlapping context windows of its validation split, or of the text files `data_paths`.
+    `progress(batches_done, batches)` is called after each batch."""
     model = load_model(run_dir)
+    if data_paths is None:
+        token_file = _validation_split(run_dir)
+        return _score(model, token_file, token_file.tokens()[token_file.num_train:], batch_size,
+                      progress)
     tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
     files = data.resolve_text_files(data_paths)
-    context = model.config.context_length
     with tempfile.TemporaryDirectory() as scratch:
         token_file = data.prepare_tokens(
             files, tokenizer, os.path.join(scratch, "data"), validation_fraction=1.0
         )
-        tokens = token_file.tokens()
-        count = (len(tokens) - 1) // context
-        if count < 1:
-            raise ValueError(f"{data_paths}: fewer than {context + 1} tokens; nothing to evaluate.")
-        starts = np.arange(count) * context
-        windows = tokens[starts[:, None] + np.arange(context + 1)].astype(np.int32)
-        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
-        total = 0.0
-        for begin in range(0, count, batch_size):
-            batch = windows[begin : begin + batch_size]
-            total += float(loss_fn(batch[:, 1:], model(batch[:, :-1])))
-        loss = total / (count * context)
-        return {"tokens": count * context, **run_callbacks.validation_metrics(loss, token_file)}
+        return _score(model, token_file, token_file.tokens(), batch_size, progress)
+
+
+def _validation_split(run_dir):
+    """The `TokenFile` of a trained run (its validation split follows the training tokens)."""
+    directory = os.path.join(run_dir, "data")
+    if not os.path.isfile(os.path.join(directory, data.META_FILE)):
+        raise ValueError(f"{run_dir} holds no tokenized corpus (it was not trained here), so it "
+                         "has no validation split; pass --data PATH to score text files.")
+    return data.TokenFile.load(directory)
+
+
+def _score(model, token_file, tokens, batch_size, progress=None):
+    """`evaluate`'s metrics of `model` on the windows of `tokens` (bits per char/byte from the
+    character and byte counts of `token_file`'s validation split, which `tokens` must be)."""
+    context = model.config.context_length
+    count = (len(tokens) - 1) // context
+    if count < 1:
+        raise ValueError(f"The text has {len(tokens)} tokens, fewer than {context + 1}; "
+                         "nothing to evaluate.")
+    starts = np.arange(count) * context
+    windows = tokens[starts[:, None] + np.arange(context + 1)].astype(np.int32)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
+    total, batches = 0.0, -(-count // batch_size)
+    for index in range(batches):
+        batch = windows[index * batch_size : (index + 1) * batch_size]
+        total += float(loss_fn(batch[:, 1:], model(batch[:, :-1])))
+        if progress is not None:
+            progress(index + 1, batches)
+    loss = total / (count * context)
+    return {"tokens": count * context, **run_callbacks.validation_metrics(loss, token_file)}

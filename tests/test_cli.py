@@ -1,16 +1,25 @@
-"""`gpt-keras generate` and `gpt-keras evaluate` on a small trained run."""
+"""The `gpt-keras` command line: help, errors, notes, generate, evaluate and export guards."""
 
 import io
 import os
+import subprocess
+import sys
 
+import keras
+import numpy as np
 import pytest
 
+import gpt_keras
+from gpt_keras import cli
 from gpt_keras.cli import main
+from gpt_keras.data import TokenFile
 from gpt_keras.generation import TextGenerator
 from gpt_keras.tokenizers import load_tokenizer
 from gpt_keras.training import load_model
 
 from tests.conftest import SHAKESPEARE  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--context-length", "32", "--num-layers", "2", "--num-heads", "2", "--hidden-dim", "32"]
 
 
@@ -55,15 +64,32 @@ def test_prompt_from_stdin_and_several_samples(run_dir, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--top-k", "-1"], "top_k` must be an integer ≥ 0 (0 = no cut). Received: top_k=-1"),
-    (["--top-p", "1.5"], "top_p"),
-    (["--temperature", "-1"], "temperature"),
+    (["--top-k", "-1"], "argument --top-k: expected an integer >= 0, received -1"),
+    (["--top-p", "1.5"], "argument --top-p: expected a number in (0, 1], received 1.5"),
+    (["--top-p", "0"], "argument --top-p: expected a number in (0, 1], received 0"),
+    (["--temperature", "-1"], "argument --temperature: expected a number >= 0, received -1"),
+    (["--max-new-tokens", "x"], "argument --max-new-tokens: expected an integer >= 0, "
+                                "received 'x'"),
 ])
-def test_bad_knobs_are_one_line_errors(run_dir, capsys, args, message):
+def test_bad_knobs_are_one_line_errors_before_anything_is_printed(run_dir, capsys, args,
+                                                                  message):
     with pytest.raises(SystemExit) as exit_info:
-        main(["generate", run_dir, *args])
-    error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and error.count("\n") == 1 and message in error
+        main(["generate", run_dir, "--prompt", "ROMEO:", *args])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == ""
+    assert captured.err == f"gpt-keras: error: {message} (see `gpt-keras generate -h`)\n"
+
+
+def test_generate_notes_compiling_and_a_long_prompt_in_one_line_each(run_dir, capsys):
+    prompt = "To be, or not to be, that is the question: whether 'tis nobler in the mind"
+    main(["generate", run_dir, "--prompt", prompt, "--max-new-tokens", "5", "--seed", "0"])
+    out, err = capsys.readouterr()
+    assert out.startswith(prompt)
+    assert err.splitlines() == [
+        "gpt-keras: compiling the decoding loop for this shape (first call only)...",
+        f"gpt-keras: note: Prompt 0 has {len(prompt)} tokens; keeping its last 32 so that it "
+        "fits in context_length=32.",
+    ]
 
 
 def test_generate_on_a_directory_that_is_not_a_run(tmp_path, capsys):
@@ -77,3 +103,108 @@ def test_evaluate_prints_all_metrics(run_dir, capsys):
     out = capsys.readouterr().out
     for name in ("loss", "perplexity", "bits/char", "bits/byte"):
         assert name in out
+
+
+def test_evaluate_defaults_to_the_runs_validation_split_with_progress(run_dir, capsys,
+                                                                      monkeypatch):
+    def no_default_corpus():
+        raise AssertionError("evaluate must not read the default corpus")
+
+    monkeypatch.setattr(cli, "default_corpus", no_default_corpus)
+    main(["evaluate", run_dir, "--batch-size", "8"])
+    lines = capsys.readouterr().out.splitlines()
+    token_file = TokenFile.load(os.path.join(run_dir, "data"))
+    tokens = token_file.tokens()[token_file.num_train:]
+    count = (len(tokens) - 1) // 32
+    windows = tokens[np.arange(count)[:, None] * 32 + np.arange(33)].astype("int32")
+    logits = load_model(run_dir)(windows[:, :-1])
+    expected = float(keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
+        windows[:, 1:], logits))
+    batches = -(-count // 8)
+    assert lines[0] == f"Scoring the validation split of {run_dir}..."
+    assert lines[1] == f"  batch 1/{batches}" and lines[-2] == f"  batch {batches}/{batches}"
+    assert lines[-1].startswith(f"tokens {count * 32}  loss {expected:.4f}  ")
+
+
+def test_every_option_has_help_and_the_help_has_examples(capsys):
+    parser = cli.build_parser()
+    subcommands = parser._subparsers._group_actions[0].choices
+    assert set(subcommands) == {"train", "evaluate", "generate", "convert", "export", "serve"}
+    for name, command in subcommands.items():
+        for action in command._actions:
+            assert action.help, (name, action.dest)
+        assert "example" in command.format_help(), name
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "gpt-keras train --run-dir runs/shakespeare --max-steps 500" in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"gpt-keras {gpt_keras.__version__}\n"
+
+
+def _console(*args, importtime=False):
+    """`python -m gpt_keras.cli ARGS` as a user runs it (no TF_CPP_MIN_LOG_LEVEL set)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    flags = ["-X", "importtime"] if importtime else []
+    return subprocess.run([sys.executable, *flags, "-m", "gpt_keras.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["--version"]])
+def test_help_and_version_print_no_log_line_and_import_no_tensorflow(args):
+    result = _console(*args)
+    assert result.returncode == 0 and result.stderr == "" and result.stdout
+    imported = _console(*args, importtime=True).stderr
+    modules = {line.split("|")[-1].strip().split(".")[0] for line in imported.splitlines()}
+    assert "gpt_keras" in modules
+    assert not modules & {"tensorflow", "keras", "numpy"}
+
+
+def test_a_command_that_loads_tensorflow_prints_only_its_own_lines(tmp_path):
+    result = _console("evaluate", str(tmp_path))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"gpt-keras: error: {tmp_path} is not a gpt_keras run directory "
+                             "(no run.json). Pass the --run-dir of a `gpt-keras train` run.\n")
+
+
+def test_messages_name_flags_not_python_fields():
+    train_parser = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    assert cli.flag_names(
+        "`hidden_dim` must be divisible by `num_heads`. Received: hidden_dim=30, num_heads=4",
+        train_parser,
+    ) == "--hidden-dim must be divisible by --num-heads. Received: --hidden-dim 30, --num-heads 4"
+    assert cli.flag_names(
+        "runs/x holds a run with other settings (model.num_layers, tokenizer.kind, "
+        "train.learning_rate). The dropout and the data stay; see max_steps; pass xla=True.",
+        train_parser,
+    ) == ("runs/x holds a run with other settings (--num-layers, --tokenizer, --learning-rate). "
+          "The dropout and the data stay; see --max-steps; pass xla=True.")
+
+
+def test_formats_never_overwrite_each_other(run_dir, tmp_path, capsys):
+    """--force replaces an export of the same format only: a TFLite export refuses a folder of
+    SavedModel versions, and a SavedModel export refuses a TFLite folder."""
+    saved_model = tmp_path / "models" / "zh"
+    (saved_model / "1").mkdir(parents=True)
+    (saved_model / "1" / "saved_model.pb").write_bytes(b"model")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", run_dir, "--format", "tflite", "--out", str(saved_model), "--force"])
+    assert exit_info.value.code == 2
+    assert "holds files that are not a TFLite export" in capsys.readouterr().err
+    assert (saved_model / "1" / "saved_model.pb").read_bytes() == b"model"
+
+    tflite = tmp_path / "exports" / "zh"
+    tflite.mkdir(parents=True)
+    (tflite / "manifest.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", run_dir, "--out", str(tflite), "--force"])
+    assert exit_info.value.code == 2
+    assert "holds a TFLite export; choose another --out" in capsys.readouterr().err
+    assert sorted(os.listdir(tflite)) == ["manifest.json"]

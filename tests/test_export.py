@@ -526,7 +526,7 @@ def test_default_version_is_one_above_the_highest(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--version", "1"], "/1 already exists; pass --force (force=True) to replace it"),
-    (["--version", "0"], "The version must be a positive integer. Received: version=0"),
+    (["--version", "0"], "argument --version: expected an integer >= 1, received 0"),
     (["--quantize", "int8"], "--quantize applies to --format tflite"),
     (["--format", "tflite", "--version", "2"], "--version numbers TF Serving's SavedModel"),
 ])
@@ -554,6 +554,7 @@ def test_cli_tflite_format_calls_export_tflite(monkeypatch, tmp_path, capsys):
     main(["export", "RUN", "--out", out, "--format", "tflite", "--quantize", "int8", "--force"])
     assert calls == [("RUN", out, "int8", True)]
     assert capsys.readouterr().out == (
+        "Converting to TFLite and checking the file in the LiteRT interpreter...\n"
         f"TFLite model written to {out}/model.tflite. Signatures:\n"
         "  logits(token_ids int32[1, ?]) -> logits float32[1, ?, 60]\n"
     )

@@ -504,3 +504,17 @@ def test_zero_new_tokens_returns_empty_rows(model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert generation.generate(model, RAGGED, max_new_tokens=0) == [[], [], [], []]
+
+
+def test_auto_compiles_small_float32_models_with_xla_only():
+    """`jit_compile="auto"`: XLA for float32 models under `AUTO_XLA_MAX_PARAMETERS`, a plain
+    graph (every core through oneDNN) for larger or bfloat16 ones."""
+    small = GPT(**dataclasses.asdict(TINY))
+    large = GPT(**dataclasses.asdict(GPTConfig.from_preset("gpt2-small")))
+    half = GPT(**dataclasses.asdict(TINY), dtype="bfloat16")
+    assert generation.resolve_jit_compile(small, "auto") is True
+    assert generation.resolve_jit_compile(large, "auto") is False
+    assert generation.resolve_jit_compile(half, "auto") is False
+    assert generation.resolve_jit_compile(large, True) is True
+    with pytest.raises(ValueError, match="`jit_compile` must be True, False or 'auto'"):
+        generation.resolve_jit_compile(small, "yes")

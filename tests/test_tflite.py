@@ -248,8 +248,9 @@ def test_quantized_files_are_smaller_and_close(run, tmp_path, quantize, saved_by
     validation-loss cost on a trained model is measured by benchmarks/tflite_quality.py)."""
     run_dir, float32_path, model, _ = run
     out_dir = tmp_path / "export"
-    out_dir.mkdir()
-    (out_dir / "stale.txt").write_text("replaced by force=True")
+    out_dir.mkdir()  # an earlier TFLite export, which force=True replaces
+    (out_dir / "manifest.json").write_text("{}")
+    (out_dir / "model.tflite").write_text("replaced by force=True")
     path = export_tflite(run_dir, str(out_dir), quantize=quantize, force=True)
     assert sorted(os.listdir(out_dir)) == sorted(
         ["manifest.json", f"model-{quantize}.tflite", "tokenizer.json"]

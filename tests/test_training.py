@@ -2,6 +2,7 @@ import csv
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,7 +34,7 @@ def test_run_directory_holds_everything(corpus, tmp_path):
     run_dir = str(tmp_path / "run")
     config = TrainConfig(batch_size=8, max_steps=40, learning_rate=1e-2, min_learning_rate=1e-3,
                          warmup_steps=5, checkpoint_every=20, eval_every=20, eval_batches=3,
-                         keep_checkpoints=1, sample_every=0)
+                         keep_checkpoints=1, sample_every=0, log_every=20)
     run = train(run_dir, [corpus], TINY_MODEL, config, verbose=False)
     assert sorted(os.listdir(run_dir)) == sorted([
         "run.json", "tokenizer", "data", "checkpoints", "metrics.csv", "loss.png",
@@ -301,9 +302,17 @@ def _write(path, content, mode="w"):
     (lambda d: _write(d / "short.txt", "to be or not\n"), [],
      "training split has 11 tokens, fewer than one window"),
     (lambda d: _write(d / "ok.txt", "to be or not to be\n" * 50), ["--tokenizer", "bpe",
-     "--vocab-size", "200"], "vocab_size` must be an int of at least 257"),
-    (lambda d: _write(d / "ok.txt", "to be or not to be\n" * 50), ["--max-steps", "30",
-     "--checkpoint-every", "7"], "max_steps=30 must be a multiple of checkpoint_every=7"),
+     "--vocab-size", "200"], "--vocab-size must be an int of at least 257"),
+    # Model settings are checked before the run directory is created (issue 11, point 4).
+    (lambda d: _write(d / "ok.txt", "to be or not to be\n" * 50), ["--num-heads", "3"],
+     "--hidden-dim must be divisible by "
+     "--num-heads. Received: --hidden-dim 32, --num-heads 3"),
+    (lambda d: _write(d / "ok.txt", "to be or not to be\n" * 50), ["--dropout", "2"],
+     "--dropout must be in [0, 1). Received: --dropout 2.0"),
+    (lambda d: _write(d / "ok.txt", "to be or not to be\n" * 50), ["--context-length", "0"],
+     "argument --context-length: expected an integer >= 1, received 0"),
+    (lambda d: _write(d / "ok.txt", "to be or not to be\n" * 50), ["--keep-checkpoints", "0"],
+     "argument --keep-checkpoints: expected an integer >= 1, received 0"),
 ])
 def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, capsys, setup, extra, message):
     data_path = setup(tmp_path)
@@ -318,23 +327,25 @@ def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, capsys, setup,
     assert not run_dir.exists()
 
 
-def test_default_corpus_without_network_says_to_pass_data(monkeypatch):
+def test_default_corpus_without_network_gives_the_cause_and_leaves_nothing(tmp_path,
+                                                                          monkeypatch):
     from gpt_keras import cli
 
-    monkeypatch.setattr(cli.os.path, "isfile", lambda path: False)
-
-    def offline(*args, **kwargs):
-        raise ConnectionError("network unreachable")
-
-    monkeypatch.setattr(keras.utils, "get_file", offline)
-    with pytest.raises(ValueError, match="Could not download the default corpus .*ConnectionError"
-                                         ".* Pass --data PATH"):
-        cli.default_corpus()
+    monkeypatch.setattr(cli, "SHARED_CORPUS", str(tmp_path / "absent.txt"))
+    with socket.socket() as closed:  # a local port that refuses connections, found offline
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setattr(cli, "DEFAULT_CORPUS_URL", f"http://127.0.0.1:{port}/input.txt")
+    with pytest.raises(ValueError) as error:
+        cli.default_corpus(cache_dir=str(tmp_path / "keras"))
+    assert "Connection refused" in str(error.value) and "Pass --data PATH" in str(error.value)
+    assert not os.path.exists(tmp_path / "keras" / "gpt_keras")  # no empty cache directory
 
 
 def test_fine_tuning_starts_from_a_run_and_freezes_blocks(corpus, tmp_path):
     config = TrainConfig(batch_size=8, max_steps=20, learning_rate=1e-2, warmup_steps=2,
-                         checkpoint_every=20, eval_every=20, eval_batches=2, sample_every=0)
+                         checkpoint_every=20, eval_every=20, eval_batches=2, sample_every=0,
+                         log_every=20)
     base = str(tmp_path / "base")
     train(base, [corpus], TINY_MODEL, config, verbose=False)
     tuned = str(tmp_path / "tuned")
@@ -355,3 +366,130 @@ def test_fine_tuning_starts_from_a_run_and_freezes_blocks(corpus, tmp_path):
     with pytest.raises(ValueError, match="--freeze-blocks 3 is more than the model's 2 blocks"):
         train(str(tmp_path / "bad"), [corpus], TINY_MODEL,
               TrainConfig(**{**vars(config), "freeze_blocks": 3}), verbose=False, init_from=base)
+
+
+def test_any_max_steps_with_every_event_at_its_own_cadence(corpus, tmp_path):
+    """13 steps (a prime): checkpoints every 5 and at the end, validation every 4 and at the end,
+    samples every 6 and at the end, a training-loss row every 2 steps and at every other event,
+    each the mean of the per-step losses since the previous row."""
+    run_dir = str(tmp_path / "run")
+    config = TrainConfig(batch_size=4, max_steps=13, checkpoint_every=5, eval_every=4,
+                         sample_every=6, log_every=2, eval_batches=1, warmup_steps=2,
+                         keep_checkpoints=5)
+    sampled = []
+
+    def sample(model):
+        sampled.append(int(model.optimizer.iterations.numpy()))
+        return "text"
+
+    class StepLosses(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.losses = {}
+
+        def on_epoch_end(self, epoch, logs=None):  # epochs of one step here: gcd(2, 4, 5, 6, 13)
+            self.losses[int(self.model.optimizer.iterations.numpy())] = float(logs["loss"])
+
+    recorder = StepLosses()
+    run = train(run_dir, [corpus], TINY_MODEL, config, sample=sample, verbose=False,
+                callbacks=[recorder])
+    assert sorted(checkpoints.step_checkpoints(run.checkpoint_dir)) == [5, 10, 13]
+    rows = read_metrics(run_dir)
+    assert [int(row["step"]) for row in rows] == [2, 4, 5, 6, 8, 10, 12, 13]
+    assert [int(row["step"]) for row in rows if row["val_loss"]] == [4, 8, 12, 13]
+    assert sampled == [6, 12, 13]
+    assert sorted(recorder.losses) == list(range(1, 14))
+    previous = 0
+    for row in rows:
+        step = int(row["step"])
+        expected = np.mean([recorder.losses[s] for s in range(previous + 1, step + 1)])
+        assert float(row["loss"]) == pytest.approx(expected, rel=1e-6), step
+        previous = step
+    assert sorted(os.listdir(run_dir)).count("samples.txt") == 1
+
+
+def test_step_timer_counts_training_steps_only(monkeypatch):
+    """tokens/s of the progress bar and metrics.csv: the first (compiling) step and the time
+    between steps (validation, samples, checkpoints) are left out."""
+    from gpt_keras import callbacks
+
+    now = [0.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: now[0])
+    timer = callbacks.StepTimer()
+    timer.on_train_begin()
+    for seconds, pause in [(20.0, 0.0), (0.5, 0.0), (0.5, 30.0), (1.0, 0.0)]:
+        timer.on_train_batch_begin(0)
+        now[0] += seconds
+        timer.on_train_batch_end(0)
+        now[0] += pause  # e.g. a validation after the step
+    assert (timer.seconds, timer.batches) == (2.0, 3)
+    assert timer.tokens_per_second(100) == pytest.approx(150.0)
+    assert timer.tokens_per_second(100, since=(0.5, 1)) == pytest.approx(100 * 2 / 1.5)
+    assert timer.tokens_per_second(100, since=(2.0, 3)) is None
+
+
+def _tiny_cli(run_dir, corpus, *extra):
+    return ["train", "--data", corpus, "--run-dir", run_dir, *SMALL_MODEL_FLAGS,
+            "--batch-size", "4", "--eval-batches", "1", "--sample-every", "0",
+            "--warmup-steps", "2", "--learning-rate", "0.01", *extra]
+
+
+def test_a_finished_run_trains_further_with_a_larger_max_steps(corpus, tmp_path, capsys):
+    """nanoGPT's "resume with a larger max_iters": 10 steps, then the same command with
+    --max-steps 20 (and another validation cadence), gives the losses and weights of one 20-step
+    run that decays over 10 steps (--decay-steps 10), then stays at the minimum rate."""
+    further, whole = str(tmp_path / "further"), str(tmp_path / "whole")
+    main(_tiny_cli(further, corpus, "--max-steps", "10", "--checkpoint-every", "5"))
+    main(_tiny_cli(further, corpus, "--max-steps", "20", "--checkpoint-every", "5",
+                   "--eval-every", "10", "--keep-checkpoints", "2"))
+    out = capsys.readouterr().out
+    assert "Resuming from the checkpoint of step 10; training to step 20." in out
+    assert "The learning rate stays at --min-learning-rate 0.0001 after --decay-steps 10." in out
+    main(_tiny_cli(whole, corpus, "--max-steps", "20", "--checkpoint-every", "5",
+                   "--decay-steps", "10"))
+    expected, resumed = read_metrics(whole), read_metrics(further)
+    assert [row["step"] for row in resumed] == [row["step"] for row in expected]
+    for a, b in zip(expected, resumed):
+        for key in ("loss", "learning_rate"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-6), (a["step"], key)
+    assert float(resumed[-1]["learning_rate"]) == pytest.approx(1e-4)
+    for a, b in zip(load_model(whole).weights, load_model(further).weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(SystemExit):  # the trajectory's settings still may not change
+        main(_tiny_cli(further, corpus, "--max-steps", "30", "--decay-steps", "30"))
+    assert "holds a run with other settings (--decay-steps)" in capsys.readouterr().err
+
+
+def test_ctrl_c_prints_one_line_and_the_same_command_resumes(corpus, tmp_path, capsys,
+                                                             monkeypatch):
+    """Ctrl-C (a KeyboardInterrupt after the step-10 checkpoint) ends with one line saying how to
+    resume; every phase of the start prints a line; the resumed run says from which step."""
+    from gpt_keras import callbacks
+
+    run_dir = str(tmp_path / "run")
+    original = callbacks.RunState.on_epoch_end
+
+    def interrupted(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if int(self.model.optimizer.iterations.numpy()) == 10:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(callbacks.RunState, "on_epoch_end", interrupted)
+    command = _tiny_cli(run_dir, corpus, "--max-steps", "15", "--checkpoint-every", "5")
+    with pytest.raises(SystemExit) as exit_info:
+        main(command)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 130
+    assert captured.err == ("gpt-keras: interrupted; re-run the same command to resume from the "
+                            "checkpoint of step 10.\n")
+    phases = ["Corpus: " + corpus, "Training the char tokenizer...",
+              f"Tokenizing the corpus into {run_dir}/data...", "Compiling the training step"]
+    lines = captured.out.splitlines()
+    starts = [next(i for i, line in enumerate(lines) if line.startswith(p)) for p in phases]
+    assert starts == sorted(starts)
+    monkeypatch.setattr(callbacks.RunState, "on_epoch_end", original)
+    main(command)
+    out = capsys.readouterr().out
+    assert "Resuming from the checkpoint of step 10; training to step 15." in out
+    assert f"Saving the final weights to {run_dir}/model.keras..." in out
+    assert [int(row["step"]) for row in read_metrics(run_dir)] == [5, 10, 15]
