@@ -383,7 +383,8 @@ def _serve(args):
     serve(args.base_dir, host=args.host, port=args.port, quiet=args.quiet,
           model_name=args.model_name, poll_seconds=args.poll_seconds,
           num_versions=args.num_versions, max_request_bytes=args.max_request_bytes,
-          workers=args.workers)
+          workers=args.workers, enable_batching=args.enable_batching,
+          batching_parameters_file=args.batching_parameters_file)
 
 
 def _add_serve_arguments(parser):
@@ -402,6 +403,10 @@ def _add_serve_arguments(parser):
     parser.add_argument("--workers", type=int, default=8,
                         help="threads running predictions concurrently (default 8)")
     parser.add_argument("--quiet", action="store_true", help="no log line per request")
+    parser.add_argument("--enable-batching", action="store_true",
+                        help="batch concurrent requests as TF Serving's --enable_batching")
+    parser.add_argument("--batching-parameters-file", metavar="FILE",
+                        help="BatchingParameters text proto (e.g. export/batching_parameters.txt)")
 
 
 def build_parser():

@@ -1,12 +1,17 @@
 """A development server that speaks TF Serving's REST API over exported SavedModels.
 
     gpt-keras serve MODELS/NAME [--host 127.0.0.1] [--port 8501]
+        [--enable-batching [--batching-parameters-file export/batching_parameters.txt]]
     curl -d '{"instances": ["To be, or not"]}' http://127.0.0.1:8501/v1/models/NAME:predict
 
 `MODELS/NAME` holds numeric version directories (`gpt-keras export ... --out MODELS/NAME`). Like
 TF Serving's default policy it serves the highest version, polls the directory for new ones,
-loads a new version before switching to it and then unloads the old one. Endpoints, JSON formats
-and error bodies follow TF Serving's REST API (https://www.tensorflow.org/tfx/serving/api_rest):
+loads a new version and replays its warm-up records (`assets.extra/tf_serving_warmup_requests`;
+a version whose warm-up fails is not served) before switching to it, and then unloads the old
+one. `--enable-batching` merges concurrent requests into batched calls with TF Serving's rules
+and parameters file (`gpt_keras.batching`); warm-up requests go through the batching too, as in
+TF Serving. Endpoints, JSON formats and error bodies follow TF Serving's REST API
+(https://www.tensorflow.org/tfx/serving/api_rest):
 
     GET  /v1/models/NAME[/versions/N]             model status
     GET  /v1/models/NAME[/versions/N]/metadata    signature defs
@@ -36,6 +41,9 @@ import tensorflow as tf
 from aiohttp import web
 from google.protobuf import json_format
 from tensorflow.core.protobuf import saved_model_pb2
+
+from gpt_keras.batching import Batcher, BatchingParameters, read_batching_parameters
+from gpt_keras.warmup import replay_warmup
 
 DEFAULT_PORT = 8501
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -260,13 +268,29 @@ def _op_error_message(error):
 
 
 class Servable:
-    """One loaded version of a SavedModel: its signatures, callable from any thread."""
+    """One loaded version of a SavedModel: its signatures, callable from any thread, through
+    `batcher` (a `gpt_keras.batching.Batcher`) if given. Loading replays the version's warm-up
+    records (`warmup_records` of them) the same way; `ValueError` if one fails."""
 
-    def __init__(self, version, path):
+    def __init__(self, version, path, batcher=None):
         self.version = version
         self.path = path
         self._model = tf.saved_model.load(path, tags=["serve"])  # owns the signatures' variables
         self.signatures = dict(self._model.signatures)
+        self._batcher = batcher
+        self.warmup_records = replay_warmup(path, self._run)
+
+    def _run(self, signature, inputs):
+        """Runs `signature` on `{input name: np.ndarray or tensor}`; numpy outputs."""
+        if signature not in self.signatures:
+            raise ValueError(f"no signature '{signature}' (the model has "
+                             f"{', '.join(sorted(self.signatures))})")
+        function = self.signatures[signature]
+        if self._batcher is not None:
+            return self._batcher.run(function, {name: np.asarray(value)
+                                                for name, value in inputs.items()})
+        return {name: value.numpy() for name, value in function(
+            **{name: tf.constant(value) for name, value in inputs.items()}).items()}
 
     def predict(self, body):
         """A `:predict` request body (bytes) -> the response as a dict; `RequestError` if the
@@ -299,7 +323,7 @@ class Servable:
         tensors = {key: _to_tensor(values[key], spec, f"Input '{key}' of signature '{name}'")
                    for key, spec in specs.items()}
         try:
-            outputs = {key: value.numpy() for key, value in function(**tensors).items()}
+            outputs = self._run(name, tensors)
         except tf.errors.OpError as error:
             raise RequestError(_op_error_message(error), _HTTP_STATUS.get(error.error_code, 500))
         if row_format:
@@ -321,10 +345,11 @@ class Servable:
 
 class ModelVersions:
     """The versions of one model directory that are loaded, kept in step with its numeric
-    subdirectories: the `num_versions` highest that load are served. Safe to read from any
-    thread while `refresh` runs (both maps are replaced, never changed in place)."""
+    subdirectories: the `num_versions` highest that load are served, through `batcher` if given.
+    Safe to read from any thread while `refresh` runs (both maps are replaced, never changed in
+    place)."""
 
-    def __init__(self, base_dir, num_versions=1):
+    def __init__(self, base_dir, num_versions=1, batcher=None):
         if not os.path.isdir(base_dir):
             raise ValueError(f"{base_dir} is not a directory; pass the --out directory of "
                              "`gpt-keras export` (it holds numeric version directories).")
@@ -332,6 +357,7 @@ class ModelVersions:
             raise ValueError(f"num_versions must be at least 1. Received: {num_versions}")
         self.base_dir = base_dir
         self.num_versions = num_versions
+        self.batcher = batcher
         self.loaded = {}  # version -> Servable
         self.states = {}  # version -> (state, error message), as the status endpoint reports
         self._refresh_lock = threading.Lock()
@@ -370,13 +396,13 @@ class ModelVersions:
         path = os.path.join(self.base_dir, str(version))
         start = time.perf_counter()
         try:
-            servable = Servable(version, path)
+            servable = Servable(version, path, self.batcher)
         except Exception as error:  # a broken export must not stop the server
             states[version] = ("END", f"Failed to load {path}: {error}")
             _LOG.error("Failed to load version %d from %s: %s", version, path, error)
             return None
-        _LOG.info("Loaded version %d from %s in %.1f s.", version, path,
-                  time.perf_counter() - start)
+        _LOG.info("Loaded version %d from %s in %.1f s (%d warm-up records replayed).", version,
+                  path, time.perf_counter() - start, servable.warmup_records)
         return servable
 
 
@@ -388,11 +414,15 @@ MODEL_NAME = web.AppKey("model_name", str)  # app[MODEL_NAME]: the model's name 
 
 
 def make_app(base_dir, model_name=None, *, poll_seconds=2.0, num_versions=1,
-             max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, workers=8, log_requests=True):
+             max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, workers=8, log_requests=True,
+             enable_batching=False, batching_parameters_file=None):
     """The aiohttp application serving the SavedModel versions under `base_dir` as `model_name`
     (default: the directory's name). Loads the served version(s) before returning; polls for new
     ones every `poll_seconds` (0: never). Predictions run on `workers` threads, so the event loop
-    keeps answering; request bodies over `max_request_bytes` get HTTP 413."""
+    keeps answering; request bodies over `max_request_bytes` get HTTP 413. `enable_batching`
+    batches concurrent requests as TF Serving's `--enable_batching` does
+    (`gpt_keras.batching`), with the `BatchingParameters` text file `batching_parameters_file`
+    (default: TF Serving's defaults)."""
     model_name = model_name or os.path.basename(os.path.normpath(base_dir))
     if not re.fullmatch(r"[^/:]+", model_name):
         raise ValueError(f"A model name cannot contain '/' or ':' (they delimit URLs). Received: "
@@ -400,9 +430,18 @@ def make_app(base_dir, model_name=None, *, poll_seconds=2.0, num_versions=1,
     for name, value in (("workers", workers), ("max_request_bytes", max_request_bytes)):
         if value < 1:
             raise ValueError(f"{name} must be a positive integer. Received: {name}={value}")
-    versions = ModelVersions(base_dir, num_versions)
+    if batching_parameters_file and not enable_batching:
+        raise ValueError("A batching parameters file is read only with batching enabled "
+                         "(--enable-batching).")
+    batcher = None
+    if enable_batching:
+        batcher = Batcher(read_batching_parameters(batching_parameters_file)
+                          if batching_parameters_file else BatchingParameters())
+    versions = ModelVersions(base_dir, num_versions, batcher)
     versions.refresh()
     if not versions.loaded:
+        if batcher is not None:
+            batcher.close()
         problems = "; ".join(error for _, error in versions.states.values() if error)
         raise ValueError(f"No loadable version under {base_dir}"
                          + (f" ({problems})" if problems else " (no numeric version directory)")
@@ -479,6 +518,8 @@ def make_app(base_dir, model_name=None, *, poll_seconds=2.0, num_versions=1,
         if task is not None:
             task.cancel()
         pool.shutdown(wait=False, cancel_futures=True)
+        if batcher is not None:
+            batcher.close()
 
     app = web.Application(client_max_size=max_request_bytes, middlewares=[errors_and_log])
     app.router.add_route("*", "/{path:.*}", dispatch)

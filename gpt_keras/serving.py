@@ -4,7 +4,8 @@
     gpt_keras.serving.export_saved_model("runs/shakespeare", "models/shakespeare")
 
 Layout (TF Serving's): `BASE/<version>/` holds `saved_model.pb`, `variables/` and `assets.extra/`
-with `gpt_keras.json` (the manifest, see `MANIFEST_FILE`) and the run's `tokenizer.json`.
+with `gpt_keras.json` (the manifest, see `MANIFEST_FILE`), the run's `tokenizer.json` and TF
+Serving's warm-up records `tf_serving_warmup_requests` (see `gpt_keras.warmup`).
 
 Signatures (tag `serve`; B is a dynamic batch, every string is UTF-8):
 
@@ -52,7 +53,7 @@ import numpy as np
 import tensorflow as tf
 
 import gpt_keras
-from gpt_keras import decoding, generation
+from gpt_keras import decoding, generation, warmup
 from gpt_keras.precision import weight_format
 
 SIGNATURES = ("serving_default", "generate", "logits", "tokenize", "detokenize")
@@ -88,9 +89,10 @@ def export_model(model, tokenizer, base_dir, version=None, force=False, source=N
     `version` (default: one above the highest, 1 if none) of the TF Serving model at `base_dir`,
     and returns the version directory.
 
-    Atomic: everything is written into a temporary directory beside the versions (a name TF
-    Serving ignores), reloaded in a fresh process the way TF Serving loads it (XLA disabled,
-    Keras and gpt_keras unimportable) and compared with `model` (logits within
+    Atomic: everything, TF Serving's warm-up records included, is written into a temporary
+    directory beside the versions (a name TF Serving ignores), reloaded in a fresh process the
+    way TF Serving loads it (XLA disabled, Keras and gpt_keras unimportable), warmed up with its
+    records (each must succeed, as in TF Serving) and compared with `model` (logits within
     `LOGITS_TOLERANCE`, greedy completions of `GOLDEN_PROMPTS` identical), then renamed into
     place. An existing version raises `ValueError` unless `force=True`, which swaps the new one
     in. Temporary directories left by killed exports on this host are removed. `source` (e.g.
@@ -110,13 +112,19 @@ def export_model(model, tokenizer, base_dir, version=None, force=False, source=N
     )
     try:
         root, signatures = _serving_module(model, tokenizer)
+        warmup_requests = warmup.warmup_requests(
+            {name: _inputs(function) for name, function in signatures.items()}, tokenizer,
+            model.config.context_length,
+        )
         tf.saved_model.save(root, temporary, signatures=signatures)
         graph_ops = op_types(temporary)
         _check_core_ops(graph_ops)
-        manifest = _manifest(model, tokenizer, signatures, graph_ops, source)
+        manifest = _manifest(model, tokenizer, signatures, graph_ops, source,
+                             len(warmup_requests))
         extra = os.path.join(temporary, "assets.extra")
         os.makedirs(extra)
         tokenizer.save(extra)
+        warmup.write_warmup_requests(warmup_requests, extra)
         with open(os.path.join(extra, MANIFEST_FILE), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, ensure_ascii=False)
         _verify(temporary, model, tokenizer, manifest)
@@ -353,12 +361,12 @@ def _check_core_ops(graph_ops):
         )
 
 
-def _manifest(model, tokenizer, signatures, graph_ops, source):
+def _manifest(model, tokenizer, signatures, graph_ops, source, warmup_records):
     import keras
 
     contracts = {
         name: {
-            "inputs": {spec.name: _spec(spec) for spec in function.structured_input_signature[0]},
+            "inputs": {key: _spec(spec) for key, spec in _inputs(function).items()},
             "outputs": {key: _spec(tensor) for key, tensor in function.structured_outputs.items()},
         }
         for name, function in signatures.items()
@@ -394,7 +402,14 @@ def _manifest(model, tokenizer, signatures, graph_ops, source):
         "op_types": sorted(graph_ops),
         "golden": {"prompts": list(GOLDEN_PROMPTS), "max_new_tokens": GOLDEN_NEW_TOKENS,
                    "temperature": 0.0, "completions": texts},
+        "warmup": {"file": f"assets.extra/{warmup.WARMUP_FILE}", "records": warmup_records,
+                   "batch_sizes": list(warmup.BATCH_SIZES)},
     }
+
+
+def _inputs(function):
+    """A signature function's inputs, `{name: tf.TensorSpec}`."""
+    return {spec.name: spec for spec in function.structured_input_signature[0]}
 
 
 def _spec(tensor):
@@ -420,8 +435,9 @@ def op_types(export_dir):
 # (`tensorflow::DisableXlaCompilation`, which the model server calls unless started with
 # `--xla_cpu_compilation_enabled=true`), the model is loaded by the TF1 Session loader, and
 # `load(dir)` returns `run(signature, feeds)`, which checks the input names and dtypes as the
-# server does and runs the signature by its tensor names.
-SERVER_LIKE_PROLOGUE = r"""
+# server does and runs the signature by its tensor names. `replay_warmup(dir, run)` runs the
+# version's warm-up records as the server does at load (`gpt_keras.warmup`).
+SERVER_LIKE_PROLOGUE = warmup.SOURCE + r"""
 import ctypes, json, os, sys
 import numpy as np
 
@@ -453,6 +469,10 @@ def load(export_dir):
 _VERIFY = r"""
 request = json.load(sys.stdin)
 run = load(sys.argv[1])
+try:  # first, as TF Serving does before it serves a version
+    warmup = {"records": replay_warmup(sys.argv[1], run), "error": None}
+except ValueError as error:
+    warmup = {"records": 0, "error": str(error)}
 prompts = np.array([p.encode("utf-8") for p in request["prompts"]], object)
 greedy = {"max_new_tokens": np.int32(request["max_new_tokens"]), "temperature": np.float32(0),
           "top_k": np.int32(1), "top_p": np.float32(1), "seed": np.int64(0)}
@@ -466,6 +486,7 @@ print(json.dumps({
     "texts": [t.decode("utf-8") for t in run("detokenize", {"token_ids": tokenized})["texts"]],
     "sampled": len(run("serving_default", {"prompts": prompts})["completions"]),
     "keras_loaded": sys.modules["keras"] is not None,
+    "warmup": warmup,
 }))
 """
 
@@ -488,8 +509,9 @@ def run_like_tf_serving(export_dirs, script, payload=None, timeout=600):
 
 
 def _verify(export_dir, model, tokenizer, manifest):
-    """Raises `ValueError` unless the export, loaded as TF Serving loads it, gives `model`'s
-    logits, the manifest's golden greedy completions and `tokenizer`'s ids and texts."""
+    """Raises `ValueError` unless the export, loaded as TF Serving loads it, runs every warm-up
+    record of the manifest and gives `model`'s logits, the manifest's golden greedy completions
+    and `tokenizer`'s ids and texts."""
     config = model.config
     token_ids = np.random.default_rng(0).integers(
         0, config.vocab_size, [2, min(config.context_length, 12)]
@@ -500,6 +522,9 @@ def _verify(export_dir, model, tokenizer, manifest):
         "token_ids": token_ids.tolist(),
     })
     problems = []
+    if served["warmup"]["error"] or served["warmup"]["records"] != manifest["warmup"]["records"]:
+        problems.append(served["warmup"]["error"] or f"{served['warmup']['records']} warm-up "
+                        f"records ran, not {manifest['warmup']['records']}")
     expected = np.asarray(model(token_ids))
     difference = np.max(np.abs(np.array(served["logits"]) - expected))
     tolerance = LOGITS_TOLERANCE

@@ -21,8 +21,11 @@ import time
 
 import numpy as np
 import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
 
-from gpt_keras import GPT, GPTConfig, generation, serving
+from gpt_keras import GPT, GPTConfig, generation, serving, warmup
+from gpt_keras.batching import read_batching_parameters
 from gpt_keras.cli import main
 from gpt_keras.tokenizers import CharTokenizer, load_tokenizer
 from gpt_keras.training import create_run, load_model
@@ -31,6 +34,8 @@ from tests.numpy_reference import randomize_weights
 
 GPT2_VOCAB = os.path.join(os.path.dirname(SHAKESPEARE), "gpt2")
 GRPC_CLIENT = os.path.join(os.path.dirname(__file__), "..", "export", "grpc_client.py")
+BATCHING_PARAMETERS = os.path.join(os.path.dirname(__file__), "..", "export",
+                                   "batching_parameters.txt")
 PROMPTS = ["To be, or not", "", "First Citizen:\nBefore we proceed any further", "ROMEO: I"]
 NEW_TOKENS = 40  # > context_length 16: the window slides twice
 SAMPLING = dict(temperature=1.0, top_k=10, top_p=0.9, seed=7)
@@ -88,6 +93,7 @@ spec.loader.exec_module(client)
 request = client.generate_request("shakespeare", **payload["grpc_request"])
 signatures = tf.saved_model.load(sys.argv[1]).signatures
 print(json.dumps({
+    "warmup_records": [replay_warmup(path, run) for path, run in zip(sys.argv[1:], runs)],
     "results": results,
     "grpc_client": client.completions(serve(0, request)),
     "tf2_logits": signatures["logits"](token_ids=tf.constant([[1, 2, 3]]))["logits"].numpy()
@@ -392,6 +398,92 @@ def test_saved_model_cli_show_and_run(exported, local, tmp_path):
     model, _ = local
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"),
                                np.asarray(model(np.array([[3, 1, 4, 1, 5]]))), atol=1e-5, rtol=0)
+
+
+def test_warmup_records_cover_every_signature_batch_size_and_prompt_length(exported):
+    """`assets.extra/tf_serving_warmup_requests` is a TFRecord file of `PredictionLog`s, as TF
+    Serving reads it: one `predict_log` per signature, batch size and prompt length, each with
+    exactly the signature's inputs."""
+    version_dir, _ = exported
+    manifest = serving.read_manifest(version_dir)
+    path = os.path.join(version_dir, "assets.extra", "tf_serving_warmup_requests")
+    assert manifest["warmup"]["file"] == "assets.extra/tf_serving_warmup_requests"
+    logs = [prediction_log_pb2.PredictionLog.FromString(record)
+            for record in tf.data.TFRecordDataset(path).as_numpy_iterator()]
+    assert len(logs) == manifest["warmup"]["records"] <= 1000  # TF Serving's limit
+    shapes = {}
+    for log in logs:
+        assert log.WhichOneof("log_type") == "predict_log"
+        request = log.predict_log.request
+        signature = manifest["signatures"][request.model_spec.signature_name]
+        inputs = {name: tf.make_ndarray(proto) for name, proto in request.inputs.items()}
+        assert set(inputs) == set(signature["inputs"])
+        for name, value in inputs.items():
+            assert tf.as_dtype(value.dtype).name == signature["inputs"][name]["dtype"]
+            assert value.ndim == len(signature["inputs"][name]["shape"])
+        batched = next(value for value in inputs.values() if value.ndim)
+        width = batched.shape[1] if batched.ndim == 2 else max(len(p) for p in batched)
+        shapes.setdefault(request.model_spec.signature_name, set()).add((len(batched), width))
+    assert set(shapes) == set(serving.SIGNATURES)
+    for signature, seen in shapes.items():
+        assert {size for size, _ in seen} == set(warmup.BATCH_SIZES), signature
+        assert len(seen) == 2 * len(warmup.BATCH_SIZES), signature  # a short and a long prompt
+    assert len(logs) == 2 * len(warmup.BATCH_SIZES) * len(serving.SIGNATURES)
+
+
+def test_warmup_records_replay_in_the_server_like_process(served, exported, gpt2_exported):
+    counts = [serving.read_manifest(path)["warmup"]["records"]
+              for path in (exported[0], gpt2_exported[1])]
+    assert served["warmup_records"] == counts and counts[0] > 0
+
+
+def test_export_whose_warmup_fails_is_not_installed(char_run, tmp_path, monkeypatch):
+    """A warm-up record the graph rejects (`temperature=-1`) fails the export, as it would fail
+    TF Serving's load: no version directory, no temporary directory left."""
+    bad_generate = warmup.EXAMPLE_INPUTS["generate"]
+    monkeypatch.setitem(warmup.EXAMPLE_INPUTS, "generate",
+                        lambda prompts, ids: {**bad_generate(prompts, ids), "temperature": -1})
+    with pytest.raises(ValueError, match=r"Warm-up record \d+ of .*\('generate'\) failed: .*"
+                                         r"`temperature` must be a finite number"):
+        serving.export_saved_model(char_run, str(tmp_path / "models"))
+    assert os.listdir(tmp_path / "models") == []
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda table: table.pop("tokenize"), r"covers signatures .* but the export has"),
+    (lambda table: table.update(logits=lambda prompts, ids: {"ids": ids}),
+     r"inputs of 'logits' .* are \['ids'\], but the signature takes \['token_ids'\]"),
+    (lambda table: table.update(logits=lambda prompts, ids: {"token_ids": ids[0]}),
+     r"'token_ids' of 'logits' .* has shape \[4\]; the signature takes \(None, None\)"),
+])
+def test_warmup_table_must_match_the_signatures(exported, local, monkeypatch, change, message):
+    """When a signature's inputs change, the export says which entry of the one table to
+    update (checked against the exported signatures' inputs, as recorded in the manifest)."""
+    _, tokenizer = local
+    inputs = {name: {key: tf.TensorSpec(spec["shape"], spec["dtype"])
+                     for key, spec in contract["inputs"].items()}
+              for name, contract in serving.read_manifest(exported[0])["signatures"].items()}
+    assert len(warmup.warmup_requests(inputs, tokenizer, context_length=16)) == (
+        2 * len(warmup.BATCH_SIZES) * len(serving.SIGNATURES))
+    table = dict(warmup.EXAMPLE_INPUTS)
+    change(table)
+    monkeypatch.setattr(warmup, "EXAMPLE_INPUTS", table)
+    with pytest.raises(ValueError, match=message):
+        warmup.warmup_requests(inputs, tokenizer, context_length=16)
+
+
+def test_batching_parameters_file_is_tf_servings_and_matches_the_warmup():
+    """export/batching_parameters.txt parses (strictly: unknown fields fail) as TF Serving's
+    `BatchingParameters` text proto (declared in `gpt_keras.batching` as TF Serving declares it);
+    its allowed batch sizes are the warmed-up ones, increasing, the last one `max_batch_size`, as
+    TF Serving requires."""
+    parameters = read_batching_parameters(BATCHING_PARAMETERS)
+    assert tuple(parameters.allowed_batch_sizes) == warmup.BATCH_SIZES
+    assert list(parameters.allowed_batch_sizes) == sorted(set(parameters.allowed_batch_sizes))
+    assert parameters.allowed_batch_sizes[-1] == parameters.max_batch_size.value
+    assert parameters.num_batch_threads.value >= 1
+    assert parameters.HasField("batch_timeout_micros")
+    assert parameters.pad_variable_length_inputs is False  # see export/README.md
 
 
 # -- Versions, atomicity and errors -----------------------------------------------------------

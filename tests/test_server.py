@@ -17,8 +17,10 @@ import urllib.request
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2
 
-from gpt_keras.server import BackgroundServer, make_app
+from gpt_keras.server import VERSIONS, BackgroundServer, make_app
+from gpt_keras.warmup import write_warmup_requests
 
 VOCAB = 5  # rows of the toy `logits` table: ids >= 5 are out of range
 
@@ -57,6 +59,11 @@ class _Toy(tf.Module):
         return {"logits": tf.gather(self.table, token_ids)}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompts")])
+    def rows(self, prompts):
+        """Each prompt, and how many rows the call had: the batch a request was merged into."""
+        return {"rows": tf.fill(tf.shape(prompts), tf.size(prompts)), "echo": prompts}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompts")])
     def first_byte(self, prompts):
         head = tf.strings.substr(prompts, 0, 1)  # half of a 2-byte character: not UTF-8
         return {"head": head, "head_bytes": head}
@@ -75,7 +82,8 @@ class _Toy(tf.Module):
 def _save_toy(path, suffix):
     toy = _Toy(suffix)
     signatures = {name: getattr(toy, name)
-                  for name in ("serving_default", "generate", "logits", "first_byte", "wait_for")}
+                  for name in ("serving_default", "generate", "logits", "rows", "first_byte",
+                               "wait_for")}
     tf.saved_model.save(toy, str(path), signatures=signatures)
 
 
@@ -371,6 +379,150 @@ def test_new_versions_are_picked_up_and_old_ones_unloaded(toy_versions, tmp_path
         assert predict(running, {"instances": ["a"]}) == (200, {"predictions": ["a!v2"]})
 
 
+def copy_with_warmup(source, target, requests):
+    """Copies a saved toy version to `target`, with TF Serving's warm-up file holding `requests`:
+    `(signature name, {input name: value})` pairs."""
+    shutil.copytree(source, target)
+    protos = []
+    for signature, inputs in requests:
+        protos.append(predict_pb2.PredictRequest())
+        protos[-1].model_spec.signature_name = signature
+        for name, value in inputs.items():
+            protos[-1].inputs[name].CopyFrom(tf.make_tensor_proto(value))
+    os.makedirs(target / "assets.extra", exist_ok=True)
+    write_warmup_requests(protos, str(target / "assets.extra"))
+
+
+def test_warmup_records_are_replayed_before_a_version_is_served(toy_versions, tmp_path):
+    """While version 2's last warm-up record (`wait_for`, held by a file) runs, version 2 is
+    neither reported nor served; once it returns, version 2 is AVAILABLE and serves."""
+    base, flag = tmp_path / "toy", tmp_path / "flag"
+    shutil.copytree(toy_versions / "1", base / "1")
+    with BackgroundServer(str(base), poll_seconds=0) as running:
+        copy_with_warmup(toy_versions / "2", base / "2", [
+            ("serving_default", {"prompts": ["warm"]}), ("wait_for", {"path": str(flag)})])
+        versions = running.app[VERSIONS]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            refreshed = pool.submit(versions.refresh)
+            try:
+                wait_until(lambda: os.path.exists(f"{flag}.started"))  # warming up version 2
+                assert call(running.url + "/v1/models/toy/versions/2")[0] == 404
+                assert predict(running, {"instances": ["a"]}) == (200, {"predictions": ["a!v1"]})
+                assert not refreshed.done()
+            finally:
+                flag.touch()
+            refreshed.result(timeout=60)
+        assert versions.states[2] == ("AVAILABLE", "") and versions.loaded[2].warmup_records == 2
+        assert predict(running, {"instances": ["a"]}) == (200, {"predictions": ["a!v2"]})
+
+
+def test_a_version_whose_warmup_fails_is_not_served(toy_versions, tmp_path, caplog):
+    """A warm-up record the model rejects (the toy refuses an empty prompt) keeps the version
+    out of service, with one log line, as in TF Serving; the previous version keeps serving."""
+    base = tmp_path / "toy"
+    shutil.copytree(toy_versions / "1", base / "1")
+    with BackgroundServer(str(base), poll_seconds=0) as running:
+        copy_with_warmup(toy_versions / "2", base / "2", [
+            ("serving_default", {"prompts": ["fine"]}), ("serving_default", {"prompts": [""]})])
+        with caplog.at_level(logging.INFO, logger="gpt_keras.server"):
+            running.app[VERSIONS].refresh()
+        status = call(running.url + "/v1/models/toy/versions/2")[1]["model_version_status"][0]
+        assert status["state"] == "END" and status["status"]["error_code"] == "UNKNOWN"
+        assert "Warm-up record 1 of" in status["status"]["error_message"]
+        assert "prompts must not be empty" in status["status"]["error_message"]
+        assert predict(running, {"instances": ["a"]}) == (200, {"predictions": ["a!v1"]})
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0] and "Warm-up record 1" in errors[0]
+
+
+# --- Batching: TF Serving's --enable_batching rules ----------------------------------------------
+
+
+def batched(toy_versions, tmp_path, parameters):
+    """A server of toy version 1 with batching, `parameters` a `BatchingParameters` text proto."""
+    shutil.copytree(toy_versions / "1", tmp_path / "toy" / "1")
+    (tmp_path / "batching.txt").write_text(parameters)
+    return BackgroundServer(str(tmp_path / "toy"), poll_seconds=0, enable_batching=True,
+                            batching_parameters_file=str(tmp_path / "batching.txt"))
+
+
+def concurrently(server, bodies):
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda body: predict(server, body), bodies))
+
+
+def test_batching_merges_concurrent_requests_into_one_call(toy_versions, tmp_path):
+    """8 concurrent one-row requests, batches of up to 8 and a 60 s timeout: the batch runs when
+    the 8th request arrives, so each request sees 8 rows (1 without batching) and gets its own."""
+    with batched(toy_versions, tmp_path, "max_batch_size { value: 8 }\n"
+                                         "batch_timeout_micros { value: 60000000 }\n") as running:
+        answers = concurrently(running, [{"signature_name": "rows", "instances": [f"p{i}"]}
+                                         for i in range(8)])
+    assert answers == [(200, {"predictions": [{"rows": 8, "echo": f"p{i}"}]}) for i in range(8)]
+
+
+def test_batches_are_padded_to_an_allowed_batch_size(toy_versions, tmp_path):
+    with batched(toy_versions, tmp_path, "max_batch_size { value: 4 }\n"
+                                         "allowed_batch_sizes: [1, 4]\n") as running:
+        status, body = predict(running, {"signature_name": "rows", "instances": ["a", "b", "c"]})
+        assert (status, body) == (200, {"predictions": [{"rows": 4, "echo": text}
+                                                        for text in "abc"]})
+        # TF Serving's refusals: scalar inputs, and more rows than a batch holds.
+        status, body = predict(running, {"signature_name": "generate", "inputs": GENERATE})
+        assert status == 400 and "input tensors must have at least one dimension" in body["error"]
+        status, body = predict(running, {"instances": list("abcde")})
+        assert status == 400 and "Task size 5 is larger than maximum input batch size 4" in (
+            body["error"])
+        assert_serving(running)
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_inputs_of_different_lengths_in_one_batch(toy_versions, tmp_path, pad, toy_model):
+    """Two `logits` requests of 2 and 1 ids in one batch: refused unless
+    `pad_variable_length_inputs`, which pads the short one with its first id."""
+    parameters = ("max_batch_size { value: 2 }\nbatch_timeout_micros { value: 60000000 }\n"
+                  f"pad_variable_length_inputs: {str(pad).lower()}\n")
+    with batched(toy_versions, tmp_path, parameters) as running:
+        answers = concurrently(running, [{"signature_name": "logits", "instances": ids}
+                                         for ids in ([[1, 2]], [[3]])])
+    if not pad:
+        assert [status for status, _ in answers] == [400, 400]
+        assert "different shapes and padding is turned off" in answers[0][1]["error"]
+        return
+    for (status, body), ids in zip(answers, ([[1, 2]], [[3, 3]])):
+        assert status == 200
+        np.testing.assert_allclose(body["predictions"], direct(
+            toy_model, "logits", token_ids=tf.constant(ids))["logits"], rtol=1e-6)
+
+
+def test_warmup_runs_through_the_batcher_as_in_tf_serving(toy_versions, tmp_path):
+    """A warm-up record with scalar inputs fails under batching, so the version is not served:
+    what TF Serving does with an export whose `generate` has scalar knobs."""
+    copy_with_warmup(toy_versions / "1", tmp_path / "toy" / "1", [("generate", {
+        "prompts": ["a"], "max_new_tokens": np.int32(2), "temperature": np.float32(0),
+        "seed": np.int64(1)})])
+    (tmp_path / "batching.txt").write_text("max_batch_size { value: 8 }\n")
+    with pytest.raises(ValueError, match=r"No loadable version .*Warm-up record 0 .*'generate'.*"
+                                         "input tensors must have at least one dimension"):
+        make_app(str(tmp_path / "toy"), enable_batching=True,
+                 batching_parameters_file=str(tmp_path / "batching.txt"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("max_batch_size { value: 8 }\nbatch_size: 3\n", "Cannot read the batching parameters"),
+    ("max_batch_size { value: 8 }\nallowed_batch_sizes: [2, 4]\n",
+     r"allowed_batch_sizes \[2, 4\] must increase and end with max_batch_size \(8\)"),
+])
+def test_bad_batching_parameters_are_refused(toy_versions, tmp_path, text, message):
+    shutil.copytree(toy_versions / "1", tmp_path / "toy" / "1")
+    (tmp_path / "batching.txt").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        make_app(str(tmp_path / "toy"), enable_batching=True,
+                 batching_parameters_file=str(tmp_path / "batching.txt"))
+    with pytest.raises(ValueError, match="only with batching enabled"):
+        make_app(str(tmp_path / "toy"), batching_parameters_file=str(tmp_path / "batching.txt"))
+
+
 def test_num_versions_keeps_older_versions_addressable(toy_versions, tmp_path):
     base = tmp_path / "toy"
     for version in ("1", "2"):
@@ -401,18 +553,28 @@ def test_bad_server_settings_are_refused(toy_versions, tmp_path):
         make_app(str(base), num_versions=0)
 
 
-def test_cli_serves_on_localhost_and_stops_on_interrupt(toy_versions, tmp_path):
+BATCHING_PARAMETERS = os.path.join(os.path.dirname(__file__), "..", "export",
+                                   "batching_parameters.txt")
+
+
+@pytest.mark.parametrize("batching", [False, True])
+def test_cli_serves_on_localhost_and_stops_on_interrupt(toy_versions, tmp_path, batching):
+    """With `--enable-batching --batching-parameters-file`, `generate` (scalar inputs) is
+    refused as TF Serving's batching refuses it."""
     base = tmp_path / "toy"
     shutil.copytree(toy_versions / "1", base / "1")
+    options = ["--enable-batching", "--batching-parameters-file", BATCHING_PARAMETERS]
     process = subprocess.Popen(
         [sys.executable, "-m", "gpt_keras.cli", "serve", str(base), "--port", "0",
-         "--poll-seconds", "0"],
+         "--poll-seconds", "0", *(options if batching else [])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
         assert line.startswith(f"Serving toy (version 1) from {base} at http://127.0.0.1:"), line
         url = line.split(" at ")[1].strip()
         assert call(url + ":predict", {"instances": ["a"]}) == (200, {"predictions": ["a!v1"]})
+        status, _ = call(url + ":predict", {"signature_name": "generate", "inputs": GENERATE})
+        assert status == (400 if batching else 200)
     finally:
         process.send_signal(signal.SIGINT)
         _, errors = process.communicate(timeout=30)
@@ -493,6 +655,14 @@ def test_real_export_rejects_bad_knobs_with_400(real, inputs, fragment):
         inputs, prompts=["To be"])}, "/v1/models/tiny")
     assert status == 400 and fragment in body["error"]
     assert_real_serving(server)
+
+
+def test_real_export_warmup_records_are_replayed_at_load(real):
+    from gpt_keras.serving import read_manifest
+
+    server, _, _ = real
+    servable = server.app[VERSIONS].loaded[1]
+    assert servable.warmup_records == read_manifest(servable.path)["warmup"]["records"] > 0
 
 
 def test_real_export_ids_out_of_range_give_400(real):
