@@ -427,8 +427,8 @@ def test_warmup_records_cover_every_signature_batch_size_and_prompt_length(expor
     assert set(shapes) == set(serving.SIGNATURES)
     for signature, seen in shapes.items():
         assert {size for size, _ in seen} == set(warmup.BATCH_SIZES), signature
-        assert len(seen) == 2 * len(warmup.BATCH_SIZES), signature  # a short and a long prompt
-    assert len(logs) == 2 * len(warmup.BATCH_SIZES) * len(serving.SIGNATURES)
+        assert len(seen) == len(warmup.BATCH_SIZES), signature
+    assert len(logs) == len(warmup.BATCH_SIZES) * len(serving.SIGNATURES)
 
 
 def test_warmup_records_replay_in_the_server_like_process(served, exported, gpt2_exported):
@@ -464,7 +464,7 @@ def test_warmup_table_must_match_the_signatures(exported, local, monkeypatch, ch
                      for key, spec in contract["inputs"].items()}
               for name, contract in serving.read_manifest(exported[0])["signatures"].items()}
     assert len(warmup.warmup_requests(inputs, tokenizer, context_length=16)) == (
-        2 * len(warmup.BATCH_SIZES) * len(serving.SIGNATURES))
+        len(warmup.BATCH_SIZES) * len(serving.SIGNATURES))
     table = dict(warmup.EXAMPLE_INPUTS)
     change(table)
     monkeypatch.setattr(warmup, "EXAMPLE_INPUTS", table)
@@ -540,8 +540,8 @@ def test_cli_errors_are_one_line(exported, char_run, capsys, args, message):
 def test_cli_tflite_format_calls_export_tflite(monkeypatch, tmp_path, capsys):
     calls = []
 
-    def export_tflite(run_dir, out_dir, quantize=None, force=False):
-        calls.append((run_dir, out_dir, quantize, force))
+    def export_tflite(run_dir, out_dir, quantize=None, force=False, weights="float32"):
+        calls.append((run_dir, out_dir, quantize, force, weights))
         os.makedirs(out_dir)
         signature = {"inputs": {"token_ids": {"dtype": "int32", "shape": [1, -1]}},
                      "outputs": {"logits": {"dtype": "float32", "shape": [1, -1, 60]}}}
@@ -552,7 +552,7 @@ def test_cli_tflite_format_calls_export_tflite(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr("gpt_keras.tflite.export_tflite", export_tflite)
     out = str(tmp_path / "tflite")
     main(["export", "RUN", "--out", out, "--format", "tflite", "--quantize", "int8", "--force"])
-    assert calls == [("RUN", out, "int8", True)]
+    assert calls == [("RUN", out, "int8", True, "float32")]
     assert capsys.readouterr().out == (
         "Converting to TFLite and checking the file in the LiteRT interpreter...\n"
         f"TFLite model written to {out}/model.tflite. Signatures:\n"
