@@ -46,8 +46,9 @@ from gpt_keras.layers.multi_head_attention import in_place_cache_writes
 from gpt_keras.sampling import sample
 
 __all__ = [
-    "RULES", "check_in_graph", "check_int", "check_prompts", "crop_prompts", "decode",
-    "generate_in_graph", "knobs", "knobs_in_graph", "resume_window", "start",
+    "RULES", "check_in_graph", "check_int", "check_knobs_in_graph", "check_prompts",
+    "crop_prompts", "decode", "generate_in_graph", "knobs", "knobs_in_graph", "resume_window",
+    "seed_pair", "start",
 ]
 
 # name → (a test that NumPy/Python values and tensors alike pass, what the value must be).

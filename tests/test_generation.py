@@ -290,7 +290,7 @@ def test_top_k_and_top_p_stay_inside_the_oracle_sets(model):
 
 def test_sampled_frequencies_follow_the_restricted_distribution():
     """Frequencies of 2048 draws against the exact restricted distributions, on a vocabulary of
-    512 > `_CANDIDATES`, so that both the candidate path and the whole-vocabulary path run."""
+    512 > `sampling.CANDIDATES`, so that both the candidate path and the whole-vocabulary path run."""
     vocab_size, draws = 512, 2048
     table = np.full([32, vocab_size], -1e4, np.float32)
     peaked = np.array([0.5, 0.3, 0.15, 0.05])
