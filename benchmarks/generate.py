@@ -10,7 +10,7 @@ and for the small model's served-vs-in-process figure (about 3 minutes):
         --systems gpt_keras,served
 
 Like for like: every system decodes the same shape with random weights (seeded), a 16-token
-prompt, 128 new tokens, greedy, batch B. `gpt2-small` is GPT-2 small's shape (124M parameters,
+prompt (for `served`, the text of Tiny Shakespeare's first 16 tokens), 128 new tokens, greedy, batch B. `gpt2-small` is GPT-2 small's shape (124M parameters,
 learned positions, tied embeddings, context 1024); `shakespeare-char` is that preset with context
 256 (rotary positions). Systems (`--systems`, comma-separated):
   gpt_keras          `generation.generate` in-process, `jit_compile="auto"` (the default)
@@ -207,12 +207,14 @@ def export_for_serving(model_name, directory):
     from gpt_keras.tokenizers import CharTokenizer, GPT2Tokenizer
 
     keras.utils.set_random_seed(0)
+    corpus = CORPUS.read_text(encoding="utf-8")
     if model_name == "gpt2-small":
         tokenizer = GPT2Tokenizer.from_directory(str(GPT2_VOCABULARY))
-        prompt = "To be, or not to be, that is the question: whether 'tis nobler in the mind"
     else:
-        tokenizer = CharTokenizer.train(CORPUS.read_text(encoding="utf-8"))
-        prompt = "ROMEO: Is the da"
+        tokenizer = CharTokenizer.train(corpus)
+    # The text of the corpus' first PROMPT_LENGTH tokens.
+    prompt = tokenizer.detokenize(tokenizer.tokenize(corpus[:1000])[:PROMPT_LENGTH])
+    prompt = prompt.numpy().decode("utf-8")
     config = model_config(model_name)
     model = GPT(**dataclasses.asdict(config.replace(vocab_size=tokenizer.vocab_size)))
     model.build()
