@@ -4,7 +4,8 @@ In-process generation (`gpt_keras.generation`, XLA or not), the SavedModel's `ge
 signatures (`gpt_keras.serving`, run by TF Serving with XLA disabled) and the TFLite `generate`
 signature (`gpt_keras.tflite`) all call `start` and `decode` below, and validate their settings
 with the rules in `RULES`. Everything here is a core TensorFlow op that also converts to a TFLite
-builtin, so one graph runs in all three places and gives the same tokens for a seed.
+builtin (but the in-place cache write, which the TFLite signature turns off with
+`in_place=False`), so one graph runs in all three places and gives the same tokens for a seed.
 
 Shapes: B prompts, P the prefill width (≥ the longest prompt), S the KV-cache length
 (≤ C = `context_length`), W = S + 1 slots of token buffer, V the vocabulary, N the width of a
