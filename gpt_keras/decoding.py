@@ -47,9 +47,9 @@ from gpt_keras.layers.multi_head_attention import in_place_cache_writes
 from gpt_keras.sampling import sample
 
 __all__ = [
-    "RULES", "check_in_graph", "check_int", "check_knobs_in_graph", "check_prompts",
-    "crop_prompts", "decode", "generate_in_graph", "knobs", "knobs_in_graph", "resume_window",
-    "seed_pair", "start",
+    "RULES", "check_arguments", "check_in_graph", "check_int", "check_knobs_in_graph",
+    "check_prompts", "crop_prompts", "decode", "generate_in_graph", "knobs", "knobs_in_graph",
+    "resume_window", "seed_pair", "slide_keep", "start",
 ]
 
 # name → (a test that NumPy/Python values and tensors alike pass, what the value must be).
@@ -63,6 +63,13 @@ RULES = {
 # When a sequence needs a token after a full context, it continues from its last
 # `context_length // SLIDE_DIVISOR` tokens.
 SLIDE_DIVISOR = 2
+
+def slide_keep(context_length):
+    """How many tokens a full window keeps when it slides (an int, or a tensor for a tensor)."""
+    if isinstance(context_length, int):
+        return max(1, context_length // SLIDE_DIVISOR)
+    return tf.maximum(1, context_length // SLIDE_DIVISOR)
+
 
 # `decode`'s step budget for "until every row is done".
 UNLIMITED = np.iinfo(np.int32).max
@@ -230,6 +237,16 @@ def check_prompts(prompts, lengths, vocab_size):
     return checked, single
 
 
+def check_arguments(prompts, lengths, max_new_tokens, chunk_size, vocab_size):
+    """The prompt and count arguments of every Python engine → `(rows, single, max_new_tokens,
+    chunk_size)` (see `check_prompts`; `chunk_size` None or ≥ 1); `ValueError` naming a bad one."""
+    rows, single = check_prompts(prompts, lengths, vocab_size)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=0)
+    if chunk_size is not None:
+        chunk_size = check_int("chunk_size", chunk_size, minimum=1)
+    return rows, single, max_new_tokens, chunk_size
+
+
 def crop_prompts(rows, keep, context_length, stacklevel=3):
     """Each prompt's last `keep` tokens, with a `UserWarning` for each one cut."""
     cropped = []
@@ -309,7 +326,7 @@ def _decode(model, state, knobs, num_steps):
     cache_length = state["cache"][0].shape[3] or tf.shape(state["cache"][0])[3]
     width = cache_length + 1
     context = model.config.context_length
-    keep = max(1, context // SLIDE_DIVISOR)
+    keep = slide_keep(context)
     keep = min(keep, cache_length) if isinstance(cache_length, int) else tf.minimum(
         keep, cache_length)  # sliding only happens when the cache holds the whole context
     steps = tf.constant(0)
@@ -405,8 +422,7 @@ def resume_window(state):
     continues this state's rows: `(ids [B, W'], lengths [B], offset [])`, the window already
     slid if it was full. All rows share the cursor; rows that are done are not meaningful."""
     width = tf.shape(state["tokens"])[1]
-    # A full window means the cache holds the whole context (see `decode`).
-    keep = tf.maximum(1, (width - 1) // SLIDE_DIVISOR)
+    keep = slide_keep(width - 1)  # a full window: the cache holds the whole context (`decode`)
     cursor = state["cursor"]
     dropped = tf.where(cursor >= width, width - keep, 0)
     length = cursor - dropped

@@ -361,11 +361,10 @@ class _Driver:
         config = model.config
         self.model = model
         context = config.context_length
-        rows, self.single = decoding.check_prompts(prompts, lengths, config.vocab_size)
+        rows, self.single, self.max_new_tokens, chunk_size = decoding.check_arguments(
+            prompts, lengths, max_new_tokens, chunk_size, config.vocab_size
+        )
         self.batch_size = len(rows)
-        self.max_new_tokens = decoding.check_int("max_new_tokens", max_new_tokens, minimum=0)
-        if chunk_size is not None:
-            chunk_size = decoding.check_int("chunk_size", chunk_size, minimum=1)
         self.jit_compile = resolve_jit_compile(model, jit_compile)
         self.knobs, _ = decoding.knobs(
             config.vocab_size, temperature, top_k, top_p, seed, stop_token_ids,

@@ -394,7 +394,8 @@ def _manifest(model, tokenizer, signatures, graph_ops, source, warmup_records):
             "empty_prompt": "starts from the end-of-text id (unconditional)",
             "long_prompts": f"keep their last {model.config.context_length} tokens",
             "long_generations": "sliding window: after a full context, decoding continues from "
-                                f"the last {max(1, model.config.context_length // 2)} tokens",
+                                f"the last {decoding.slide_keep(model.config.context_length)} "
+                                "tokens",
         },
         "op_libraries": [],
         "ops_note": "Core TensorFlow ops only (every op is in tf.raw_ops; no TF Text, no Xla* "

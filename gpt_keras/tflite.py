@@ -241,10 +241,9 @@ class TFLiteGenerator:
         (None: all) per interpreter call. Arguments as `gpt_keras.generation.generate` (checked
         here, before iteration); a stop token ends the generation and is dropped."""
         context, vocab_size = self.config.context_length, self.config.vocab_size
-        (prompt,), _ = decoding.check_prompts([prompt_ids], None, vocab_size)
-        max_new_tokens = decoding.check_int("max_new_tokens", max_new_tokens, minimum=0)
-        if chunk_size is not None:
-            chunk_size = decoding.check_int("chunk_size", chunk_size, minimum=1)
+        (prompt,), _, max_new_tokens, chunk_size = decoding.check_arguments(
+            [prompt_ids], None, max_new_tokens, chunk_size, vocab_size
+        )
         knobs, stop_ids = decoding.knobs(vocab_size, temperature, top_k, top_p, seed,
                                          stop_token_ids)
         feeds = {

@@ -234,7 +234,7 @@ def test_a_full_context_is_used(model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         first = generation.generate(model, [prompt], 1, temperature=0)
-        assert first == [[int(np.argmax(oracle_logits(model, prompt)))]]
+        assert first == [oracle_greedy(model, prompt, 1)]  # oracle_greedy refuses near-ties
         short = prompt[: context + 1 - 5]
         out = generation.generate(model, [short], 5, temperature=0, sliding_window=False)
     assert out == [oracle_greedy(model, short, 5)]

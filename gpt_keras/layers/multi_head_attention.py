@@ -52,7 +52,7 @@ def write_cache(cache, update, index):
     ])
     with tf.control_dependencies([check]):
         cache = tf.identity(cache)
-    if getattr(_WRITES, "in_place", False) and not tf.executing_eagerly():
+    if _writes_in_place():
         head_dim = ops.shape(cache)[-1]
         rows = ops.size(cache) // (length * head_dim)  # product of the leading dimensions
         slots = ops.arange(rows, dtype="int32")[:, None] * length + index  # [R, 1]
@@ -75,11 +75,14 @@ def zero_cache(shape, dtype):
     """An all-zero cache. Under `in_place_cache_writes()` in a graph without XLA, an `Empty` op:
     stateful, so never constant-folded into a buffer that in-place writes would then share
     between runs."""
-    if getattr(_WRITES, "in_place", False) and not tf.executing_eagerly() and not (
-        _in_xla_compilation()
-    ):
+    if _writes_in_place() and not _in_xla_compilation():
         return tf.raw_ops.Empty(shape=tf.stack(shape), dtype=dtype, init=True)
     return ops.zeros(shape, dtype=dtype)
+
+
+def _writes_in_place():
+    """True while tracing a graph inside `in_place_cache_writes()` (never for eager calls)."""
+    return getattr(_WRITES, "in_place", False) and not tf.executing_eagerly()
 
 
 @contextlib.contextmanager
