@@ -20,8 +20,7 @@ def write_cache(cache, update, index):
     slots `index .. index+T-1` of the second-to-last axis; returns the new cache.
 
     - Inside an XLA-compiled function (`jit_compile=True`) this is a dynamic-update-slice, which
-      XLA performs in place: 1.7x faster per decoded token than a copy on the `shakespeare-char`
-      shape (BENCHMARKS.md).
+      XLA performs in place.
     - In other graphs, within `in_place_cache_writes()` (the decoding core, whose caches no one
       else holds), an `InplaceUpdate` of the written rows: O(T) work instead of a copy of the
       whole cache per step, a core op that TF Serving runs with XLA disabled. It changes the
