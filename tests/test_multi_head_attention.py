@@ -204,6 +204,25 @@ def test_mixed_precision(policy):
     np.testing.assert_allclose(np.asarray(out, "float32"), numpy_attention(layer, x), atol=0.05)
 
 
+def test_mixed_float16_attention_logits_do_not_overflow():
+    """Q·Kᵀ beyond float16's largest value (65504) stays finite: the product is taken in float32."""
+    layer = MultiHeadAttention(H, dtype="mixed_float16",
+                               kernel_initializer=keras.initializers.RandomNormal(stddev=100.0, seed=1),
+                               output_kernel_initializer=keras.initializers.RandomNormal(
+                                   stddev=0.01, seed=2))
+    layer.build((None, None, D))
+    x = np.random.default_rng(7).normal(size=(B, T, D)).astype("float32")
+    expected = numpy_attention(layer, x)
+    query, key = (q.reshape(B, T, H, D // H) for q in
+                  np.split(x @ layer.query_key_value.kernel.numpy(), 3, axis=-1)[:2])
+    assert np.abs(np.einsum("bthk,bshk->bhts", query, key)).max() > 65504  # overflows float16
+    out = np.asarray(layer(x), "float32")
+    assert np.isfinite(out).all()
+    # float16 rounding of Q, K, V and the output projection: a few units in its last place (2^-11)
+    # relative to the output's scale.
+    np.testing.assert_allclose(out, expected, atol=16 * 2.0**-11 * np.abs(expected).max())
+
+
 @pytest.mark.parametrize("rotary_max_wavelength", [None, 500])
 def test_config_and_keras_round_trip(tmp_path, rotary_max_wavelength):
     layer = MultiHeadAttention(4, dropout=0.1, output_kernel_initializer="zeros",

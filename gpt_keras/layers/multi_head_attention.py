@@ -137,10 +137,12 @@ class MultiHeadAttention(keras.layers.Layer):
     (`RotaryEmbedding`; positions `cache_index ..` with a cache, `0 ..` without) before the keys
     are cached, so attention sees relative positions.
 
-    Attention logits and softmax are computed in float32 whatever the dtype policy. This is the same
-    einsum → where → softmax → einsum sequence as `keras.ops.dot_product_attention` on the
-    TensorFlow backend (identical outputs and gradients; equal speed under XLA and 0.78x of this
-    code's without, see BENCHMARKS.md), written out because that op has no attention dropout.
+    Attention logits (the product Q·Kᵀ itself) and softmax are computed in float32 whatever the
+    dtype policy; the probabilities are cast back to the compute dtype for the product with V.
+    Under float32 this is the same einsum → where → softmax → einsum sequence as
+    `keras.ops.dot_product_attention` on the TensorFlow backend (identical outputs and gradients;
+    equal speed under XLA and 0.78x of this code's without, see BENCHMARKS.md), written out because
+    that op has no attention dropout and computes Q·Kᵀ in the compute dtype.
 
     Args:
         num_heads: number of attention heads; must divide D.
@@ -242,8 +244,12 @@ class MultiHeadAttention(keras.layers.Layer):
         scale = 1.0 / float(self.head_dim) ** 0.5
         # Keys first: XLA then reads the cache as stored, without transposing it (-10% per
         # decoded token on the shakespeare-char shape).
-        logits = ops.einsum("bhsk,bhtk->bhts", key, query)  # [B, H, T, S]
-        logits = ops.cast(logits, "float32") * scale
+        # float32 before the product: float16's largest value is 65504, so Q·Kᵀ in float16 can
+        # overflow to inf (and softmax to NaN); under bfloat16 it would keep 8 bits of mantissa.
+        logits = ops.einsum(
+            "bhsk,bhtk->bhts", ops.cast(key, "float32"), ops.cast(query, "float32")
+        )  # [B, H, T, S]
+        logits = logits * scale
         logits = ops.where(mask, logits, _MASKED_LOGIT)
         probabilities = ops.cast(ops.softmax(logits, axis=-1), self.compute_dtype)
         probabilities = self.attention_dropout(probabilities, training=training)
