@@ -41,6 +41,8 @@ class GPT(keras.Model):
       `[B, T, V]`. `padding_mask` `[B, T]` (1 = real token) hides padded keys from attention.
       With `return_hidden_states=True`: the final LayerNorm's outputs `[B, T, D]` (float32)
       instead of logits, as features for other heads (a classifier's pooling + `Dense`).
+      With `return_attention_scores=True`: `(outputs, scores)`, scores being every layer's
+      attention probabilities `[B, L, H, T, T]` (float32; row t is what query t attends to).
     - `model.call_with_cache(token_ids, cache, cache_index)`: the same forward pass for T new
       tokens at positions `cache_index ..`, reading and writing a fixed-size KV cache
       `[B, L, 2, H, S, K]` (see `init_cache`); returns `(logits, updated_cache)`.
@@ -187,12 +189,14 @@ class GPT(keras.Model):
             self.lm_head.build(hidden_shape)
         self.built = True
 
-    def call(self, token_ids, padding_mask=None, training=None, return_hidden_states=False):
+    def call(self, token_ids, padding_mask=None, training=None, return_hidden_states=False,
+             return_attention_scores=False):
         self._check_inputs(token_ids, limit=self.config.context_length, limit_name="context_length")
-        outputs, _ = self._forward(
-            token_ids, padding_mask, None, None, training, head=not return_hidden_states
+        outputs, _, scores = self._forward(
+            token_ids, padding_mask, None, None, training, head=not return_hidden_states,
+            return_attention_scores=return_attention_scores,
         )
-        return outputs
+        return (outputs, scores) if return_attention_scores else outputs
 
     def call_with_cache(self, token_ids, cache, cache_index, padding_mask=None, training=False):
         """One forward pass over new tokens `[B, T]` at positions `cache_index .. cache_index+T-1`.
@@ -222,7 +226,7 @@ class GPT(keras.Model):
         return self._forward(
             token_ids, padding_mask, list(caches), cache_index, training,
             head=not return_hidden_states,
-        )
+        )[:2]
 
     def init_cache(self, batch_size, length=None):
         """An all-zero KV cache `[batch_size, L, 2, H, length, K]` in the compute dtype;
@@ -244,10 +248,12 @@ class GPT(keras.Model):
         """`init_cache` as a list of L all-zero per-layer caches `[batch_size, 2, H, length, K]`."""
         return ops.unstack(self.init_cache(batch_size, length), axis=1)
 
-    def _forward(self, token_ids, padding_mask, cache, cache_index, training, head=True):
+    def _forward(self, token_ids, padding_mask, cache, cache_index, training, head=True,
+                 return_attention_scores=False):
         """The one forward pass: full sequences (`cache is None`) and cached steps alike (`cache`:
-        a list of L per-layer `[B, 2, H, S, K]` caches); without
-        the output projection (`head=False`) it returns the final hidden states `[B, T, D]`."""
+        a list of L per-layer `[B, 2, H, S, K]` caches). Returns `(logits, updated caches or None,
+        attention probabilities [B, L, H, T, S] or None)`; without the output projection
+        (`head=False`) the final hidden states `[B, T, D]` instead of the logits."""
         start = 0 if cache is None else cache_index
         x = self.token_embedding(token_ids)  # [B, T, D]
         if self.config.position_embedding == "sinusoidal":
@@ -258,22 +264,27 @@ class GPT(keras.Model):
         if self.position_embedding is not None:  # rotary positions are applied in attention
             x = x + self.position_embedding(x, start_index=start)
         x = self.embedding_dropout(x, training=training)
-        updated_caches = []
+        updated_caches, scores = [], []
         for i, block in enumerate(self.blocks):
-            if cache is None:
+            if cache is None and not return_attention_scores:
                 x = block(x, padding_mask=padding_mask, training=training)
-            else:
-                x, layer_cache = block(
-                    x,
-                    padding_mask=padding_mask,
-                    cache=cache[i],
-                    cache_index=cache_index,
-                    training=training,
-                )
-                updated_caches.append(layer_cache)  # [B, 2, H, S, K]
+                continue
+            x, *extras = block(
+                x,
+                padding_mask=padding_mask,
+                cache=None if cache is None else cache[i],
+                cache_index=cache_index,
+                training=training,
+                return_attention_scores=return_attention_scores,
+            )
+            if cache is not None:
+                updated_caches.append(extras.pop(0))  # [B, 2, H, S, K]
+            if return_attention_scores:
+                scores.append(extras.pop(0))  # [B, H, T, S]
         x = self.final_norm(x)  # [B, T, D]
         outputs = self.project_logits(x) if head else ops.cast(x, "float32")
-        return outputs, (None if cache is None else updated_caches)
+        return (outputs, None if cache is None else updated_caches,
+                ops.stack(scores, axis=1) if return_attention_scores else None)
 
     def project_logits(self, hidden_states):
         """The output projection: final hidden states `[B, T, D]` → float32 logits `[B, T, V]`."""

@@ -48,9 +48,10 @@ def softmax(x):
 
 
 def attention(x, qkv_kernel, qkv_bias, out_kernel, out_bias, num_heads, padding_mask=None,
-              rotary_max_wavelength=None):
+              rotary_max_wavelength=None, scores_out=None):
     """Causal self-attention of `x` `[B, T, D]`; `padding_mask` `[B, T]` hides keys; with
-    `rotary_max_wavelength`, queries and keys are rotated by position (`rotary`)."""
+    `rotary_max_wavelength`, queries and keys are rotated by position (`rotary`). The attention
+    probabilities `[B, H, T, T]` are appended to the list `scores_out` when one is given."""
     b, t, d = x.shape
     k_dim = d // num_heads
     q, k, v = np.split(x @ qkv_kernel + qkv_bias, 3, axis=-1)
@@ -67,7 +68,10 @@ def attention(x, qkv_kernel, qkv_bias, out_kernel, out_bias, num_heads, padding_
     if padding_mask is not None:
         visible = visible & padding_mask.astype(bool)[:, None, None, :]
     scores = np.where(visible, scores, -1e9)
-    out = (softmax(scores) @ v).transpose(0, 2, 1, 3).reshape(b, t, d)
+    probabilities = softmax(scores)
+    if scores_out is not None:
+        scores_out.append(probabilities)
+    out = (probabilities @ v).transpose(0, 2, 1, 3).reshape(b, t, d)
     return out @ out_kernel + out_bias
 
 
@@ -84,18 +88,20 @@ def block_weights(block):
     }
 
 
-def block(x, weights, num_heads, eps, padding_mask=None, rotary_max_wavelength=None):
+def block(x, weights, num_heads, eps, padding_mask=None, rotary_max_wavelength=None,
+          scores_out=None):
     h = layer_norm(x, *weights["ln1"], eps)
     x = x + attention(h, *weights["qkv"], *weights["out"], num_heads, padding_mask,
-                      rotary_max_wavelength)
+                      rotary_max_wavelength, scores_out)
     h = layer_norm(x, *weights["ln2"], eps)
     fc_kernel, fc_bias = weights["fc"]
     proj_kernel, proj_bias = weights["proj"]
     return x + gelu_tanh(h @ fc_kernel + fc_bias) @ proj_kernel + proj_bias
 
 
-def gpt_logits(model, token_ids, padding_mask=None):
-    """Logits `[B, T, V]` of a `gpt_keras.GPT` computed in NumPy float64."""
+def gpt_logits(model, token_ids, padding_mask=None, scores_out=None):
+    """Logits `[B, T, V]` of a `gpt_keras.GPT` computed in NumPy float64; each layer's attention
+    probabilities `[B, H, T, T]` are appended to the list `scores_out` when one is given."""
     cfg = model.config
     token_table = np.asarray(model.token_embedding.embeddings.numpy(), np.float64)
     t = token_ids.shape[1]
@@ -111,7 +117,7 @@ def gpt_logits(model, token_ids, padding_mask=None):
         x = x + sinusoidal_table(range(t), cfg.hidden_dim)[None]
     for keras_block in model.blocks:
         x = block(x, block_weights(keras_block), cfg.num_heads, cfg.layer_norm_epsilon, padding_mask,
-                  rotary_max_wavelength)
+                  rotary_max_wavelength, scores_out)
     x = layer_norm(
         x,
         np.asarray(model.final_norm.gamma.numpy(), np.float64),

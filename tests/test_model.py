@@ -60,6 +60,23 @@ def test_padding_mask_matches_numpy_forward_pass():
     )
 
 
+@pytest.mark.parametrize("position_embedding", ["sinusoidal", "rotary"])
+def test_attention_scores_match_numpy(position_embedding):
+    model = tiny_model(position_embedding=position_embedding, num_layers=3)
+    ref.randomize_weights(model)
+    ids = random_ids((2, 9))
+    mask = np.ones((2, 9), "int32")
+    mask[1, :3] = 0  # left padding
+    logits, scores = model(ids, padding_mask=mask, return_attention_scores=True)
+    expected = []
+    expected_logits = ref.gpt_logits(model, ids, mask, scores_out=expected)
+    assert scores.shape == (2, 3, TINY.num_heads, 9, 9) and scores.dtype == tf.float32
+    np.testing.assert_allclose(scores, np.stack(expected, axis=1), atol=1e-5)
+    np.testing.assert_allclose(logits, expected_logits, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(np.triu(scores[0, 0, 0], 1), 0)  # causal
+    np.testing.assert_array_equal(model(ids, padding_mask=mask), logits)
+
+
 def test_is_causal():
     model = tiny_model()
     ref.randomize_weights(model)

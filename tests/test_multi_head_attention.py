@@ -37,6 +37,26 @@ def test_matches_numpy_reference(rotary_max_wavelength):
     np.testing.assert_allclose(layer(x), numpy_attention(layer, x), atol=1e-5)
 
 
+def test_attention_scores_with_and_without_a_cache():
+    """Scores are the probabilities before dropout, as Keras' MultiHeadAttention returns them;
+    a cached call returns them over the cache's S slots."""
+    layer = make_layer(dropout=0.5)
+    x = np.random.default_rng(8).normal(size=(B, T, D)).astype("float32")
+    expected = []
+    ref_out = ref.attention(x.astype(np.float64), *(np.asarray(w.numpy(), np.float64) for w in (
+        layer.query_key_value.kernel, layer.query_key_value.bias,
+        layer.output_dense.kernel, layer.output_dense.bias)), H, scores_out=expected)
+    out, scores = layer(x, training=True, return_attention_scores=True)
+    np.testing.assert_allclose(scores, expected[0], atol=1e-6)
+    out, scores = layer(x, return_attention_scores=True)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5)
+    cache = np.zeros((B, 2, H, T + 3, D // H), "float32")
+    out, cache, cached_scores = layer(x, cache=cache, cache_index=0, return_attention_scores=True)
+    assert cached_scores.shape == (B, H, T, T + 3)
+    np.testing.assert_allclose(cached_scores[..., :T], expected[0], atol=1e-6)
+    np.testing.assert_array_equal(cached_scores[..., T:], 0)
+
+
 def test_padding_mask_matches_numpy_reference_and_hides_keys():
     layer = make_layer()
     rng = np.random.default_rng(1)

@@ -132,6 +132,9 @@ class MultiHeadAttention(keras.layers.Layer):
       keys/values are written at positions `cache_index .. cache_index + T - 1`, queries attend to
       cache positions `<= cache_index + t`, and the call returns `(outputs, updated_cache)`. The
       shapes never change, so a decoding loop compiles to one static-shape graph.
+    - `return_attention_scores=True` appends the attention probabilities `[B, H, T, S]` (float32,
+      before dropout; S = T without a cache) to what the call returns, as Keras'
+      `MultiHeadAttention` does: `(outputs, scores)` or `(outputs, updated_cache, scores)`.
 
     With `rotary_max_wavelength` set, queries and keys are rotated by their positions
     (`RotaryEmbedding`; positions `cache_index ..` with a cache, `0 ..` without) before the keys
@@ -222,7 +225,8 @@ class MultiHeadAttention(keras.layers.Layer):
         self.attention_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
         self.built = True
 
-    def call(self, inputs, padding_mask=None, cache=None, cache_index=None, training=None):
+    def call(self, inputs, padding_mask=None, cache=None, cache_index=None, training=None,
+             return_attention_scores=False):
         batch_size, length = ops.shape(inputs)[0], ops.shape(inputs)[1]
         heads_shape = (batch_size, length, self.num_heads, self.head_dim)
         query, key, value = ops.split(self.query_key_value(inputs), 3, axis=-1)  # 3 × [B, T, D]
@@ -252,13 +256,15 @@ class MultiHeadAttention(keras.layers.Layer):
         logits = ops.einsum("bhsk,bhtk->bhts", key, query)  # [B, H, T, S]
         logits = ops.cast(logits, "float32") * scale
         logits = ops.where(mask, logits, _MASKED_LOGIT)
-        probabilities = ops.cast(ops.softmax(logits, axis=-1), self.compute_dtype)
+        scores = ops.softmax(logits, axis=-1)  # [B, H, T, S] float32
+        probabilities = ops.cast(scores, self.compute_dtype)
         probabilities = self.attention_dropout(probabilities, training=training)
         attended = ops.einsum("bhts,bhsk->bthk", probabilities, value)  # [B, T, H, K]
         outputs = self.output_dense(ops.reshape(attended, (batch_size, length, self.hidden_dim)))
-        if cache is None:
-            return outputs
-        return outputs, cache
+        results = (outputs,) if cache is None else (outputs, cache)
+        if return_attention_scores:
+            results += (scores,)
+        return results if len(results) > 1 else outputs
 
     def compute_output_shape(self, input_shape):
         return input_shape

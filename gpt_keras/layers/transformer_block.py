@@ -15,7 +15,8 @@ class TransformerBlock(keras.layers.Layer):
 
     Shapes: `inputs` `[B, T, D]` → `[B, T, D]`. `padding_mask`, `cache` `[B, 2, H, S, K]` and
     `cache_index` are passed to `MultiHeadAttention` (see there); with a cache the call returns
-    `(outputs, updated_cache)`.
+    `(outputs, updated_cache)`, and `return_attention_scores=True` appends the attention
+    probabilities `[B, H, T, S]` to what it returns.
 
     Args:
         num_heads: attention heads; must divide D.
@@ -99,22 +100,23 @@ class TransformerBlock(keras.layers.Layer):
         self.residual_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
         self.built = True
 
-    def call(self, inputs, padding_mask=None, cache=None, cache_index=None, training=None):
+    def call(self, inputs, padding_mask=None, cache=None, cache_index=None, training=None,
+             return_attention_scores=False):
         attended = self.attention(
             self.attention_norm(inputs),
             padding_mask=padding_mask,
             cache=cache,
             cache_index=cache_index,
             training=training,
+            return_attention_scores=return_attention_scores,
         )
-        if cache is not None:
-            attended, cache = attended
+        if cache is None and not return_attention_scores:
+            attended = (attended,)
+        attended, *extras = attended  # extras: the updated cache and/or the attention scores
         x = inputs + self.residual_dropout(attended, training=training)
         hidden = ops.gelu(self.mlp_in(self.mlp_norm(x)), approximate=True)  # [B, T, mlp_dim]
         x = x + self.residual_dropout(self.mlp_out(hidden), training=training)
-        if cache is None:
-            return x
-        return x, cache
+        return (x, *extras) if extras else x
 
     def compute_output_shape(self, input_shape):
         return input_shape
