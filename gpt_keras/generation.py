@@ -25,15 +25,16 @@ Example:
 
 import numbers
 import weakref
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
-from gpt_keras import decoding
+from gpt_keras import decoding, scoring
 from gpt_keras.config import num_parameters
 
 __all__ = [
-    "AUTO_XLA_MAX_PARAMETERS", "IncrementalText", "Stream", "TextGenerator", "bucket",
+    "AUTO_XLA_MAX_PARAMETERS", "IncrementalText", "Score", "Stream", "TextGenerator", "bucket",
     "generate", "resolve_jit_compile", "stream", "tracing_count",
 ]
 
@@ -177,6 +178,30 @@ class Stream:
         self._driver.stop_requests.add(int(row))
 
 
+class Score(NamedTuple):
+    """A text's log-likelihood: `log_prob` (natural log, the sum) and `token_log_probs` `[n]`, one
+    per token of the text."""
+
+    log_prob: float
+    token_log_probs: np.ndarray
+
+
+_SCORE_FUNCTIONS = weakref.WeakKeyDictionary()
+
+
+def _score_function(model):
+    """`scoring.token_log_probs` as one graph per model for any batch and length."""
+    if model not in _SCORE_FUNCTIONS:
+        if not model.built:  # variables cannot be created inside the traced function
+            model.build()
+        _SCORE_FUNCTIONS[model] = tf.function(
+            lambda ids, lengths: scoring.token_log_probs(model, ids, lengths),
+            input_signature=[tf.TensorSpec([None, None], tf.int32),
+                             tf.TensorSpec([None], tf.int32)],
+        )
+    return _SCORE_FUNCTIONS[model]
+
+
 class TextGenerator:
     """Text in, text out: tokenizes prompts, generates with `generate`/`stream`, detokenizes.
 
@@ -247,6 +272,36 @@ class TextGenerator:
         decoded = stream(self.model, ids, max_new_tokens, chunk_size=chunk_size, **kwargs)
         rows = [IncrementalText(self._bytes, stop_strings) for _ in texts]
         return self._texts(decoded, rows, single)
+
+    def score(self, texts):
+        """The log-likelihood of a text under the model (`gpt_keras.scoring`'s convention: after
+        the end-of-text id, every token counted): a `Score` for a `str`, a list for a list.
+        `ValueError` for a text longer than `context_length` tokens."""
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"`texts` must be a `str` or a non-empty list of `str`. "
+                             f"Received: texts={texts!r}")
+        start = getattr(self.tokenizer, "end_of_text_id", None)
+        if start is None:
+            raise ValueError("Scoring needs a tokenizer with an `end_of_text_id` to start from.")
+        rows = [[int(i) for i in np.asarray(self.tokenizer.tokenize(t)).reshape(-1)] for t in texts]
+        context_length = self.model.config.context_length
+        for text, row in zip(texts, rows):
+            if len(row) > context_length:
+                raise ValueError(
+                    f"A text to score has {len(row)} tokens, more than the context length "
+                    f"{context_length}: {text[:40]!r}... Score shorter texts (or windows of it)."
+                )
+        width = max(2, 1 + max(len(row) for row in rows))
+        ids = np.zeros((len(rows), width), np.int32)
+        for b, row in enumerate(rows):
+            ids[b, : len(row) + 1] = [start] + row
+        lengths = np.array([len(row) + 1 for row in rows], np.int32)
+        per_token = _score_function(self.model)(ids, lengths).numpy()
+        scores = [Score(float(per_token[b, : len(row)].sum()), per_token[b, : len(row)])
+                  for b, row in enumerate(rows)]
+        return scores[0] if single else scores
 
     def _texts(self, decoded, rows, single):
         for chunk in decoded:

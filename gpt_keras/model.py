@@ -179,14 +179,13 @@ class GPT(keras.Model):
 
     def build(self, input_shape=None):
         hidden_shape = (None, None, self.config.hidden_dim)
-        self.token_embedding.build((None, None))
-        if self.position_embedding is not None:
-            self.position_embedding.build(hidden_shape)
-        for block in self.blocks:
-            block.build(hidden_shape)
-        self.final_norm.build(hidden_shape)
-        if self.lm_head is not None:
-            self.lm_head.build(hidden_shape)
+        layers = [(self.token_embedding, (None, None)), (self.position_embedding, hidden_shape),
+                  *((block, hidden_shape) for block in self.blocks),
+                  (self.final_norm, hidden_shape), (self.lm_head, hidden_shape)]
+        for layer, shape in layers:
+            # Layers already built by a cached call (`call_with_layer_caches` skips this build).
+            if layer is not None and not layer.built:
+                layer.build(shape)
         self.built = True
 
     def call(self, token_ids, padding_mask=None, training=None, return_hidden_states=False,

@@ -16,6 +16,10 @@ Signatures (tag `serve`; B is a dynamic batch, every string is UTF-8):
   `completions` string `[B]` and `token_ids` int32 `[B, max_new_tokens]`, the new ids padded
   with `PAD_ID` (REST columnar format: scalars cannot be batched in rows);
 - `logits`: `token_ids` int32 `[B, T]` (T ≤ context length) → `logits` float32 `[B, T, V]`;
+- `score`: `texts` string `[B]` → `log_prob` float32 `[B]` (natural log), `token_count` int32
+  `[B]` and `token_log_probs` float32 `[B, N]` (0 beyond a row's count): the log-likelihood of
+  each text after the end-of-text id (`gpt_keras.scoring`; `TextGenerator.score` in Python), to
+  rank candidates; a text may have at most `context_length` tokens;
 - `tokenize`: `prompts` string `[B]` → `token_ids` int32 `[B, N]` padded with `PAD_ID`, and
   `lengths` int32 `[B]`;
 - `detokenize`: `token_ids` int32 `[B, N]` (negative ids are padding and skipped) → `texts`
@@ -27,7 +31,8 @@ Generation is the decoding core, `gpt_keras.decoding.generate_in_graph`: the tok
 tokenizer's end-of-text id (not returned); an empty prompt starts from that id (unconditional
 sampling); a prompt keeps its last `context_length` tokens; `max_new_tokens` beyond the context
 slides the window in the graph. Invalid inputs (the rules of `decoding.RULES`, `max_new_tokens`
-above `MAX_NEW_TOKENS`, `logits` ids outside the vocabulary or longer than the context) fail
+above `MAX_NEW_TOKENS`, `logits` ids outside the vocabulary or longer than the context, texts to
+`score` longer than the context) fail
 with `InvalidArgument` naming the value: HTTP 400 from TF Serving. Generated text that is
 not valid UTF-8 (a byte-level token cut mid-character) has U+FFFD in its place, so every output
 string can be written into JSON.
@@ -53,10 +58,10 @@ import numpy as np
 import tensorflow as tf
 
 import gpt_keras
-from gpt_keras import decoding, generation, warmup
+from gpt_keras import decoding, generation, scoring, warmup
 from gpt_keras.precision import weight_format
 
-SIGNATURES = ("serving_default", "generate", "logits", "tokenize", "detokenize")
+SIGNATURES = ("serving_default", "generate", "logits", "score", "tokenize", "detokenize")
 MANIFEST_FILE = "gpt_keras.json"  # in `assets.extra/`, which TF Serving does not read
 PAD_ID = -1  # pads `token_ids` outputs; `detokenize` skips negative ids
 # `serving_default`'s sampling: the run's sample settings (`training.text_sampler`, nanoGPT's).
@@ -220,6 +225,11 @@ class _Signatures:
         with tf.control_dependencies(checks):
             token_ids = tf.identity(token_ids)
         return {"logits": self.model(token_ids, training=False)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="texts")],
+                 autograph=False)
+    def score(self, texts):
+        return scoring.score_texts_in_graph(self.model, self.tokenizer, texts)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompts")],
                  autograph=False)

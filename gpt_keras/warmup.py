@@ -37,6 +37,7 @@ EXAMPLE_INPUTS = {
     "generate": lambda prompts, ids: {"prompts": prompts, "max_new_tokens": 4,
                                       "temperature": 0.8, "top_k": 40, "top_p": 0.9, "seed": 0},
     "logits": lambda prompts, ids: {"token_ids": ids},
+    "score": lambda prompts, ids: {"texts": prompts},
     "tokenize": lambda prompts, ids: {"prompts": prompts},
     "detokenize": lambda prompts, ids: {"token_ids": ids},
 }

@@ -30,6 +30,7 @@ from gpt_keras.cli import main
 from gpt_keras.tokenizers import CharTokenizer, load_tokenizer
 from gpt_keras.training import create_run, load_model
 from tests.conftest import SHAKESPEARE
+from tests.numpy_reference import gpt_logits as reference_logits
 from tests.numpy_reference import randomize_weights
 
 GPT2_VOCAB = os.path.join(os.path.dirname(SHAKESPEARE), "gpt2")
@@ -135,7 +136,10 @@ ERRORS = [  # (signature, inputs, the message TF Serving returns)
      "`token_ids` must lie in [0, 60). Received: [[1 60]]"),
     ("logits", {"token_ids": ("int32", [list(range(17))])},
      "`token_ids` has 17 tokens per row, more than the context length 16"),
+    ("score", {"texts": strings(["a" * 16, "b" * 17])},
+     "A text to score has 17 tokens, more than the context length 16"),
 ]
+SCORE_TEXTS = ["To be, or not", "", "ROMEO: I", "sixteen letters."]  # 16 tokens: a full context
 # name: (export index, signature, inputs), sent to the server-like process.
 REQUESTS = {
     "logits": (0, "logits", {"token_ids": ("int32", LOGITS_IDS[0])}),
@@ -147,6 +151,7 @@ REQUESTS = {
     "no_new_tokens": (0, "generate", {"prompts": strings(PROMPTS[:2]), **knobs(0)}),
     **{f"default_{i}": (0, "serving_default", {"prompts": strings(PROMPTS[:2])})
        for i in range(4)},
+    "score": (0, "score", {"texts": strings(SCORE_TEXTS)}),
     "tokenize": (0, "tokenize", {"prompts": strings(PROMPTS)}),
     "detokenize": (0, "detokenize", {"token_ids": ("int32", [[20, 47, -1, -1], [-1, 0, 1, 2]])}),
     "gpt2": (1, "generate", {"prompts": strings(["To be, or not to be", ""]), **knobs(8)}),
@@ -294,6 +299,34 @@ def test_serving_default_samples_a_new_completion_per_request(served):
     assert all(len(texts) == 2 for texts in answers)
     assert len({tuple(texts) for texts in answers}) > 1
     assert len(served["tf2_completions"]) == 1 and isinstance(served["tf2_completions"][0], str)
+
+
+def test_score_equals_text_generator_and_the_numpy_reference(served, local):
+    model, tokenizer = local
+    result = served["results"]["score"]
+    scores = generation.TextGenerator(model, tokenizer).score(SCORE_TEXTS)
+    counts = [len(tokenizer.tokenize(text).numpy()) for text in SCORE_TEXTS]
+    assert result["token_count"] == counts and counts[-1] == model.config.context_length
+    for b, (score, count) in enumerate(zip(scores, counts)):
+        ids = [tokenizer.end_of_text_id] + tokenizer.tokenize(SCORE_TEXTS[b]).numpy().tolist()
+        logits = reference_logits(model, np.array([ids[:-1]]))[0] if count else np.zeros((0, 60))
+        log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
+            -1, keepdims=True)) - logits.max(-1, keepdims=True)
+        expected = log_probs[np.arange(count), ids[1:]]
+        np.testing.assert_allclose(score.token_log_probs, expected, atol=1e-4)
+        np.testing.assert_allclose(result["token_log_probs"][b][:count], expected, atol=1e-4)
+        assert result["token_log_probs"][b][count:] == [0.0] * (max(counts) - count)
+        np.testing.assert_allclose([score.log_prob, result["log_prob"][b]], expected.sum(),
+                                   atol=1e-3)
+
+
+def test_score_refuses_what_it_cannot_score(local):
+    scorer = generation.TextGenerator(*local)
+    with pytest.raises(ValueError, match="has 17 tokens, more than the context length 16"):
+        scorer.score(["ok", "b" * 17])
+    with pytest.raises(ValueError, match="non-empty list of `str`"):
+        scorer.score([])
+    assert scorer.score("").log_prob == 0.0 and scorer.score("").token_log_probs.shape == (0,)
 
 
 def test_tokenize_and_detokenize(served, local):
