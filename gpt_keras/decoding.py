@@ -34,8 +34,23 @@ Settings (one convention everywhere; `RULES` states the bounds):
   (seed, i + offset, b), so a seed gives the same tokens whatever the chunking or the engine.
 - `stop_token_ids`: ids in [0, V) that end a row. In tensor form (signatures) -1 entries are
   padding and ignored. `include_stop_token`: whether the stop id is returned (default not).
+- `repetition_penalty` > 0, 1 = off (Hugging Face's `RepetitionPenaltyLogitsProcessor`): the logit
+  of every token already in the row's window (prompt and new tokens; the whole sequence until the
+  window first slides) is divided by it if positive, multiplied by it if not.
+- `min_new_tokens` ≥ 0: stop ids cannot be chosen before a row has that many new tokens (Hugging
+  Face's `MinNewTokensLengthLogitsProcessor`; a stop string can still end it).
+- `banned_token_ids` (never chosen) and a logit bias (`{id: value}` in Python; `bias_token_ids`
+  and `bias_values` in tensor form) are added to the logits.
+- `stop_strings`: a row ends when its new text contains one of them (bytes compared in the graph,
+  through the tokenizer's per-token bytes: `token_bytes`); the text is then cut just before it.
+  At most `MAX_STOP_STRINGS` of at most `MAX_STOP_BYTES` UTF-8 bytes each.
+
+The penalty, `min_new_tokens` and the bias apply in that order (Hugging Face's), before
+temperature, top-k and top-p. Each new token's log-probability under the model (log-softmax of
+the raw logits, before any knob) is recorded beside it (`state["logprobs"]`).
 """
 
+import math
 import numbers
 import random
 import warnings
@@ -47,9 +62,10 @@ from gpt_keras.layers.multi_head_attention import in_place_cache_writes
 from gpt_keras.sampling import sample
 
 __all__ = [
-    "RULES", "check_arguments", "check_in_graph", "check_int", "check_knobs_in_graph",
-    "check_prompts", "crop_prompts", "decode", "generate_in_graph", "knobs", "knobs_in_graph",
-    "resume_window", "seed_pair", "slide_keep", "start",
+    "MAX_STOP_BYTES", "MAX_STOP_STRINGS", "RULES", "check_arguments", "check_in_graph",
+    "check_int", "check_knobs_in_graph", "check_prompts", "check_stop_strings", "crop_prompts",
+    "decode", "generate_in_graph", "knobs", "knobs_in_graph", "resume_window", "seed_pair",
+    "slide_keep", "start", "stop_string_bytes", "tail_width", "token_byte_table",
 ]
 
 # name → (a test that NumPy/Python values and tensors alike pass, what the value must be).
@@ -58,7 +74,13 @@ RULES = {
     "temperature": (lambda v: (v - v == 0) & (v >= 0), "a finite number ≥ 0 (0 = greedy)"),
     "top_k": (lambda v: v >= 0, "an integer ≥ 0 (0 = no cut)"),
     "top_p": (lambda v: (v > 0) & (v <= 1), "a number in (0, 1] (1 = no cut)"),
+    "repetition_penalty": (lambda v: (v - v == 0) & (v > 0), "a finite number > 0 (1 = off)"),
+    "min_new_tokens": (lambda v: v >= 0, "an integer ≥ 0"),
 }
+
+# Stop strings: at most this many per call, each at most this many UTF-8 bytes.
+MAX_STOP_STRINGS = 8
+MAX_STOP_BYTES = 64
 
 # When a sequence needs a token after a full context, it continues from its last
 # `context_length // SLIDE_DIVISOR` tokens.
@@ -91,14 +113,19 @@ def check_int(name, value, minimum):
 
 
 def knobs(vocab_size, temperature=1.0, top_k=None, top_p=None, seed=None, stop_token_ids=(),
-          include_stop_token=False):
+          include_stop_token=False, repetition_penalty=1.0, min_new_tokens=0,
+          banned_token_ids=(), logit_bias=None, stop_strings=(), token_bytes=None):
     """Python settings → `(knobs, stop_ids)`: the knob tensors `decode` takes (fixed shapes and
-    dtypes, so new values never retrace) and the stop ids as a set. Raises `ValueError` naming the
+    dtypes, so new values never retrace) and the stop ids as a set. `token_bytes`: the
+    tokenizer's `token_byte_table`, needed for `stop_strings`. Raises `ValueError` naming the
     rule and the value."""
     checks = {
         "temperature": (numbers.Real, temperature),
         "top_k": (numbers.Integral, 0 if top_k is None else top_k),
         "top_p": (numbers.Real, 1.0 if top_p is None else top_p),
+        "repetition_penalty": (numbers.Real, 1.0 if repetition_penalty is None
+                               else repetition_penalty),
+        "min_new_tokens": (numbers.Integral, min_new_tokens),
     }
     for name, (kind, value) in checks.items():
         if not isinstance(value, kind) or isinstance(value, bool) or not RULES[name][0](value):
@@ -107,16 +134,25 @@ def knobs(vocab_size, temperature=1.0, top_k=None, top_p=None, seed=None, stop_t
         seed = random.getrandbits(62)
     elif not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise ValueError(f"`seed` must be an int or None. Received: seed={seed!r}")
-    if isinstance(stop_token_ids, numbers.Integral):
-        stop_token_ids = (stop_token_ids,)
-    stop_ids = set()
-    for token in stop_token_ids:
-        if not isinstance(token, numbers.Integral) or not 0 <= token < vocab_size:
-            raise ValueError(
-                f"`stop_token_ids` must be ids in [0, {vocab_size}). "
-                f"Received: stop_token_ids={stop_token_ids!r}"
-            )
-        stop_ids.add(int(token))
+    stop_ids = _check_ids("stop_token_ids", stop_token_ids, vocab_size)
+    banned = _check_ids("banned_token_ids", banned_token_ids, vocab_size)
+    if len(banned) >= vocab_size:
+        raise ValueError("`banned_token_ids` bans the whole vocabulary: leave some token possible.")
+    logit_bias = dict(logit_bias or {})
+    bias_ids = _check_ids("logit_bias", list(logit_bias), vocab_size)
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+               for v in logit_bias.values()):
+        raise ValueError(f"`logit_bias` values must be finite numbers. Received: {logit_bias!r}")
+    stop_bytes = [text.encode("utf-8", "surrogatepass")
+                  for text in check_stop_strings(stop_strings)]
+    if stop_bytes and token_bytes is None:
+        raise ValueError("`stop_strings` need the tokenizer's bytes: use `TextGenerator` (or pass "
+                         "`token_bytes=decoding.token_byte_table(tokenizer, vocab_size)`).")
+    padded = np.full([MAX_STOP_STRINGS, MAX_STOP_BYTES], -1, np.int32)
+    for row, text in enumerate(stop_bytes):
+        padded[row, : len(text)] = np.frombuffer(text, np.uint8)
+    if token_bytes is None:
+        token_bytes = (np.zeros([vocab_size, 1], np.uint8), np.zeros([vocab_size], np.int32))
     values = knobs_in_graph(
         vocab_size,
         tf.constant(float(temperature), tf.float32),
@@ -125,22 +161,109 @@ def knobs(vocab_size, temperature=1.0, top_k=None, top_p=None, seed=None, stop_t
         seed_pair(tf.constant(int(seed) % (1 << 62), tf.int64)),
         tf.constant(sorted(stop_ids), tf.int32, shape=[len(stop_ids)]),
         tf.constant(bool(include_stop_token)),
+        repetition_penalty=tf.constant(float(checks["repetition_penalty"][1]), tf.float32),
+        min_new_tokens=tf.constant(int(min_new_tokens), tf.int32),
+        banned_token_ids=tf.constant(sorted(banned), tf.int32, shape=[len(banned)]),
+        bias_token_ids=tf.constant(bias_ids, tf.int32, shape=[len(bias_ids)]),
+        bias_values=tf.constant([float(logit_bias[i]) for i in bias_ids], tf.float32,
+                                shape=[len(bias_ids)]),
+        stop_strings=tf.constant(padded),
+        token_bytes=tuple(tf.constant(table) for table in token_bytes),
     )
     return values, stop_ids
 
 
+def _check_ids(name, ids, vocab_size):
+    """Token ids (an int or a sequence) → a sorted list of distinct ids; `ValueError` unless each
+    lies in [0, V)."""
+    if isinstance(ids, numbers.Integral):
+        ids = (ids,)
+    ids = list(ids)
+    if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i < vocab_size
+               for i in ids):
+        raise ValueError(f"`{name}` must be ids in [0, {vocab_size}). Received: {ids!r}")
+    return sorted({int(i) for i in ids})
+
+
+def check_stop_strings(stop_strings):
+    """Stop strings (a `str` or a sequence of them) → a tuple of them; `ValueError` unless each
+    is a non-empty `str` of at most `MAX_STOP_BYTES` UTF-8 bytes, at most `MAX_STOP_STRINGS`."""
+    if isinstance(stop_strings, str):
+        stop_strings = (stop_strings,)
+    stop_strings = tuple(stop_strings)
+    if not all(isinstance(text, str) and text for text in stop_strings):
+        raise ValueError(
+            f"`stop_strings` must be non-empty strings. Received: stop_strings={stop_strings!r}"
+        )
+    encoded = [text.encode("utf-8", "surrogatepass") for text in stop_strings]
+    if len(encoded) > MAX_STOP_STRINGS or any(len(b) > MAX_STOP_BYTES for b in encoded):
+        raise ValueError(
+            f"Pass at most {MAX_STOP_STRINGS} `stop_strings` of at most {MAX_STOP_BYTES} UTF-8 "
+            f"bytes each. Received: stop_strings={stop_strings!r}"
+        )
+    return stop_strings
+
+
+def token_byte_table(tokenizer, vocab_size):
+    """Every token id's bytes, for stop strings in the graph: `(bytes uint8 [V, L], lengths int32
+    [V])`, L the longest token's byte count. Uses one `tokenizer.detokenize` of ids `[V, 1]` if
+    it gives `[V]` byte strings (gpt_keras' tokenizers do), else one call per id."""
+    def as_bytes(text):
+        return bytes(text.numpy() if hasattr(text, "numpy") else text)
+
+    try:
+        batch = tokenizer.detokenize(tf.range(vocab_size, dtype=tf.int32)[:, None])
+        texts = [as_bytes(t) for t in batch]
+    except (TypeError, ValueError, tf.errors.OpError):
+        texts = None
+    if texts is None or len(texts) != vocab_size:
+        texts = [as_bytes(tokenizer.detokenize(tf.constant([i], tf.int32)))
+                 for i in range(vocab_size)]
+    lengths = np.array([len(t) for t in texts], np.int32)
+    table = np.zeros([vocab_size, max(1, lengths.max())], np.uint8)
+    for i, text in enumerate(texts):
+        table[i, : len(text)] = np.frombuffer(text, np.uint8)
+    return table, lengths
+
+
 def knobs_in_graph(vocab_size, temperature, top_k, top_p, seed, stop_token_ids,
-                   include_stop_token=False):
+                   include_stop_token=False, repetition_penalty=1.0, min_new_tokens=0,
+                   banned_token_ids=None, bias_token_ids=None, bias_values=None,
+                   stop_strings=None, token_bytes=None):
     """Knob tensors (as received by a signature) → the dict `decode` takes: `top_k` 0 becomes V,
-    `stop_token_ids` int32 `[n]` (-1 = padding) becomes a `[V]` mask, `seed` is int32 `[2]`."""
-    matches = tf.equal(tf.range(vocab_size)[:, None], tf.reshape(stop_token_ids, [1, -1]))
+    `stop_token_ids` int32 `[n]` (-1 = padding) becomes a `[V]` mask, `seed` is int32 `[2]`,
+    `banned_token_ids` `[n]` (-1 = padding) and the logit bias (`bias_token_ids` int32 `[m]`, -1 =
+    padding, `bias_values` float32 `[m]`; repeated ids add up) become one float32 `[V]` bias,
+    `stop_strings` int32 `[n, MAX_STOP_BYTES]` holds bytes (-1 = padding), `token_bytes` is
+    `token_byte_table`'s pair (or None: no stop strings possible)."""
+    def mask(ids):  # int32 [n], -1 = padding → bool [V]
+        ids = tf.reshape(ids, [1, -1])
+        return tf.reduce_any(tf.equal(tf.range(vocab_size)[:, None], ids), axis=1)
+
+    bias = tf.zeros([vocab_size], tf.float32)
+    if bias_token_ids is not None:
+        valid = bias_token_ids >= 0
+        bias = tf.scatter_nd(tf.expand_dims(tf.maximum(bias_token_ids, 0), 1),
+                             tf.where(valid, bias_values, 0.0), [vocab_size])
+    if banned_token_ids is not None:
+        bias = tf.where(mask(banned_token_ids), float("-inf"), bias)
+    if stop_strings is None:
+        stop_strings = tf.fill([0, MAX_STOP_BYTES], -1)
+    if token_bytes is None:
+        token_bytes = (tf.zeros([vocab_size, 1], tf.uint8), tf.zeros([vocab_size], tf.int32))
     return {
         "temperature": temperature,
         "top_k": tf.where(top_k > 0, tf.minimum(top_k, vocab_size), vocab_size),
         "top_p": top_p,
         "seed": seed,
-        "stop_mask": tf.reduce_any(matches, axis=1),  # [V]
+        "stop_mask": mask(stop_token_ids),  # [V]
         "include_stop_token": tf.convert_to_tensor(include_stop_token, tf.bool),
+        "repetition_penalty": tf.convert_to_tensor(repetition_penalty, tf.float32),
+        "min_new_tokens": tf.convert_to_tensor(min_new_tokens, tf.int32),
+        "bias": bias,  # [V]
+        "stop_strings": tf.convert_to_tensor(stop_strings, tf.int32),  # [n, MAX_STOP_BYTES]
+        "token_bytes": tf.convert_to_tensor(token_bytes[0], tf.uint8),  # [V, L]
+        "token_byte_lengths": tf.convert_to_tensor(token_bytes[1], tf.int32),  # [V]
     }
 
 
@@ -156,24 +279,52 @@ def check_in_graph(condition, message, *values):
     return tf.debugging.Assert(condition, [tf.strings.format(message, values, summarize=8)])
 
 
-def check_knobs_in_graph(vocab_size, max_new_tokens, temperature, top_k, top_p, stop_token_ids):
-    """Assertion ops for knob tensors received by a signature (the rules of `RULES`)."""
+def check_knobs_in_graph(vocab_size, max_new_tokens, temperature, top_k, top_p, stop_token_ids,
+                         repetition_penalty=None, min_new_tokens=None, banned_token_ids=None,
+                         bias_token_ids=None, bias_values=None, stop_strings=None):
+    """Assertion ops for knob tensors received by a signature (the rules of `RULES`; ids in
+    [0, V) or -1; finite biases; stop strings as `stop_string_bytes` takes them)."""
     values = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
-              "top_p": top_p}
+              "top_p": top_p, "repetition_penalty": repetition_penalty,
+              "min_new_tokens": min_new_tokens}
     checks = [
         check_in_graph(RULES[name][0](value), _rule_message(name), value)
-        for name, value in values.items()
+        for name, value in values.items() if value is not None
     ]
-    valid_stop = tf.logical_or(
-        tf.equal(stop_token_ids, -1),
-        tf.logical_and(stop_token_ids >= 0, stop_token_ids < vocab_size),
-    )
-    checks.append(check_in_graph(
-        tf.reduce_all(valid_stop),
-        f"`stop_token_ids` must be ids in [0, {vocab_size}) (-1 = none). Received: {{}}",
-        stop_token_ids,
-    ))
+    for name, ids in (("stop_token_ids", stop_token_ids), ("banned_token_ids", banned_token_ids),
+                      ("bias_token_ids", bias_token_ids)):
+        if ids is None:
+            continue
+        valid = tf.logical_or(tf.equal(ids, -1), tf.logical_and(ids >= 0, ids < vocab_size))
+        checks.append(check_in_graph(
+            tf.reduce_all(valid),
+            f"`{name}` must be ids in [0, {vocab_size}) (-1 = none). Received: {{}}", ids,
+        ))
+    if bias_token_ids is not None:
+        checks.append(check_in_graph(
+            tf.logical_and(tf.equal(tf.size(bias_token_ids), tf.size(bias_values)),
+                           tf.reduce_all(tf.math.is_finite(bias_values))),
+            "`bias_values` must be finite, one per entry of `bias_token_ids`. Received: {}",
+            bias_values,
+        ))
+    if stop_strings is not None:
+        lengths = tf.strings.length(stop_strings)
+        checks.append(check_in_graph(
+            tf.logical_and(tf.size(stop_strings) <= MAX_STOP_STRINGS,
+                           tf.reduce_all(lengths <= MAX_STOP_BYTES)),
+            f"Pass at most {MAX_STOP_STRINGS} `stop_strings` of at most {MAX_STOP_BYTES} UTF-8 "
+            "bytes each (empty ones are ignored). Received: {}", stop_strings,
+        ))
     return checks
+
+
+def stop_string_bytes(stop_strings):
+    """Stop strings string `[n]` (empty ones ignored) → int32 `[n, MAX_STOP_BYTES]` bytes, -1
+    after each one's end: the `stop_strings` knob."""
+    codes = tf.cast(tf.io.decode_raw(stop_strings, tf.uint8, fixed_length=MAX_STOP_BYTES),
+                    tf.int32)
+    lengths = tf.strings.length(stop_strings)[:, None]
+    return tf.where(tf.range(MAX_STOP_BYTES)[None, :] < lengths, codes, -1)
 
 
 def check_prompts(prompts, lengths, vocab_size):
@@ -275,26 +426,40 @@ def crop_prompts(rows, keep, context_length, stacklevel=3):
 #   cursor  int32 []      the next slot to decide; token `cursor - 1` is not in the cache yet
 #   offset  int32 []      absolute position of slot 0 (grows when the window slides)
 #   out     int32 [B, N]  this call's new ids per row, -1 after the last
+#   logprobs float32 [B, N] their log-probabilities under the model (0 after the last)
 #   emitted int32 [B]     how many ids of `out` are set
+#   seen    bool  [B, V]  the tokens in each row's window (for `repetition_penalty`; only kept
+#                         while the penalty is on)
+#   tail    int32 [B, K]  the last K bytes of each row's new text (-1 before its start), K =
+#                         MAX_STOP_BYTES - 1 + the longest token's bytes (only kept while there
+#                         are stop strings)
 #   cache   L × [B, 2, H, S, K] the model's per-layer KV caches; slots < cursor - 1 are filled
 
 
 def start(model, prompt, lengths, knobs, max_new_tokens, cache_length, out_width, offset=0,
-          batch_size=None, in_place=True):
+          batch_size=None, in_place=True, tail=None):
     """Prefills a cache of `cache_length` slots with `prompt` int32 `[B, P]` (right-padded, every
     row 1 ≤ `lengths[b]` ≤ P ≤ `cache_length`) and decides the first slot; returns the state.
 
     `cache_length` and `out_width` may be Python ints (static shapes, for XLA) or tensors.
     `batch_size` None: read from `prompt` (a graph with a dynamic batch). `in_place`: write the
-    cache in place in graphs without XLA (`write_cache`); False for TFLite (builtin ops only)."""
+    cache in place in graphs without XLA (`write_cache`); False for TFLite (builtin ops only).
+    `tail`: the stop-string bytes of an earlier call's state to continue from (default: none)."""
     with in_place_cache_writes(in_place):
         return _start(model, prompt, lengths, knobs, max_new_tokens, cache_length, out_width,
-                      offset, batch_size)
+                      offset, batch_size, tail)
+
+
+def tail_width(knobs):
+    """K of `state["tail"]`: a stop string ending in a new token's bytes lies in the last K."""
+    return MAX_STOP_BYTES - 1 + (knobs["token_bytes"].shape[1] or tf.shape(knobs["token_bytes"])[1])
 
 
 def _start(model, prompt, lengths, knobs, max_new_tokens, cache_length, out_width, offset,
-           batch_size):
+           batch_size, tail):
     batch = batch_size or tf.shape(prompt)[0]
+    if tail is None:
+        tail = tf.fill([batch, tail_width(knobs)], -1)
     width = cache_length + 1
     tokens = tf.pad(prompt, [[0, 0], [0, width - tf.shape(prompt)[1]]])  # [B, W]
     if isinstance(width, int):  # a static width (a reshape, not ensure_shape: TFLite builtin)
@@ -308,10 +473,33 @@ def _start(model, prompt, lengths, knobs, max_new_tokens, cache_length, out_widt
         "cursor": tf.reduce_min(lengths),  # the shortest prompt's first new slot
         "offset": tf.convert_to_tensor(offset, tf.int32),
         "out": tf.fill([batch, out_width], -1),
+        "logprobs": tf.zeros([batch, out_width], tf.float32),
         "emitted": tf.zeros_like(lengths),
+        "seen": _seen(knobs, prompt, lengths),
+        "tail": tail,
         "cache": model.init_layer_caches(batch, cache_length),
     }
     return _prefill(model, state, knobs, prompt)
+
+
+def _seen(knobs, tokens, lengths):
+    """bool `[B, V]`: which ids occur among each row's first `lengths[b]` `tokens` `[B, T]`
+    (all False while the repetition penalty is off: nothing reads it then)."""
+    vocab_size = knobs["bias"].shape[0]
+
+    def scatter():
+        width = tf.shape(tokens)[1]
+        rows = tf.broadcast_to(tf.range(tf.shape(tokens)[0])[:, None], tf.shape(tokens))
+        indices = tf.reshape(tf.stack([rows, tokens], axis=-1), [-1, 2])
+        inside = tf.cast(tf.range(width)[None, :] < lengths[:, None], tf.float32)
+        counts = tf.scatter_nd(indices, tf.reshape(inside, [-1]),
+                               tf.stack([tf.shape(tokens)[0], vocab_size]))
+        return counts > 0
+
+    return tf.cond(
+        tf.not_equal(knobs["repetition_penalty"], 1.0), scatter,
+        lambda: tf.zeros(tf.stack([tf.shape(tokens)[0], vocab_size]), tf.bool),
+    )
 
 
 def decode(model, state, knobs, num_steps=UNLIMITED, in_place=True):
@@ -339,9 +527,10 @@ def _decode(model, state, knobs, num_steps):
         dropped = width - keep
         tokens = state["tokens"]
         tokens = tf.concat([tokens[:, dropped:], tf.zeros_like(tokens[:, :dropped])], axis=1)
+        lengths = tf.fill(tf.shape(state["lengths"]), keep)
         state = dict(
-            state, tokens=tokens, lengths=tf.fill(tf.shape(state["lengths"]), keep),
-            cursor=tf.convert_to_tensor(keep, tf.int32), offset=state["offset"] + dropped,
+            state, tokens=tokens, lengths=lengths, cursor=tf.convert_to_tensor(keep, tf.int32),
+            offset=state["offset"] + dropped, seen=_seen(knobs, tokens[:, :keep], lengths),
         )
         return _prefill(model, state, knobs, tokens[:, :keep])
 
@@ -386,26 +575,83 @@ def _prefill(model, state, knobs, prefix):
 
 def _decide(state, logits, knobs):
     """Decides slot `cursor` of every row from `logits` `[B, V]` (predicting that slot): a sample
-    for rows past their prompt, the prompt token otherwise; records new ids in `out`, updates
-    `counts` and `done`, and advances the cursor."""
+    of the steered logits (`_steer`) for rows past their prompt, the prompt token otherwise;
+    records new ids and their log-probabilities in `out`/`logprobs`, updates `counts`, `seen`,
+    `tail` and `done`, and advances the cursor."""
     index = state["cursor"]
     tokens, done = state["tokens"], state["done"]
     sampled = sample(  # [B]
-        logits, knobs["temperature"], knobs["top_k"], knobs["top_p"], knobs["seed"],
-        index + state["offset"],
+        _steer(logits, state, knobs), knobs["temperature"], knobs["top_k"], knobs["top_p"],
+        knobs["seed"], index + state["offset"],
     )
     decides = tf.logical_and(tf.logical_not(done), index >= state["lengths"])  # [B]
     tokens = _write_column(tokens, index, sampled, decides)
     stops = tf.gather(knobs["stop_mask"], sampled)  # [B]
-    emits = tf.logical_and(decides, tf.logical_or(tf.logical_not(stops),
-                                                  knobs["include_stop_token"]))
+    new_text = tf.logical_and(decides, tf.logical_not(stops))
+    emits = tf.logical_or(new_text, tf.logical_and(decides, knobs["include_stop_token"]))
     out = _write_column(state["out"], state["emitted"], sampled, emits, per_row=True)
+    logprob = tf.gather(tf.nn.log_softmax(tf.cast(logits, tf.float32)), sampled, batch_dims=1)
+    logprobs = _write_column(state["logprobs"], state["emitted"], logprob, emits, per_row=True)
     counts = state["counts"] + tf.cast(decides, tf.int32)
-    finished = tf.logical_or(stops, counts >= state["budget"])
+    tail, stop_string = _stop_strings(state["tail"], sampled, new_text, knobs)
+    finished = tf.logical_or(tf.logical_or(stops, stop_string), counts >= state["budget"])
+    seen = tf.cond(
+        tf.not_equal(knobs["repetition_penalty"], 1.0),
+        lambda: tf.logical_or(state["seen"], tf.logical_and(
+            tf.equal(tf.range(tf.shape(logits)[1])[None, :], sampled[:, None]), decides[:, None])),
+        lambda: state["seen"],
+    )
     return dict(
-        state, tokens=tokens, out=out, counts=counts,
+        state, tokens=tokens, out=out, logprobs=logprobs, counts=counts, seen=seen, tail=tail,
         emitted=state["emitted"] + tf.cast(emits, tf.int32),
         done=tf.logical_or(done, tf.logical_and(decides, finished)), cursor=index + 1,
+    )
+
+
+def _steer(logits, state, knobs):
+    """The knobs that change logits `[B, V]`, in Hugging Face's order: repetition penalty,
+    `min_new_tokens` (stop ids impossible before), bias (banned ids at -inf)."""
+    logits = tf.cast(logits, tf.float32)
+    penalty = knobs["repetition_penalty"]
+    logits = tf.cond(
+        tf.not_equal(penalty, 1.0),
+        lambda: tf.where(state["seen"], tf.where(logits > 0, logits / penalty, logits * penalty),
+                         logits),
+        lambda: logits,
+    )
+    too_early = tf.logical_and((state["counts"] < knobs["min_new_tokens"])[:, None],
+                               knobs["stop_mask"][None, :])
+    return tf.where(too_early, float("-inf"), logits) + knobs["bias"]
+
+
+def _stop_strings(tail, token, appends, knobs):
+    """`tail` `[B, K]` with the bytes of `token` `[B]` appended where `appends` `[B]`, and bool
+    `[B]`: whether a stop string ends within those new bytes (found in the new tail)."""
+    table, lengths = knobs["token_bytes"], knobs["token_byte_lengths"]
+    stops = knobs["stop_strings"]  # [n, M]
+
+    def search():
+        width = tf.shape(tail)[1]
+        added = tf.where(appends, tf.gather(lengths, token), 0)  # [B]
+        joined = tf.concat([tail, tf.cast(tf.gather(table, token), tf.int32)], axis=1)  # [B, K+L]
+        new_tail = tf.gather(joined, tf.range(width)[None, :] + added[:, None], batch_dims=1)
+        # Every window of M bytes of the tail: [B, K, M] (-2 past the end never matches).
+        starts = tf.range(width)[:, None] + tf.range(MAX_STOP_BYTES)[None, :]  # [K, M]
+        windows = tf.where(starts < width, tf.gather(new_tail, tf.minimum(starts, width - 1),
+                                                     axis=1), -2)
+        used = stops >= 0  # [n, M]
+        equal = tf.logical_or(tf.equal(windows[:, None], stops[None, :, None]),
+                              tf.logical_not(used)[None, :, None])  # [B, n, K, M]
+        stop_length = tf.reduce_sum(tf.cast(used, tf.int32), axis=1)  # [n]
+        ends = tf.range(width)[None, :] + stop_length[:, None]  # [n, K]: end of a match at k
+        # A match that ends in the new bytes, by a stop string that is not padding.
+        fresh = tf.logical_and(ends[None] > width - added[:, None, None],
+                               (stop_length > 0)[None, :, None])
+        found = tf.reduce_any(tf.logical_and(tf.reduce_all(equal, axis=3), fresh), axis=[1, 2])
+        return new_tail, tf.logical_and(found, appends)
+
+    return tf.cond(
+        tf.reduce_any(stops >= 0), search, lambda: (tail, tf.zeros_like(appends)),
     )
 
 
@@ -435,7 +681,7 @@ def resume_window(state):
 
 
 def generate_in_graph(model, prompt, lengths, max_new_tokens, knobs, cache_length=None,
-                      offset=0, in_place=True):
+                      offset=0, in_place=True, tail=None):
     """A whole generation as one graph with a dynamic batch, for the SavedModel and TFLite
     signatures: the tokens of `gpt_keras.generation.generate` for the same prompts and knobs.
 
@@ -443,16 +689,16 @@ def generate_in_graph(model, prompt, lengths, max_new_tokens, knobs, cache_lengt
     last `context_length` tokens), `max_new_tokens` int32 `[]`, `knobs` from `knobs_in_graph`,
     `cache_length` None (the smallest that holds prompt and new tokens, at most the context) or
     a static int, `offset` int32 `[]` (the absolute position of slot 0: it moves the random
-    numbers), `in_place` as in `start`. Returns the final state: `state["out"]`
-    `[B, max_new_tokens]` holds the new ids (-1 after a row's last), `state["emitted"]` `[B]`
-    their count."""
+    numbers), `in_place` and `tail` as in `start`. Returns the final state: `state["out"]`
+    `[B, max_new_tokens]` holds the new ids (-1 after a row's last), `state["logprobs"]` their
+    log-probabilities, `state["emitted"]` `[B]` their count."""
     context = model.config.context_length
     prompt, lengths = _keep_last(prompt, lengths, context)
     if cache_length is None:
         needed = tf.reduce_max(lengths) + tf.maximum(max_new_tokens, 1) - 1
         cache_length = tf.minimum(needed, context)
     state = start(model, prompt, lengths, knobs, max_new_tokens, cache_length,
-                  tf.maximum(max_new_tokens, 0), offset, in_place=in_place)
+                  tf.maximum(max_new_tokens, 0), offset, in_place=in_place, tail=tail)
     return decode(model, state, knobs, in_place=in_place)
 
 

@@ -34,7 +34,8 @@ from gpt_keras import decoding, scoring
 from gpt_keras.config import num_parameters
 
 __all__ = [
-    "AUTO_XLA_MAX_PARAMETERS", "IncrementalText", "Score", "Stream", "TextGenerator", "bucket",
+    "AUTO_XLA_MAX_PARAMETERS", "Completion", "IncrementalText", "Score", "Stream",
+    "TextGenerator", "bucket",
     "generate", "resolve_jit_compile", "stream", "tracing_count",
 ]
 
@@ -63,6 +64,13 @@ def generate(
     seed=None,
     stop_token_ids=(),
     include_stop_token=False,
+    repetition_penalty=1.0,
+    min_new_tokens=0,
+    banned_token_ids=(),
+    logit_bias=None,
+    stop_strings=(),
+    token_bytes=None,
+    return_logprobs=False,
     lengths=None,
     sliding_window=True,
     cache_length=None,
@@ -85,6 +93,13 @@ def generate(
         stop_token_ids: ids that end a row. A row stops after emitting one.
         include_stop_token: whether a row that stopped keeps its stop token as its last id
             (default: dropped).
+        repetition_penalty: > 0, 1 = off: Hugging Face's, over the tokens in each row's window.
+        min_new_tokens: stop ids cannot end a row before it has this many new tokens.
+        banned_token_ids: ids never generated. logit_bias: `{id: value}` added to the logits.
+        stop_strings: a row ends when its new text contains one of them (it keeps the token
+            that completed it; `TextGenerator` cuts the text). Needs `token_bytes`, the
+            tokenizer's `decoding.token_byte_table` (`TextGenerator` passes it).
+        return_logprobs: also return each new token's log-probability under the model.
         lengths: `[B]` prompt lengths when `prompts` is a right-padded `[B, T]` array.
         sliding_window: allow generating past the context (`gpt_keras.decoding`); if False,
             `max_new_tokens > context_length` raises `ValueError`.
@@ -101,16 +116,31 @@ def generate(
 
     Returns:
         A list (one per prompt) of lists of new token ids; a single list for a single 1-D prompt.
+        With `return_logprobs`: `(ids, logprobs)`, the log-probabilities shaped as the ids.
     """
     driver = _Driver(
-        model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids,
-        include_stop_token, lengths, sliding_window, cache_length, jit_compile, chunk_size=None,
+        model, prompts, max_new_tokens, _knob_arguments(locals()), lengths, sliding_window,
+        cache_length, jit_compile, chunk_size=None,
     )
     rows = [[] for _ in range(driver.batch_size)]
     for chunk in driver.chunks():
         for row, ids in zip(rows, chunk):
             row.extend(ids)
-    return rows[0] if driver.single else rows
+    if driver.single:
+        rows, logprobs = rows[0], driver.logprobs[0]
+    else:
+        logprobs = driver.logprobs
+    return (rows, logprobs) if return_logprobs else rows
+
+
+_KNOBS = ("temperature", "top_k", "top_p", "seed", "stop_token_ids", "include_stop_token",
+          "repetition_penalty", "min_new_tokens", "banned_token_ids", "logit_bias",
+          "stop_strings", "token_bytes")
+
+
+def _knob_arguments(arguments):
+    """The arguments of `generate`/`stream` that `decoding.knobs` takes."""
+    return {name: arguments[name] for name in _KNOBS}
 
 
 def stream(
@@ -125,6 +155,12 @@ def stream(
     seed=None,
     stop_token_ids=(),
     include_stop_token=False,
+    repetition_penalty=1.0,
+    min_new_tokens=0,
+    banned_token_ids=(),
+    logit_bias=None,
+    stop_strings=(),
+    token_bytes=None,
     lengths=None,
     sliding_window=True,
     cache_length=None,
@@ -137,12 +173,13 @@ def stream(
     Returns a `Stream`: iterate it to get, per chunk, a list (one per prompt) of lists of new ids
     (a single list for a single 1-D prompt); chunks where no row got a new token are skipped.
     Joining the chunks gives exactly `generate`'s output for the same arguments. `Stream.stop(b)`
-    ends row b before the next chunk (e.g. when its text reached a stop string).
+    ends row b before the next chunk; `Stream.logprobs` holds the log-probabilities of the
+    ids yielded so far.
     """
     return Stream(
         _Driver(
-            model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids,
-            include_stop_token, lengths, sliding_window, cache_length, jit_compile, chunk_size,
+            model, prompts, max_new_tokens, _knob_arguments(locals()), lengths, sliding_window,
+            cache_length, jit_compile, chunk_size,
         )
     )
 
@@ -169,6 +206,11 @@ class Stream:
     def batch_size(self):
         return self._driver.batch_size
 
+    @property
+    def logprobs(self):
+        """Per row, the log-probabilities of the ids yielded so far (a list of float lists)."""
+        return self._driver.logprobs
+
     def stop(self, row):
         """Ends row `row` (0-based) before the next chunk is decoded."""
         if not isinstance(row, numbers.Integral) or not 0 <= row < self.batch_size:
@@ -176,6 +218,15 @@ class Stream:
                 f"`row` must be an int in [0, {self.batch_size}). Received: row={row!r}"
             )
         self._driver.stop_requests.add(int(row))
+
+
+class Completion(NamedTuple):
+    """A generated text with its new token ids and their log-probabilities under the model (the
+    ids include any that completed a stop string, whose text is cut)."""
+
+    text: str
+    token_ids: list
+    logprobs: list
 
 
 class Score(NamedTuple):
@@ -225,43 +276,52 @@ class TextGenerator:
         self.model = model
         self.tokenizer = tokenizer
         self.jit_compile = jit_compile
+        self._token_bytes = None
 
-    def generate(self, prompts, max_new_tokens, *, stop_strings=(), **kwargs):
+    def generate(self, prompts, max_new_tokens, *, stop_strings=(), return_logprobs=False,
+                 **kwargs):
         """The generated text (without the prompt) for a `str` prompt, or a list of texts for a
-        list of prompts. `stop_strings`: a row's text ends just before the first of them (checked
-        between chunks of `chunk_size`, default 16, so that decoding stops soon after). Other
-        keyword arguments are those of `generate` (`stop_token_ids` defaults to the tokenizer's
-        end-of-text id)."""
-        if stop_strings:
-            kwargs.setdefault("chunk_size", 16)
-        else:
-            kwargs.setdefault("chunk_size", None)
-        pieces = None
-        for chunk in self.stream(prompts, max_new_tokens, stop_strings=stop_strings, **kwargs):
-            if isinstance(chunk, str):
-                pieces = (pieces or "") + chunk
-            else:
-                pieces = chunk if pieces is None else [a + b for a, b in zip(pieces, chunk)]
-        if pieces is None:  # nothing was generated
-            return "" if isinstance(prompts, str) else [""] * len(prompts)
-        return pieces
+        list of prompts. `stop_strings`: a row ends when its text contains one of them (checked
+        in the decoding graph after every token), and its text is cut just before it. With
+        `return_logprobs`, a `Completion` (text, new token ids, their log-probabilities) per
+        prompt instead. Other keyword arguments are those of `generate` (`stop_token_ids`
+        defaults to the tokenizer's end-of-text id)."""
+        kwargs.setdefault("chunk_size", None)
+        texts, decoded = self._stream(prompts, max_new_tokens, stop_strings, kwargs)
+        pieces = ["" for _ in range(decoded.batch_size)]
+        ids = [[] for _ in range(decoded.batch_size)]
+        for chunk_texts, chunk_ids in texts:
+            pieces = [a + b for a, b in zip(pieces, chunk_texts)]
+            ids = [a + b for a, b in zip(ids, chunk_ids)]
+        if return_logprobs:
+            pieces = [Completion(text, row, decoded.logprobs[b][: len(row)])
+                      for b, (text, row) in enumerate(zip(pieces, ids))]
+        return pieces[0] if isinstance(prompts, str) else pieces
 
     def stream(self, prompts, max_new_tokens, *, chunk_size=8, stop_strings=(), **kwargs):
         """An iterator over the new text as it is decoded: a `str` per chunk for a `str` prompt,
         a list of `str` (one per prompt, possibly empty) for a list. Never yields half a
         character, nor text that may turn out to be the start of a stop string. Arguments are
         checked here, before iteration starts."""
+        texts, _ = self._stream(prompts, max_new_tokens, stop_strings,
+                                dict(kwargs, chunk_size=chunk_size))
         single = isinstance(prompts, str)
-        texts = [prompts] if single else list(prompts)
+        return (pieces[0] if single else pieces for pieces, _ in texts if any(pieces))
+
+    def _stream(self, prompts, max_new_tokens, stop_strings, kwargs):
+        """`(iterator over (texts, ids) per chunk, the Stream)`, arguments checked now."""
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError(
                 "`prompts` must be a `str` or a non-empty list of `str`. "
                 f"Received: prompts={prompts!r}"
             )
-        stop_strings = check_stop_strings(stop_strings)
+        stop_strings = decoding.check_stop_strings(stop_strings)
         end_of_text = getattr(self.tokenizer, "end_of_text_id", None)
         if end_of_text is not None:
             kwargs.setdefault("stop_token_ids", (end_of_text,))
+        if stop_strings:
+            kwargs.update(stop_strings=stop_strings, token_bytes=self.token_bytes())
         ids = []
         for text in texts:
             row = [int(i) for i in np.asarray(self.tokenizer.tokenize(text)).reshape(-1)]
@@ -269,9 +329,16 @@ class TextGenerator:
                 row = [int(end_of_text)]
             ids.append(row)
         kwargs.setdefault("jit_compile", self.jit_compile)
-        decoded = stream(self.model, ids, max_new_tokens, chunk_size=chunk_size, **kwargs)
+        decoded = stream(self.model, ids, max_new_tokens, **kwargs)
         rows = [IncrementalText(self._bytes, stop_strings) for _ in texts]
-        return self._texts(decoded, rows, single)
+        return self._texts(decoded, rows), decoded
+
+    def token_bytes(self):
+        """The tokenizer's `decoding.token_byte_table`, computed once."""
+        if self._token_bytes is None:
+            self._token_bytes = decoding.token_byte_table(
+                self.tokenizer, self.model.config.vocab_size)
+        return self._token_bytes
 
     def score(self, texts):
         """The log-likelihood of a text under the model (`gpt_keras.scoring`'s convention: after
@@ -303,7 +370,7 @@ class TextGenerator:
                   for b, row in enumerate(rows)]
         return scores[0] if single else scores
 
-    def _texts(self, decoded, rows, single):
+    def _texts(self, decoded, rows):
         for chunk in decoded:
             pieces = []
             for b, (row, new_ids) in enumerate(zip(rows, chunk)):
@@ -311,13 +378,10 @@ class TextGenerator:
                 if row.stopped:
                     decoded.stop(b)
                 pieces.append(piece)
-            if any(pieces):
-                yield pieces[0] if single else pieces
+            yield pieces, chunk
             if all(row.stopped for row in rows):
                 break
-        pieces = [row.finish() for row in rows]
-        if any(pieces):
-            yield pieces[0] if single else pieces
+        yield [row.finish() for row in rows], [[] for _ in rows]
 
     def _bytes(self, ids):
         text = self.tokenizer.detokenize(tf.constant(ids, tf.int32))
@@ -387,20 +451,6 @@ def _stop_prefix_length(text, stop_strings):
     return longest
 
 
-def check_stop_strings(stop_strings):
-    if isinstance(stop_strings, str):
-        stop_strings = (stop_strings,)
-    stop_strings = tuple(stop_strings)
-    if not all(isinstance(s, str) and s for s in stop_strings):
-        raise ValueError(
-            "`stop_strings` must be non-empty strings. Received: "
-            f"stop_strings={stop_strings!r}"
-        )
-    return stop_strings
-
-
-
-
 # ----------------------------------------------------------------------------------------------
 # The Python driver: validation, buckets and chunks
 
@@ -409,10 +459,8 @@ class _Driver:
     """Validated arguments of one `generate`/`stream` call and the loop that calls the compiled
     core, chunk by chunk."""
 
-    def __init__(
-        self, model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids,
-        include_stop_token, lengths, sliding_window, cache_length, jit_compile, chunk_size,
-    ):
+    def __init__(self, model, prompts, max_new_tokens, knob_arguments, lengths, sliding_window,
+                 cache_length, jit_compile, chunk_size):
         config = model.config
         self.model = model
         context = config.context_length
@@ -421,11 +469,9 @@ class _Driver:
         )
         self.batch_size = len(rows)
         self.jit_compile = resolve_jit_compile(model, jit_compile)
-        self.knobs, _ = decoding.knobs(
-            config.vocab_size, temperature, top_k, top_p, seed, stop_token_ids,
-            include_stop_token,
-        )
+        self.knobs, _ = decoding.knobs(config.vocab_size, **knob_arguments)
         self.stop_requests = set()
+        self.logprobs = [[] for _ in range(self.batch_size)]
         if not sliding_window and self.max_new_tokens > context:
             raise ValueError(
                 f"`max_new_tokens` must be at most context_length={context} when "
@@ -468,6 +514,9 @@ class _Driver:
         while True:
             out, emitted = state["out"].numpy(), state["emitted"].numpy()
             chunk = [out[b, : emitted[b]].tolist() for b in range(batch)]
+            logprobs = state["logprobs"].numpy()
+            for b in range(batch):
+                self.logprobs[b].extend(logprobs[b, : emitted[b]].tolist())
             if any(chunk):
                 yield chunk
             done = state["done"].numpy()
@@ -508,6 +557,7 @@ def _compile(model, kind, batch_size, cache_length, jit_compile):
 
         def function(state, num_steps, knobs):
             state = dict(state, out=tf.fill([batch_size, out_width], -1),
+                         logprobs=tf.zeros([batch_size, out_width], tf.float32),
                          emitted=tf.zeros_like(state["emitted"]))
             return decoding.decode(model_ref(), state, knobs, num_steps)
 
