@@ -9,7 +9,7 @@ from transformers import MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLog
 
 from gpt_keras import decoding, generation
 from tests.test_generation import (
-    RAGGED, ByteTokenizer, oracle_logits, random_model, scripted_model,
+    RAGGED, oracle_logits, random_model, scripted_model,
 )
 
 
