@@ -102,7 +102,11 @@ def ops():
         spec = meta_graph.signature_def["generate"]
         feeds = {"prompts": np.array([corpus[:16].encode("utf-8")], object),
                  "max_new_tokens": np.int32(new_tokens), "temperature": np.float32(0),
-                 "top_k": np.int32(0), "top_p": np.float32(1), "seed": np.int64(0)}
+                 "top_k": np.int32(0), "top_p": np.float32(1), "seed": np.int64(0),
+                 "repetition_penalty": np.float32(1), "min_new_tokens": np.int32(0),
+                 "banned_token_ids": np.zeros([0], np.int32),
+                 "bias_token_ids": np.zeros([0], np.int32),
+                 "bias_values": np.zeros([0], np.float32), "stop_strings": np.zeros([0], object)}
         feeds = {spec.inputs[name].name: value for name, value in feeds.items()}
         fetch = spec.outputs["token_ids"].name
         session.run(fetch, feeds)

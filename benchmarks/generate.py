@@ -134,7 +134,10 @@ def served_worker(spec):
     prompts = np.array([spec["prompt"].encode("utf-8")] * spec["batch_size"], object)
     feeds = {"prompts": prompts, "max_new_tokens": np.int32(NEW_TOKENS),
              "temperature": np.float32(0), "top_k": np.int32(0), "top_p": np.float32(1),
-             "seed": np.int64(0)}
+             "seed": np.int64(0), "repetition_penalty": np.float32(1),
+             "min_new_tokens": np.int32(0), "banned_token_ids": np.zeros([0], np.int32),
+             "bias_token_ids": np.zeros([0], np.int32), "bias_values": np.zeros([0], np.float32),
+             "stop_strings": np.zeros([0], object)}  # steering off
 
     def call():
         return int((run("generate", feeds)["token_ids"] >= 0).sum())

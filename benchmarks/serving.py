@@ -87,7 +87,8 @@ def post(url, body):
 def generate_request(prompt, new_tokens):
     body = {"signature_name": "generate", "inputs": {
         "prompts": [prompt], "max_new_tokens": new_tokens, "temperature": 0.0, "top_k": 200,
-        "top_p": 1.0, "seed": 0}}
+        "top_p": 1.0, "seed": 0, "repetition_penalty": 1.0, "min_new_tokens": 0,
+        "banned_token_ids": [], "bias_token_ids": [], "bias_values": [], "stop_strings": []}}
 
     def tokens(answer):
         return int((np.array(answer["outputs"]["token_ids"]) >= 0).sum())

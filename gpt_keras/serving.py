@@ -179,6 +179,8 @@ class _Signatures:
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
+        # Every token's bytes, for stop strings (constants of the graph).
+        self.token_bytes = decoding.token_byte_table(tokenizer, model.config.vocab_size)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompts")],
                  autograph=False)
@@ -188,11 +190,11 @@ class _Signatures:
             [], maxval=1 << 40, dtype=tf.int64
         )
         settings = DEFAULT_SAMPLING
-        new_ids = self._generate(
+        state = self._generate(
             prompts, tf.constant(settings["max_new_tokens"]), tf.constant(settings["temperature"]),
             tf.constant(settings["top_k"]), tf.constant(settings["top_p"]), seed,
         )
-        return {"completions": self._texts(new_ids)}
+        return {"completions": self._texts(state["out"])}
 
     @tf.function(input_signature=[
         tf.TensorSpec([None], tf.string, name="prompts"),
@@ -201,10 +203,23 @@ class _Signatures:
         tf.TensorSpec([], tf.int32, name="top_k"),
         tf.TensorSpec([], tf.float32, name="top_p"),
         tf.TensorSpec([], tf.int64, name="seed"),
+        tf.TensorSpec([], tf.float32, name="repetition_penalty"),
+        tf.TensorSpec([], tf.int32, name="min_new_tokens"),
+        tf.TensorSpec([None], tf.int32, name="banned_token_ids"),
+        tf.TensorSpec([None], tf.int32, name="bias_token_ids"),
+        tf.TensorSpec([None], tf.float32, name="bias_values"),
+        tf.TensorSpec([None], tf.string, name="stop_strings"),
     ], autograph=False)
-    def generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed):
-        new_ids = self._generate(prompts, max_new_tokens, temperature, top_k, top_p, seed)
-        return {"completions": self._texts(new_ids), "token_ids": new_ids}
+    def generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed,
+                 repetition_penalty, min_new_tokens, banned_token_ids, bias_token_ids,
+                 bias_values, stop_strings):
+        steering = dict(repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
+                        banned_token_ids=banned_token_ids, bias_token_ids=bias_token_ids,
+                        bias_values=bias_values, stop_strings=stop_strings)
+        state = self._generate(prompts, max_new_tokens, temperature, top_k, top_p, seed,
+                               **steering)
+        return {"completions": _cut_at_stop_strings(self._texts(state["out"]), stop_strings),
+                "token_ids": state["out"], "logprobs": state["logprobs"]}
 
     @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="token_ids")],
                  autograph=False)
@@ -245,13 +260,15 @@ class _Signatures:
     def detokenize(self, token_ids):
         return {"texts": self._texts(token_ids)}
 
-    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed):
-        """New ids `[B, max_new_tokens]` (padded with `PAD_ID`) after each prompt."""
+    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, **steering):
+        """The decoding core's final state after each prompt: `out` holds the new ids
+        `[B, max_new_tokens]` (padded with `PAD_ID`), `logprobs` theirs. `steering`: the
+        knobs of `generate` beyond sampling (defaults: off)."""
         vocab_size = self.model.config.vocab_size
         end_of_text = self.tokenizer.end_of_text_id
         stop_token_ids = tf.constant([end_of_text], tf.int32)
         checks = decoding.check_knobs_in_graph(
-            vocab_size, max_new_tokens, temperature, top_k, top_p, stop_token_ids
+            vocab_size, max_new_tokens, temperature, top_k, top_p, stop_token_ids, **steering
         ) + [
             decoding.check_in_graph(
                 max_new_tokens <= MAX_NEW_TOKENS,
@@ -269,18 +286,31 @@ class _Signatures:
                         constant_values=end_of_text)
         lengths = tf.maximum(tf.cast(ids.row_lengths(), tf.int32), 1)
         with tf.control_dependencies(checks):  # every later op runs after the checks
+            if "stop_strings" in steering:
+                steering["stop_strings"] = decoding.stop_string_bytes(steering["stop_strings"])
+                steering["token_bytes"] = self.token_bytes
             knobs = decoding.knobs_in_graph(
-                vocab_size, temperature, top_k, top_p, decoding.seed_pair(seed), stop_token_ids
+                vocab_size, temperature, top_k, top_p, decoding.seed_pair(seed), stop_token_ids,
+                **steering,
             )
-            state = decoding.generate_in_graph(
+            return decoding.generate_in_graph(
                 self.model, tf.identity(padded), lengths, max_new_tokens, knobs
             )
-        return state["out"]
 
     def _texts(self, token_ids):
         """Int ids `[B, N]` (negative ones skipped) → `[B]` valid UTF-8 strings."""
         texts = self.tokenizer.detokenize(tf.ragged.boolean_mask(token_ids, token_ids >= 0))
         return tf.strings.unicode_transcode(texts, "UTF-8", "UTF-8", errors="replace")
+
+
+def _cut_at_stop_strings(texts, stop_strings):
+    """Each text `[B]` cut just before the first occurrence of any non-empty `stop_strings`."""
+    stop_strings = tf.boolean_mask(stop_strings, tf.strings.length(stop_strings) > 0)
+    literal = tf.strings.regex_replace(stop_strings, r"[\\^$.|?*+()\[\]{}]", r"\\\0")
+    pattern = tf.strings.join(["(?s)(?:", tf.strings.reduce_join(literal, separator="|"), ").*"])
+    return tf.cond(tf.size(stop_strings) > 0,
+                   lambda: tf.strings.regex_replace(texts, pattern, "", replace_global=False),
+                   lambda: texts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,7 +516,10 @@ except ValueError as error:
     warmup = {"records": 0, "error": str(error)}
 prompts = np.array([p.encode("utf-8") for p in request["prompts"]], object)
 greedy = {"max_new_tokens": np.int32(request["max_new_tokens"]), "temperature": np.float32(0),
-          "top_k": np.int32(1), "top_p": np.float32(1), "seed": np.int64(0)}
+          "top_k": np.int32(1), "top_p": np.float32(1), "seed": np.int64(0),
+          "repetition_penalty": np.float32(1), "min_new_tokens": np.int32(0),
+          "banned_token_ids": np.zeros([0], np.int32), "bias_token_ids": np.zeros([0], np.int32),
+          "bias_values": np.zeros([0], np.float32), "stop_strings": np.zeros([0], object)}
 generated = run("generate", {"prompts": prompts, **greedy})
 tokenized = run("tokenize", {"prompts": prompts})["token_ids"]
 logits = run("logits", {"token_ids": np.array(request["token_ids"], np.int32)})["logits"]

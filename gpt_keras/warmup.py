@@ -33,9 +33,12 @@ PROMPT_TOKENS = 4
 # change: `warmup_requests` refuses an export whose signatures take other inputs.
 EXAMPLE_INPUTS = {
     "serving_default": lambda prompts, ids: {"prompts": prompts},
-    # Sampling with top-k and top-p on.
+    # Sampling with top-k, top-p and every steering knob on.
     "generate": lambda prompts, ids: {"prompts": prompts, "max_new_tokens": 4,
-                                      "temperature": 0.8, "top_k": 40, "top_p": 0.9, "seed": 0},
+                                      "temperature": 0.8, "top_k": 40, "top_p": 0.9, "seed": 0,
+                                      "repetition_penalty": 1.2, "min_new_tokens": 1,
+                                      "banned_token_ids": [0], "bias_token_ids": [1],
+                                      "bias_values": [0.5], "stop_strings": ["\n\n"]},
     "logits": lambda prompts, ids: {"token_ids": ids},
     "score": lambda prompts, ids: {"texts": prompts},
     "tokenize": lambda prompts, ids: {"prompts": prompts},

@@ -109,9 +109,17 @@ print(json.dumps({
 """
 
 
-def knobs(max_new_tokens, temperature=0.0, top_k=1, top_p=1.0, seed=0):
+def knobs(max_new_tokens, temperature=0.0, top_k=1, top_p=1.0, seed=0, repetition_penalty=1.0,
+          min_new_tokens=0, banned_token_ids=(), logit_bias=None, stop_strings=()):
+    logit_bias = logit_bias or {}
     return {"max_new_tokens": ("int32", max_new_tokens), "temperature": ("float32", temperature),
-            "top_k": ("int32", top_k), "top_p": ("float32", top_p), "seed": ("int64", seed)}
+            "top_k": ("int32", top_k), "top_p": ("float32", top_p), "seed": ("int64", seed),
+            "repetition_penalty": ("float32", repetition_penalty),
+            "min_new_tokens": ("int32", min_new_tokens),
+            "banned_token_ids": ("int32", list(banned_token_ids)),
+            "bias_token_ids": ("int32", list(logit_bias)),
+            "bias_values": ("float32", list(logit_bias.values())),
+            "stop_strings": ("string", list(stop_strings))}
 
 
 def strings(texts):
@@ -140,6 +148,9 @@ ERRORS = [  # (signature, inputs, the message TF Serving returns)
      "A text to score has 17 tokens, more than the context length 16"),
 ]
 SCORE_TEXTS = ["To be, or not", "", "ROMEO: I", "sixteen letters."]  # 16 tokens: a full context
+# Every steering knob at once (char ids: 1 " ", 2 "!", 7 ":", 43 "l"), sampled.
+STEERING = dict(repetition_penalty=1.3, min_new_tokens=12, banned_token_ids=[1, 43],
+                logit_bias={2: 1.5, 7: -0.5}, stop_strings=["th", "."], **SAMPLING)
 # name: (export index, signature, inputs), sent to the server-like process.
 REQUESTS = {
     "logits": (0, "logits", {"token_ids": ("int32", LOGITS_IDS[0])}),
@@ -149,6 +160,7 @@ REQUESTS = {
     "sampled_again": (0, "generate", {"prompts": strings(PROMPTS),
                                       **knobs(NEW_TOKENS, **SAMPLING)}),
     "no_new_tokens": (0, "generate", {"prompts": strings(PROMPTS[:2]), **knobs(0)}),
+    "steered": (0, "generate", {"prompts": strings(PROMPTS), **knobs(NEW_TOKENS, **STEERING)}),
     **{f"default_{i}": (0, "serving_default", {"prompts": strings(PROMPTS[:2])})
        for i in range(4)},
     "score": (0, "score", {"texts": strings(SCORE_TEXTS)}),
@@ -281,7 +293,27 @@ def test_sampling_equals_in_process_generation_for_a_seed(served, local):
 
 
 def test_zero_new_tokens(served):
-    assert served["results"]["no_new_tokens"] == {"completions": ["", ""], "token_ids": [[], []]}
+    assert served["results"]["no_new_tokens"] == {"completions": ["", ""], "token_ids": [[], []],
+                                                  "logprobs": [[], []]}
+
+
+def test_steering_knobs_equal_in_process_generation(served, local):
+    """Repetition penalty, min_new_tokens, banned ids, logit bias and stop strings in the
+    served graph: `TextGenerator`'s tokens, log-probabilities and text cut at the stop string."""
+    model, tokenizer = local
+    result = served["results"]["steered"]
+    with pytest.warns(UserWarning, match="keeping its last 16"):
+        expected = generation.TextGenerator(model, tokenizer).generate(
+            PROMPTS, NEW_TOKENS, return_logprobs=True, **STEERING)
+    assert result["completions"] == [completion.text for completion in expected]
+    assert unpadded(result["token_ids"]) == [completion.token_ids for completion in expected]
+    for row, completion in zip(result["logprobs"], expected):
+        np.testing.assert_allclose(row[: len(completion.logprobs)], completion.logprobs,
+                                   atol=1e-5)
+    cut = [c for c in expected if c.text != tokenizer.detokenize(
+        np.array(c.token_ids, np.int32)).numpy().decode()]
+    assert cut and all(len(c.token_ids) < NEW_TOKENS for c in cut)  # stopped at a stop string
+    assert not {1, 43} & {i for c in expected for i in c.token_ids}
 
 
 def test_grpc_client_example_builds_and_reads_generate_calls(served):
@@ -390,9 +422,16 @@ def test_layout_and_manifest(exported, char_run, local, served):
                    "temperature": {"dtype": "float32", "shape": []},
                    "top_k": {"dtype": "int32", "shape": []},
                    "top_p": {"dtype": "float32", "shape": []},
-                   "seed": {"dtype": "int64", "shape": []}},
+                   "seed": {"dtype": "int64", "shape": []},
+                   "repetition_penalty": {"dtype": "float32", "shape": []},
+                   "min_new_tokens": {"dtype": "int32", "shape": []},
+                   "banned_token_ids": {"dtype": "int32", "shape": [None]},
+                   "bias_token_ids": {"dtype": "int32", "shape": [None]},
+                   "bias_values": {"dtype": "float32", "shape": [None]},
+                   "stop_strings": {"dtype": "string", "shape": [None]}},
         "outputs": {"completions": {"dtype": "string", "shape": [None]},
-                    "token_ids": {"dtype": "int32", "shape": [None, None]}},
+                    "token_ids": {"dtype": "int32", "shape": [None, None]},
+                    "logprobs": {"dtype": "float32", "shape": [None, None]}},
     }
     assert manifest["signatures"]["logits"]["outputs"] == {
         "logits": {"dtype": "float32", "shape": [None, None, 60]}}
@@ -454,7 +493,7 @@ def test_warmup_records_cover_every_signature_batch_size_and_prompt_length(expor
         for name, value in inputs.items():
             assert tf.as_dtype(value.dtype).name == signature["inputs"][name]["dtype"]
             assert value.ndim == len(signature["inputs"][name]["shape"])
-        batched = next(value for value in inputs.values() if value.ndim)
+        batched = inputs[next(iter(signature["inputs"]))]  # prompts, texts or token_ids
         width = batched.shape[1] if batched.ndim == 2 else max(len(p) for p in batched)
         shapes.setdefault(request.model_spec.signature_name, set()).add((len(batched), width))
     assert set(shapes) == set(serving.SIGNATURES)
