@@ -5,6 +5,7 @@ where one of them has something to do (`training.epoch_steps`)."""
 import csv
 import io
 import math
+import os
 import sys
 import time
 
@@ -109,7 +110,8 @@ class RunState(keras.callbacks.Callback):
     history every `log_every` steps and at every validation and checkpoint (training loss: mean
     of the steps since the previous row); writes the step checkpoint every `checkpoint_every`
     steps and at the last step, and `best.ckpt.npz` when the validation loss improves; rewrites
-    `metrics.csv` and the loss plot after each checkpoint and validation; prints a text sample
+    `metrics.csv` and the loss plot after each checkpoint and validation (after a checkpoint,
+    `finish_checkpoint` does these and the pruning); prints a text sample
     every `sample_every` steps and at the last step. The history lives in the checkpoint, so a
     resumed run continues the same files.
 
@@ -182,13 +184,11 @@ class RunState(keras.callbacks.Callback):
             if checkpoint:
                 path = checkpoints.step_path(self.run.checkpoint_dir, step)
                 checkpoints.save(path, self.model, self.model.optimizer, state)
-                checkpoints.prune(self.run.checkpoint_dir, config.keep_checkpoints)
-            if improved:
-                checkpoints.save(
-                    f"{self.run.checkpoint_dir}/{checkpoints.BEST}",
-                    self.model, self.model.optimizer, state,
-                )
-        if self.is_chief and (checkpoint or validated):
+                finish_checkpoint(self.run, path, state)
+            else:  # the best validation so far, between checkpoints
+                checkpoints.save(os.path.join(self.run.checkpoint_dir, checkpoints.BEST),
+                                 self.model, self.model.optimizer, state)
+        if self.is_chief and validated and not checkpoint:
             write_metrics(self.run.metrics_path, self.history)
             plot_losses(self.run.plot_path, self.history)
         if validated:
@@ -205,6 +205,41 @@ class RunState(keras.callbacks.Callback):
             if self.is_chief:
                 with open(self.run.samples_path, "a", encoding="utf-8") as f:
                     f.write(f"--- step {step} ---\n{text}\n")
+
+
+def finish_checkpoint(run, path, state):
+    """Completes the run directory after the step checkpoint `path`, holding `state`, was
+    written: `best.ckpt.npz` becomes a copy of it if its step has the best validation loss of
+    the history and the best checkpoint is older (or missing, or damaged); the step checkpoints
+    are pruned to `keep_checkpoints`; `metrics.csv` and the loss plot are rewritten if they lack
+    its step. Idempotent: `training.train` calls it on the newest checkpoint at every start, so
+    a run killed anywhere in between is completed by the next start."""
+    step, history = state["step"], state["history"]
+    validated = [(row["val_loss"], row["step"]) for row in history if "val_loss" in row]
+    best_path = os.path.join(run.checkpoint_dir, checkpoints.BEST)
+    if validated and min(validated)[1] == step and _best_step(best_path) < step:
+        checkpoints.copy(path, best_path)
+    checkpoints.prune(run.checkpoint_dir, run.train_config.keep_checkpoints)
+    if _last_metrics_step(run.metrics_path) < step:
+        write_metrics(run.metrics_path, history)
+        plot_losses(run.plot_path, history)
+
+
+def _best_step(path):
+    """The step of the best checkpoint at `path`; -1 if it is missing or damaged."""
+    try:
+        return checkpoints.read_state(path)["step"] if os.path.isfile(path) else -1
+    except checkpoints.DamagedCheckpointError:
+        return -1
+
+
+def _last_metrics_step(path):
+    """The step of the last row of the metrics file `path`; -1 if it is missing or empty."""
+    if not os.path.isfile(path):
+        return -1
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return int(rows[-1]["step"]) if rows else -1
 
 
 def validation_metrics(val_loss, token_file):

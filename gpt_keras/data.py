@@ -18,6 +18,8 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
+from gpt_keras import checkpoints
+
 CHUNK_BYTES = 1 << 20  # text is read and tokenized in chunks of about this many bytes
 TOKENS_FILE = "tokens.bin"
 META_FILE = "tokens.json"
@@ -52,9 +54,10 @@ def resolve_text_files(paths):
 
 
 def read_text(path, chunk_bytes=CHUNK_BYTES):
-    """Yields the text of the UTF-8 file `path` in chunks, each ending at a line break where the
-    file has one (so no word is cut). An empty file or invalid UTF-8 raises `ValueError` with the file and the byte
-    offset: gpt_keras never guesses an encoding or silently replaces characters."""
+    """Yields the text of the UTF-8 file `path`, read `chunk_bytes` at a time, in chunks each
+    ending at a line break where the file has one (so no word is cut). An empty file or invalid
+    UTF-8 raises `ValueError` with the file and the byte offset of the first invalid byte:
+    gpt_keras never guesses an encoding or silently replaces characters."""
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path}: the file is empty. Remove it from --data.")
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -63,10 +66,10 @@ def read_text(path, chunk_bytes=CHUNK_BYTES):
     with open(path, "rb") as f:
         while True:
             data = f.read(chunk_bytes)
+            pending = len(decoder.getstate()[0])  # the start of a character cut by the read
             try:
                 text = carry + decoder.decode(data, final=not data)
-            except UnicodeDecodeError as error:
-                pending = len(decoder.getstate()[0]) if error.start == 0 else 0
+            except UnicodeDecodeError as error:  # `error.start` counts from the pending bytes
                 position = offset - pending + error.start
                 raise ValueError(
                     f"{path}: invalid UTF-8 at byte offset {position}. Convert the file to UTF-8 "
@@ -138,8 +141,10 @@ def prepare_tokens(train_files, tokenizer, directory, validation_files=None,
 
     Files are joined with the tokenizer's end-of-text token. Without `validation_files`, the last
     `validation_fraction` of the tokens is the validation split (nanoGPT: first 90% train; 1.0
-    makes everything validation text, for evaluation). Written
-    to a temporary directory and renamed into place, so an interrupted run leaves nothing behind.
+    makes everything validation text, for evaluation). Written to a temporary directory beside
+    `directory` (`checkpoints.temporary_prefix("tokens")`) and renamed into place; an interrupted
+    call removes it, and `training.train` removes one whose writer was killed. Memory does not
+    grow with the corpus.
     """
     if not 0.0 < validation_fraction <= 1.0:
         raise ValueError(
@@ -148,7 +153,7 @@ def prepare_tokens(train_files, tokenizer, directory, validation_files=None,
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(dir=parent, prefix=".tokens-")
+    temporary = tempfile.mkdtemp(dir=parent, prefix=checkpoints.temporary_prefix("tokens"))
     os.chmod(temporary, 0o755)
     try:
         end_of_text = np.array([tokenizer.end_of_text_id], dtype)
@@ -164,14 +169,14 @@ def prepare_tokens(train_files, tokenizer, directory, validation_files=None,
         total = sum(counts)
         num_train = counts[0] if validation_files else int(total * (1 - validation_fraction))
         tokens = np.memmap(os.path.join(temporary, TOKENS_FILE), dtype=dtype, mode="r")
-        validation_text = _decode(tokenizer, tokens[num_train:])
+        validation_chars, validation_bytes = _count_text(tokenizer, tokens[num_train:])
         token_file = TokenFile(
             directory=directory,
             dtype=dtype,
             num_train=num_train,
             num_validation=total - num_train,
-            validation_chars=len(validation_text),
-            validation_bytes=len(validation_text.encode("utf-8")),
+            validation_chars=validation_chars,
+            validation_bytes=validation_bytes,
             fingerprint=fingerprint(list(train_files) + list(validation_files or [])),
         )
         del tokens
@@ -189,19 +194,18 @@ def prepare_tokens(train_files, tokenizer, directory, validation_files=None,
     return token_file
 
 
-def _decode(tokenizer, ids, chunk=1 << 18):
-    """The text of token ids `[n]`, decoded a chunk at a time (end-of-text tokens dropped)."""
-    ids = np.asarray(ids)
-    ids = ids[ids != tokenizer.end_of_text_id].astype(np.int32)
-    parts = []
-    pending = b""
+def _count_text(tokenizer, ids, chunk=1 << 18):
+    """`(characters, UTF-8 bytes)` of the text of token ids `[n]` (e.g. a memory map; end-of-text
+    tokens dropped), decoded `chunk` ids at a time: memory is bounded by the chunk."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a byte token may end
+    characters = size = 0  # mid-character: the decoder holds it until the next chunk
     for start in range(0, len(ids), chunk):
-        pending += tokenizer.detokenize(ids[start : start + chunk]).numpy()
-        text = pending.decode("utf-8", errors="ignore")  # a byte token may end mid-character
-        keep = len(text.encode("utf-8"))
-        parts.append(text)
-        pending = pending[keep:]
-    return "".join(parts) + pending.decode("utf-8", errors="replace")
+        part = np.asarray(ids[start : start + chunk])
+        part = part[part != tokenizer.end_of_text_id].astype(np.int32)
+        text = decoder.decode(tokenizer.detokenize(part).numpy() if len(part) else b"")
+        characters, size = characters + len(text), size + len(text.encode("utf-8"))
+    text = decoder.decode(b"", final=True)
+    return characters + len(text), size + len(text.encode("utf-8"))
 
 
 def check_windows(token_file, context_length):
@@ -217,6 +221,19 @@ def _check_length(name, available, context_length):
             f"context_length + 1 = {context_length + 1}. Use more text, a smaller context "
             "(--context-length) or a different validation split."
         )
+
+
+def consecutive_windows(tokens, context_length, batch_size):
+    """Yields batches `(inputs, targets)`, int32 `[n, context_length]` with n ≤ `batch_size`, of
+    the `(len(tokens) - 1) // context_length` non-overlapping windows of `tokens` (e.g. a memory
+    map) in order, targets shifted by one token; reads one batch of tokens at a time, so memory
+    is bounded by the batch, not by `tokens`."""
+    count = (len(tokens) - 1) // context_length
+    for first in range(0, count, batch_size):
+        n = min(batch_size, count - first)
+        start = first * context_length
+        ids = np.asarray(tokens[start : start + n * context_length + 1], dtype=np.int32)
+        yield ids[:-1].reshape(n, context_length), ids[1:].reshape(n, context_length)
 
 
 def training_dataset(token_file, context_length, global_batch_size, seed, start_step, num_steps):

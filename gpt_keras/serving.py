@@ -49,7 +49,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,7 +57,7 @@ import numpy as np
 import tensorflow as tf
 
 import gpt_keras
-from gpt_keras import decoding, generation, scoring, warmup
+from gpt_keras import checkpoints, decoding, generation, scoring, warmup
 from gpt_keras.precision import weight_format
 
 SIGNATURES = ("serving_default", "generate", "logits", "score", "tokenize", "detokenize")
@@ -71,7 +70,8 @@ GOLDEN_PROMPTS = ("To be, or not", "")  # the export's check; "" = unconditional
 GOLDEN_NEW_TOKENS = 32
 LOGITS_TOLERANCE = 1e-5
 
-_TEMPORARY = re.compile(r"^\.tmp-export-(\d+)@(.+)-[a-z0-9_]+$")  # not digits: TF Serving skips it
+_TEMPORARY_KIND = "tmp-export"  # `checkpoints.temporary_prefix`: not digits, TF Serving skips it
+_REPLACED = re.compile(r"-replaced-(\d+)$")  # a version moved aside by `_install`
 
 
 def export_saved_model(run_dir, base_dir, version=None, force=False, weights="float32"):
@@ -111,10 +111,8 @@ def export_model(model, tokenizer, base_dir, version=None, force=False, source=N
             f"the model's vocabulary of {vocab_size}; export the tokenizer trained with it."
         )
     target = _version_directory(base_dir, version, force)
-    _remove_abandoned_temporaries(base_dir)
-    temporary = tempfile.mkdtemp(
-        dir=base_dir, prefix=f".tmp-export-{os.getpid()}@{socket.gethostname()}-"
-    )
+    temporary = tempfile.mkdtemp(dir=base_dir,
+                                 prefix=checkpoints.temporary_prefix(_TEMPORARY_KIND))
     try:
         root, signatures = _serving_module(model, tokenizer)
         warmup_requests = warmup.warmup_requests(
@@ -325,6 +323,7 @@ def _version_directory(base_dir, version, force):
         raise ValueError(f"{base_dir} holds a TFLite export; choose another --out for "
                          "SavedModel versions.")
     os.makedirs(base_dir, exist_ok=True)
+    _remove_abandoned_temporaries(base_dir)  # first: it may put a version back
     if version is None:
         return os.path.join(base_dir, str(max(_versions(base_dir), default=0) + 1))
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
@@ -345,32 +344,26 @@ def _versions(base_dir):
 
 
 def _remove_abandoned_temporaries(base_dir):
-    """Deletes the temporary directories of exports on this host whose process is gone (killed
-    before it could clean up)."""
-    host = socket.gethostname()
-    for name in os.listdir(base_dir):
-        match = _TEMPORARY.match(name)
-        if match and match.group(2) == host and not _running(int(match.group(1))):
-            shutil.rmtree(os.path.join(base_dir, name), ignore_errors=True)
-
-
-def _running(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+    """Cleans up after exports on this host whose process is gone (killed before it could clean
+    up, see `checkpoints.abandoned_temporaries`): a version that `_install` moved aside is put
+    back if its place is still empty, else deleted; other temporary directories are deleted."""
+    for path in checkpoints.abandoned_temporaries(base_dir, _TEMPORARY_KIND):
+        replaced = _REPLACED.search(path)
+        target = os.path.join(base_dir, replaced.group(1)) if replaced else None
+        if target and not os.path.exists(target):
+            os.rename(path, target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _install(temporary, target, force):
     """Renames the verified `temporary` to `target`. With `force`, an existing `target` is first
-    renamed out of the way (TF Serving misses the version only between the two renames) and
-    deleted after; it is put back if the second rename fails."""
+    renamed out of the way (TF Serving misses the version only between the two renames; if the
+    export is killed there, the next export puts it back) and deleted after; it is put back if
+    the second rename fails."""
     replaced = None
     if force and os.path.exists(target):
-        replaced = temporary + "-replaced"
+        replaced = f"{temporary}-replaced-{os.path.basename(target)}"
         os.rename(target, replaced)
     try:
         os.rename(temporary, target)

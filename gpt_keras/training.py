@@ -2,9 +2,11 @@
 directory that holds everything needed to resume, evaluate, generate and export."""
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -124,17 +126,16 @@ def read_run_config(directory):
 
 def load_model(directory):
     """The trained `GPT` of a run directory: `model.keras` if training finished, else the newest
-    checkpoint's weights."""
+    intact checkpoint's weights (see `checkpoints.load_newest`)."""
     settings = read_run_config(directory)
     model_path = os.path.join(directory, "model.keras")
     if os.path.isfile(model_path):
         return keras.saving.load_model(model_path, compile=False)
-    newest = checkpoints.latest(os.path.join(directory, "checkpoints"))
-    if newest is None:
-        raise ValueError(f"{directory} has no trained weights yet (no model.keras, no checkpoint).")
     model = GPT(**settings["model"])
     model.build()
-    checkpoints.load(newest, model)
+    newest, _ = checkpoints.load_newest(os.path.join(directory, "checkpoints"), model)
+    if newest is None:
+        raise ValueError(f"{directory} has no trained weights yet (no model.keras, no checkpoint).")
     return model
 
 
@@ -189,6 +190,23 @@ def load_source(path):
                      "checkpoint (config.json).")
 
 
+def _restores_random_states(function):
+    """Makes `function` leave Python's and NumPy's global random states as it found them (Keras
+    draws unseeded initializer seeds from Python's; `keras.utils.set_random_seed` sets both)."""
+
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        python_random, numpy_random = random.getstate(), np.random.get_state()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            random.setstate(python_random)
+            np.random.set_state(numpy_random)
+
+    return wrapped
+
+
+@_restores_random_states
 def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
           tokenizer_vocab_size=None, validation_paths=None, replicas=None, sample=None,
           verbose=True, init_from=None, callbacks=()):
@@ -205,6 +223,12 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
     `sample_every` steps and at the last one. `verbose` prints the corpus, a line per phase and
     a progress bar. `callbacks`: extra Keras callbacks for `fit` (one epoch ends at every step
     where something is logged, validated, sampled or saved), called before the run's own.
+
+    Global state: the dtype policy and the Python and NumPy random states are as before the
+    call; TensorFlow's and Keras' global seeds are left set to `train_config.seed` (as by
+    `keras.utils.set_random_seed`, which makes the initial weights reproducible). A start first
+    deletes the temporaries of killed writers and completes a run killed after its newest
+    checkpoint (`callbacks.finish_checkpoint`).
     """
     say = print if verbose else _silent
     strategy = distribute.make_strategy(replicas)  # splits the CPU: before TF runs any op
@@ -247,6 +271,7 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
     chief = distribute.is_chief(strategy)
     if chief:
         new_run = not os.path.exists(run_dir)
+        _remove_abandoned_temporaries(run)
         try:
             text_tokenizer = _prepare(run, tokenizer, tokenizer_vocab_size, train_files,
                                       validation_files, source_tokenizer, say)
@@ -265,6 +290,15 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
 
 def _silent(*args, **kwargs):
     pass
+
+
+def _remove_abandoned_temporaries(run):
+    """Deletes what killed writers left in the run directory (see
+    `checkpoints.abandoned_temporaries`): atomic writes' `.tmp-*` files (checkpoints, metrics,
+    `model.keras`) and `prepare_tokens`' `.tokens-*` directories."""
+    for directory, kind in [(run.directory, "tmp"), (run.checkpoint_dir, "tmp"),
+                            (run.directory, "tokens")]:
+        checkpoints.remove_abandoned_temporaries(directory, kind)
 
 
 def _check_same_settings(run_dir, requested, stored):
@@ -374,10 +408,10 @@ def _fit(run, strategy, tokenizer, sample, verbose, initial_weights=None, extra_
     if sample is None and config.sample_every:
         sample = text_sampler(tokenizer, config)
     chief = distribute.is_chief(strategy)
-    keras.config.set_dtype_policy(MIXED_PRECISION[config.mixed_precision])
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
-        model = distribute.TrainingGPT(**dataclasses.asdict(run.model_config))
+        model = distribute.TrainingGPT(**dataclasses.asdict(run.model_config),
+                                       dtype=MIXED_PRECISION[config.mixed_precision])
         model.build()
         if initial_weights is not None:  # fine-tuning; a checkpoint, if any, overrides below
             model.set_weights(initial_weights)
@@ -390,10 +424,9 @@ def _fit(run, strategy, tokenizer, sample, verbose, initial_weights=None, extra_
                       jit_compile=config.xla == "on")
         optimizer = model.optimizer  # a LossScaleOptimizer under mixed_float16
         optimizer.build(model.trainable_variables)
-    state = {}
-    newest = checkpoints.latest(run.checkpoint_dir)
-    if newest is not None:
-        state = checkpoints.load(newest, model, optimizer)
+    newest, state = checkpoints.load_newest(run.checkpoint_dir, model, optimizer)
+    if chief and newest is not None:
+        run_callbacks.finish_checkpoint(run, newest, state)  # a kill may have cut it short
     start_step = int(optimizer.iterations.numpy())
     distribute.check_same_on_workers(strategy, "newest checkpoint steps", start_step)
     trained = start_step < config.max_steps
@@ -458,20 +491,24 @@ def _fit(run, strategy, tokenizer, sample, verbose, initial_weights=None, extra_
         say(f"Saving the final weights to {run.model_path}...", flush=True)
         _save_inference_model(model, run.model_path)
     distribute.barrier(strategy)  # all workers finish together, after the chief's last write
-    keras.config.set_dtype_policy("float32")
     return run
 
 
 def _save_inference_model(model, path):
-    """Saves the weights in a fresh, uncompiled float32 `GPT` (no optimizer state) to `path`."""
-    keras.config.set_dtype_policy("float32")
-    clean = GPT(**dataclasses.asdict(model.config))
+    """Saves the weights in a fresh, uncompiled float32 `GPT` (no optimizer state) to `path`,
+    through a temporary file beside it (`checkpoints.temporary_prefix`)."""
+    clean = GPT(**dataclasses.asdict(model.config), dtype="float32")
     clean.build()
     clean.set_weights([keras.ops.convert_to_numpy(w) for w in model.weights])
-    directory = os.path.dirname(os.path.abspath(path))
-    temporary = os.path.join(directory, ".tmp-model.keras")
-    clean.save(temporary)
-    os.replace(temporary, path)
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                                         prefix=checkpoints.temporary_prefix(), suffix=".keras")
+    os.close(handle)
+    try:
+        clean.save(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 def evaluate(run_dir, data_paths=None, batch_size=32, progress=None):
@@ -502,20 +539,20 @@ def _validation_split(run_dir):
 
 
 def _score(model, token_file, tokens, batch_size, progress=None):
-    """`evaluate`'s metrics of `model` on the windows of `tokens` (bits per char/byte from the
-    character and byte counts of `token_file`'s validation split, which `tokens` must be)."""
+    """`evaluate`'s metrics of `model` on the windows of `tokens`, read a batch at a time (bits
+    per char/byte from the character and byte counts of `token_file`'s validation split, which
+    `tokens` must be)."""
     context = model.config.context_length
     count = (len(tokens) - 1) // context
     if count < 1:
         raise ValueError(f"The text has {len(tokens)} tokens, fewer than {context + 1}; "
                          "nothing to evaluate.")
-    starts = np.arange(count) * context
-    windows = tokens[starts[:, None] + np.arange(context + 1)].astype(np.int32)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
     total, batches = 0.0, -(-count // batch_size)
-    for index in range(batches):
-        batch = windows[index * batch_size : (index + 1) * batch_size]
-        total += float(loss_fn(batch[:, 1:], model(batch[:, :-1])))
+    for index, (inputs, targets) in enumerate(
+        data.consecutive_windows(tokens, context, batch_size)
+    ):
+        total += float(loss_fn(targets, model(inputs)))
         if progress is not None:
             progress(index + 1, batches)
     loss = total / (count * context)

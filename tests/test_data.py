@@ -1,4 +1,5 @@
 import os
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -27,6 +28,32 @@ def test_invalid_utf8_names_file_and_byte_offset(tmp_path):
     path = write(tmp_path / "latin1.txt", "caf\u00e9\n".encode("utf-8") + b"na\xefve\n", "wb")
     with pytest.raises(ValueError, match=r"latin1.txt: invalid UTF-8 at byte offset 8\. Convert"):
         list(data.read_text(path, chunk_bytes=3))
+
+
+def test_invalid_utf8_offset_is_exact_after_a_character_cut_by_the_read(tmp_path):
+    """"é" (2 bytes at offsets 2-3) is cut by the 3-byte reads; the invalid byte is at 5."""
+    path = write(tmp_path / "cut.txt", b"ab\xc3\xa9c\xff\n", "wb")
+    with pytest.raises(ValueError, match=r"cut.txt: invalid UTF-8 at byte offset 5\. Convert"):
+        list(data.read_text(path, chunk_bytes=3))
+
+
+def test_validation_text_is_counted_in_bounded_memory():
+    """Characters and bytes of a 4M-token split, a 2^16-id chunk at a time (the old code decoded
+    the whole split: ~30 MB for this one)."""
+    text = "héllo wörld 🙂\n"
+    tokenizer = CharTokenizer.train(text)
+    ids = np.resize(tokenizer.tokenize(text).numpy().astype(np.uint16), 4_000_000)
+    ids[::1000] = tokenizer.end_of_text_id  # dropped from the counts
+    kept = ids[ids != tokenizer.end_of_text_id].astype(np.int32)
+    expected = tokenizer.detokenize(kept).numpy().decode("utf-8")
+    tracemalloc.start()
+    try:
+        counts = data._count_text(tokenizer, ids, chunk=1 << 16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert counts == (len(expected), len(expected.encode("utf-8")))
+    assert peak < 16 * (1 << 16) * 4, peak  # a few int32 copies and the text of one chunk
 
 
 def test_resolve_text_files_expands_globs_and_directories(tmp_path):

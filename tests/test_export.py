@@ -15,9 +15,9 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -561,25 +561,46 @@ def test_batching_parameters_file_is_tf_servings_and_matches_the_warmup():
 # -- Versions, atomicity and errors -----------------------------------------------------------
 
 
+# `gpt-keras export RUN --out BASE` that says "saved" once the SavedModel is written and then
+# waits (on stdin) for the test to kill it.
+KILLED_EXPORT = """
+import sys
+from gpt_keras import serving
+from gpt_keras.cli import main
+
+op_types = serving.op_types
+
+def saved(export_dir):
+    print("saved", flush=True)
+    sys.stdin.read()
+    return op_types(export_dir)
+
+serving.op_types = saved
+main(["export", sys.argv[1], "--out", sys.argv[2]])
+"""
+
+
 def test_killed_export_leaves_no_version_and_rerun_with_force_replaces(char_run, exported,
                                                                        tmp_path):
     base = tmp_path / "models"
     shutil.copytree(exported[0], base / "3")
     (base / "3" / "marker").write_text("the version that --force replaces")
     process = subprocess.Popen(  # its own process group: the kill takes its children too
-        [sys.executable, "-m", "gpt_keras.cli", "export", char_run, "--out", str(base)],
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-c", KILLED_EXPORT, char_run, str(base)],
+        start_new_session=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True,
     )
     try:
-        deadline = time.monotonic() + 300
-        while not glob.glob(str(base / ".tmp-export-*" / "saved_model.pb")):
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
-        os.killpg(process.pid, signal.SIGKILL)  # while it writes or verifies, before the rename
+        # Reads the lines it prints until "saved" (the SavedModel is in its temporary) or exit.
+        assert "saved\n" in iter(process.stdout.readline, "")
+        assert glob.glob(str(base / ".tmp-export-*" / "saved_model.pb"))
+        os.killpg(process.pid, signal.SIGKILL)  # before the verification and the rename
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    process.stdin.close()
+    process.stdout.close()
     assert process.returncode == -signal.SIGKILL
     names = os.listdir(base)
     assert [name for name in names if name.isdigit()] == ["3"] and len(names) == 2
@@ -587,6 +608,22 @@ def test_killed_export_leaves_no_version_and_rerun_with_force_replaces(char_run,
     assert os.listdir(base) == ["3"]  # the killed export's directory was cleaned up
     assert not (base / "3" / "marker").exists()
     assert serving.read_manifest(str(base / "3"))["source"] == os.path.abspath(char_run)
+
+
+def test_a_version_moved_aside_by_a_killed_export_is_put_back(tmp_path):
+    """`export --force` killed between its two renames leaves version 3 under a temporary name:
+    the next export puts it back (and deletes what other killed exports left)."""
+    process = subprocess.Popen(["true"])
+    process.wait()  # a process that is gone
+    owner = f"{process.pid}@{socket.gethostname()}"
+    os.makedirs(tmp_path / f".tmp-export-{owner}-abcdefgh-replaced-3")
+    (tmp_path / f".tmp-export-{owner}-abcdefgh-replaced-3" / "marker").write_text("version 3")
+    os.makedirs(tmp_path / f".tmp-export-{owner}-ijklmnop")  # the new version, never installed
+    os.makedirs(tmp_path / "2")
+    os.makedirs(tmp_path / f".tmp-export-{owner}-qrstuvwx-replaced-2")  # after both renames
+    assert serving._version_directory(str(tmp_path), None, False) == str(tmp_path / "4")
+    assert sorted(os.listdir(tmp_path)) == ["2", "3"]
+    assert (tmp_path / "3" / "marker").read_text() == "version 3"
 
 
 def test_default_version_is_one_above_the_highest(tmp_path):

@@ -1,11 +1,16 @@
 import csv
+import dataclasses
+import glob
+import json
 import math
 import os
+import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
+import tracemalloc
 
 import keras
 import numpy as np
@@ -15,10 +20,12 @@ from gpt_keras import GPT, GPTConfig, checkpoints
 from gpt_keras.callbacks import RunState, StopOnNaN
 from gpt_keras.cli import main
 from gpt_keras.distribute import TrainingGPT
+from gpt_keras.data import TokenFile
 from gpt_keras.training import (
-    Run, TrainConfig, build_optimizer, decay_groups, evaluate, learning_rate_schedule,
+    Run, TrainConfig, _score, build_optimizer, decay_groups, evaluate, learning_rate_schedule,
     load_model, train,
 )
+from tests.conftest import SHAKESPEARE
 
 TINY_MODEL = GPTConfig.from_preset("tiny")  # context 16, 2 layers, 2 heads, 32 dims
 SMALL_MODEL_FLAGS = ["--context-length", "16", "--num-layers", "2", "--num-heads", "2",
@@ -55,7 +62,7 @@ def test_run_directory_holds_everything(corpus, tmp_path):
     model = load_model(run_dir)
     reference = GPT.from_config(model.get_config())
     reference.build()
-    state = checkpoints.load(checkpoints.latest(run.checkpoint_dir), reference)
+    _, state = checkpoints.load_newest(run.checkpoint_dir, reference)
     assert state["step"] == 40
     for a, b in zip(model.weights, reference.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
@@ -263,14 +270,15 @@ def test_killed_run_resumes_on_the_same_trajectory(corpus, tmp_path):
     whole, interrupted = str(tmp_path / "whole"), str(tmp_path / "interrupted")
     subprocess.run(_cli(whole, corpus), check=True, env=env, capture_output=True, timeout=600)
 
-    process = subprocess.Popen(_cli(interrupted, corpus), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    target = checkpoints.step_path(os.path.join(interrupted, "checkpoints"), 15)
-    deadline = time.time() + 300
-    while not os.path.exists(target) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    process = subprocess.Popen(_cli(interrupted, corpus), env={**env, "PYTHONUNBUFFERED": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    # The validation line of step 15, printed after its checkpoint is written.
+    for line in process.stdout:
+        if line.startswith("step 15: "):
+            break
     process.send_signal(signal.SIGKILL)
     process.wait()
+    process.stdout.close()
     steps = sorted(checkpoints.step_checkpoints(os.path.join(interrupted, "checkpoints")))
     assert 15 <= steps[-1] < 40, steps  # killed mid-run
     assert not os.path.exists(os.path.join(interrupted, "model.keras"))
@@ -493,3 +501,185 @@ def test_ctrl_c_prints_one_line_and_the_same_command_resumes(corpus, tmp_path, c
     assert "Resuming from the checkpoint of step 10; training to step 15." in out
     assert f"Saving the final weights to {run_dir}/model.keras..." in out
     assert [int(row["step"]) for row in read_metrics(run_dir)] == [5, 10, 15]
+
+
+# -- A run directory that stays consistent -----------------------------------------------------
+
+RUN_CONFIG = TrainConfig(batch_size=4, max_steps=10, decay_steps=10, checkpoint_every=5,
+                         eval_every=5, eval_batches=1, keep_checkpoints=1, sample_every=0,
+                         warmup_steps=2, learning_rate=1e-2)
+
+
+def _state(path):
+    with np.load(path) as saved:
+        return json.loads(saved["state"].tobytes().decode("utf-8"))
+
+
+def _dead_pid():
+    """The id of a process that has exited (and been reaped)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+@pytest.fixture(scope="module")
+def finished_run(corpus, tmp_path_factory):
+    """A finished 10-step run (checkpoints at steps 5 and 10, both kept); tests copy it."""
+    run_dir = str(tmp_path_factory.mktemp("finished") / "run")
+    train(run_dir, [corpus], TINY_MODEL, dataclasses.replace(RUN_CONFIG, keep_checkpoints=2),
+          verbose=False)
+    return run_dir
+
+
+def test_a_start_completes_a_run_killed_after_its_last_checkpoint(finished_run, corpus,
+                                                                   tmp_path):
+    """The files a kill right after writing the step-10 checkpoint leaves (before the pruning,
+    the best checkpoint and metrics.csv): the next start completes all three."""
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(finished_run, run_dir)
+    directory = os.path.join(run_dir, "checkpoints")
+    history = _state(checkpoints.step_path(directory, 10))["history"]
+    assert min((row["val_loss"], row["step"]) for row in history)[1] == 10  # step 10 is best
+    shutil.copy(checkpoints.step_path(directory, 5), os.path.join(directory, checkpoints.BEST))
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        lines = f.readlines()
+    _write(os.path.join(run_dir, "metrics.csv"), "".join(lines[:2]))  # the header and step 5
+
+    train(run_dir, [corpus], TINY_MODEL, RUN_CONFIG, verbose=False)
+    assert sorted(checkpoints.step_checkpoints(directory)) == [10]  # keep_checkpoints=1
+    best = _state(os.path.join(directory, checkpoints.BEST))
+    assert (best["step"], best["best_val_loss"]) == (10, history[-1]["val_loss"])
+    assert read_metrics(run_dir) == read_metrics(finished_run)
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(finished_run,
+                                                                          tmp_path):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(finished_run, run_dir)
+    os.unlink(os.path.join(run_dir, "model.keras"))
+    directory = os.path.join(run_dir, "checkpoints")
+    newest, older = checkpoints.step_path(directory, 10), checkpoints.step_path(directory, 5)
+    with open(newest, "r+b") as f:  # a disk that filled up while the file was written
+        f.truncate(os.path.getsize(newest) // 2)
+    expected = GPT(**vars(load_model(finished_run).config))
+    expected.build()
+    checkpoints.load(older, expected)
+    with pytest.warns(UserWarning, match=f"{newest} is damaged .*; skipping it, falling back"):
+        model = load_model(run_dir)
+    for a, b in zip(model.weights, expected.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+    with open(older, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=(
+            r"Every step checkpoint in .*/checkpoints is damaged \(truncated or corrupted\): "
+            r"step-00000010.ckpt.npz, step-00000005.ckpt.npz. Restore them from a backup, or "
+            r"delete them to train from the start.")):
+        load_model(run_dir)
+
+
+def test_a_start_removes_the_temporaries_of_killed_writers_only(finished_run, corpus,
+                                                                 tmp_path):
+    """A child process is killed while it writes a checkpoint, while `prepare_tokens` writes
+    into a temporary directory, and while `model.keras` is saved (nested, so that one kill
+    leaves all three); the next start removes what it left, not what live writers write."""
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(finished_run, run_dir)
+    child = f"""
+import os, signal
+from gpt_keras import GPT, GPTConfig, checkpoints, data, training
+run_dir = {run_dir!r}
+
+def save_and_die(self, path, *args, **kwargs):
+    with open(path, "wb") as f:
+        f.write(b"half a model")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+class Tokenizer:
+    vocab_size, end_of_text_id = 10, 0
+
+    def tokenize(self, text):
+        GPT.save = save_and_die
+        model = GPT(**vars(GPTConfig.from_preset("tiny")))
+        model.build()
+        training._save_inference_model(model, os.path.join(run_dir, "model.keras"))
+
+def write(f):
+    f.write(b"half a checkpoint")
+    f.flush()
+    data.prepare_tokens([{SHAKESPEARE!r}], Tokenizer(), os.path.join(run_dir, "data2"))
+
+checkpoints.atomic_write(os.path.join(run_dir, "checkpoints", "step-00000099.ckpt.npz"), write)
+"""
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-2000:]
+
+    def hidden():
+        return sorted(os.path.relpath(p, run_dir)
+                      for p in glob.glob(f"{run_dir}/.*") + glob.glob(f"{run_dir}/*/.*"))
+
+    assert len(hidden()) == 3, hidden()  # .tmp-*.keras, .tokens-*, checkpoints/.tmp-*
+    live = [f".tmp-{os.getpid()}@{socket.gethostname()}-abcdefgh",  # this process
+            f".tokens-{_dead_pid()}@another-host-abcdefgh",  # unknowable: kept
+            os.path.join("checkpoints", f".tmp-{os.getpid()}@{socket.gethostname()}-ijklmnop")]
+    for name in live:
+        _write(os.path.join(run_dir, name), "being written")
+    train(run_dir, [corpus], TINY_MODEL, RUN_CONFIG, verbose=False)
+    assert hidden() == sorted(live)
+
+
+def test_streamed_evaluation_memory_does_not_grow_with_the_split(tmp_path):
+    """`evaluate` scores a 2M-token validation split holding one batch of windows at a time
+    (the old code built every window at once: 8 bytes of indices and 4 of ids per token)."""
+    context, batch_size, num_tokens = 64, 256, 2_000_000
+    directory = str(tmp_path / "data")
+    os.makedirs(directory)
+    ids = np.random.default_rng(0).integers(0, 2, num_tokens, dtype=np.uint16)
+    ids.tofile(os.path.join(directory, "tokens.bin"))
+    token_file = TokenFile(directory, "uint16", 0, num_tokens, num_tokens, num_tokens, "")
+
+    class UniformModel:  # what `_score` calls: uniform logits over 2 ids
+        config = GPTConfig(vocab_size=2, context_length=context)
+
+        def __call__(self, inputs):
+            return np.zeros(inputs.shape + (2,), np.float32)
+
+    del ids
+    tracemalloc.start()
+    try:
+        result = _score(UniformModel(), token_file, token_file.tokens(), batch_size)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    count = (num_tokens - 1) // context
+    assert result["tokens"] == count * context
+    # Each batch's loss is a float32 sum of batch_size * context terms.
+    assert result["val_loss"] == pytest.approx(
+        math.log(2), rel=batch_size * context * float(np.finfo(np.float32).eps))
+    # One batch: int32 ids (inputs and targets) and float32 logits, a few copies of each (all
+    # windows at once: 12 bytes per token, 24 MB).
+    assert peak < 8 * batch_size * context * (2 * 4 + 2 * 4), peak
+
+
+def test_train_restores_the_dtype_policy_and_random_states(corpus, tmp_path):
+    """The global dtype policy and Python's and NumPy's random states are as before `train`,
+    which trains in its configured precision whatever the global policy."""
+
+    class Policy(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.name = self.model.dtype_policy.name
+            self.optimizer = type(self.model.optimizer).__name__
+
+    policy = Policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    random.seed(5)
+    np.random.seed(5)
+    expected = (random.random(), np.random.random())
+    random.seed(5)
+    np.random.seed(5)
+    config = dataclasses.replace(RUN_CONFIG, max_steps=1, mixed_precision="float16")
+    train(str(tmp_path / "run"), [corpus], TINY_MODEL, config, verbose=False, callbacks=[policy])
+    assert (policy.name, policy.optimizer) == ("mixed_float16", "LossScaleOptimizer")
+    assert keras.config.dtype_policy().name == "mixed_bfloat16"
+    assert (random.random(), np.random.random()) == expected
