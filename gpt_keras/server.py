@@ -623,6 +623,7 @@ def make_app(base_dir, model_name=None, *, poll_seconds=2.0, num_versions=1, lim
     if batching_parameters_file and not enable_batching:
         raise ValueError("A batching parameters file is read only with batching enabled "
                          "(--enable-batching).")
+    _reserve_inter_op_threads(workers + 2)  # the workers, loading versions, and one spare
     batcher = None
     if enable_batching:
         batcher = Batcher(read_batching_parameters(batching_parameters_file)
@@ -721,6 +722,18 @@ def make_app(base_dir, model_name=None, *, poll_seconds=2.0, num_versions=1, lim
     return app
 
 
+def _reserve_inter_op_threads(count):
+    """Gives TensorFlow `count` inter-op threads (default: one per core) if it has not started.
+    A graph's loop holds one while it runs: with fewer threads than running predictions, long
+    ones hold them all and a short one waits until they end."""
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(count)
+    except RuntimeError:  # TensorFlow already runs in this process (e.g. a BackgroundServer)
+        _LOG.warning("TensorFlow has started already, so its inter-op threads stay as they are; "
+                     "set TF_NUM_INTEROP_THREADS=%d before it starts, or a short request can "
+                     "wait behind long ones.", count)
+
+
 def _version(text):
     """A version number from a URL (None if absent); like TF Serving's, an int64."""
     if text is None:
@@ -811,24 +824,34 @@ async def _run_app(app, host, port, started, stop):
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            keepalive_timeout=limits.idle_timeout)
     await runner.setup()
-    handlers = runner.server
-    refusing = False
+    handlers, loop = runner.server, asyncio.get_running_loop()
+    # asyncio accepts a burst of connections, then sets each up: `starting` counts those not yet
+    # in `handlers.connections`, so that the count is exact within a burst too.
+    starting, refusing = 0, False
+
+    def registered():
+        nonlocal starting
+        starting -= 1
 
     def protocol():
-        nonlocal refusing
-        if len(handlers.connections) < limits.max_connections:
-            refusing = False
-            return handlers()
-        if not refusing:  # one log line per episode, not one per refused connection
+        nonlocal refusing, starting
+        over = len(handlers.connections) + starting >= limits.max_connections
+        if over and not refusing:  # one log line per episode, not one per refused connection
             _LOG.warning("Refusing connections: %d open (--max-connections).",
                          limits.max_connections)
-            refusing = True
-        return _Refusal()
+        refusing = over
+        if over:
+            return _Refusal()
+        starting += 1
+        loop.call_soon(registered)  # asyncio queues the handler's connection_made right after
+        return handlers()
 
     listener = None
     try:
         try:
-            listener = await asyncio.get_running_loop().create_server(protocol, host, port)
+            # A large backlog: a burst of connections waits in the kernel (holding no file of
+            # this process) instead of being dropped and retried a second later.
+            listener = await loop.create_server(protocol, host, port, backlog=1024)
         except OSError as error:
             raise ValueError(f"Cannot listen on {host}:{port} ({error.strerror or error}); "
                              "choose another port or host.") from None
