@@ -9,9 +9,9 @@ TF Serving's default policy it serves the highest version, polls the directory f
 loads a new version and replays its warm-up records (`assets.extra/tf_serving_warmup_requests`;
 a version whose warm-up fails is not served) before switching to it, and then unloads the old
 one; a version that fails to load is tried again once its files change (a copy still in
-progress). `--enable-batching` merges concurrent requests into batched calls with TF Serving's rules
-and parameters file (`gpt_keras.batching`); warm-up requests go through the batching too, as in
-TF Serving. Endpoints, JSON formats and error bodies follow TF Serving's REST API
+progress). `--enable-batching` merges concurrent requests into batched calls with TF Serving's
+rules and parameters file (`gpt_keras.batching`); warm-up requests go through the batching too,
+as in TF Serving. Endpoints, JSON formats and error bodies follow TF Serving's REST API
 (https://www.tensorflow.org/tfx/serving/api_rest):
 
     GET  /v1/models/NAME[/versions/N]             model status
@@ -346,8 +346,9 @@ def _check_limits(limits, function, tensors):
     rows = max((value.shape[0] for value in tensors.values() if value.shape.rank), default=1)
     positions = max((value.shape[1] for value in tensors.values()
                      if value.dtype.is_integer and value.shape.rank == 2), default=0)
-    new_tokens = (int(np.max(tensors["max_new_tokens"].numpy(), initial=0))
-                  if "max_new_tokens" in tensors else 0)
+    knob = tensors.get("max_new_tokens")
+    new_tokens = (int(np.max(knob.numpy(), initial=0))
+                  if knob is not None and knob.dtype.is_integer else 0)
     tokens = rows * (positions + new_tokens)
     for limit, value, what in (
         ("max_rows", rows, "rows"),
