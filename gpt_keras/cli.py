@@ -378,11 +378,13 @@ def _dimension(size):
 
 def _serve(args):
     _import_tensorflow_quietly()
-    from gpt_keras.server import serve
+    from gpt_keras.server import Limits, serve
 
+    limits = Limits(**{field.name: getattr(args, field.name)
+                       for field in dataclasses.fields(Limits)})
     serve(args.base_dir, host=args.host, port=args.port, quiet=args.quiet,
           model_name=args.model_name, poll_seconds=args.poll_seconds,
-          num_versions=args.num_versions, max_request_bytes=args.max_request_bytes,
+          num_versions=args.num_versions, limits=limits,
           workers=args.workers, enable_batching=args.enable_batching,
           batching_parameters_file=args.batching_parameters_file)
 
@@ -398,8 +400,23 @@ def _add_serve_arguments(parser):
                         help="seconds between checks for new versions (default 2; 0: never)")
     parser.add_argument("--num-versions", type=int, default=1,
                         help="how many of the highest versions to keep loaded (default 1)")
+    # The bounds of gpt_keras.server.Limits (defaults equal, as tests/test_server.py checks).
     parser.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024,
                         help="larger request bodies get HTTP 413 (default 4 MiB)")
+    parser.add_argument("--max-rows", type=int, default=64, help="rows per request (default 64)")
+    parser.add_argument("--max-new-tokens", type=int, default=1024,
+                        help="value of a `max_new_tokens` input (default 1024)")
+    parser.add_argument("--max-tokens", type=int, default=16384,
+                        help="rows × (positions + new tokens) per request (default 16384)")
+    parser.add_argument("--max-response-bytes", type=int, default=64 * 1024 * 1024,
+                        help="answer size, bounded before running (default 64 MiB)")
+    parser.add_argument("--idle-timeout", type=float, default=30.0,
+                        help="seconds a connection may wait without a complete request head "
+                             "(idle keep-alive, slow headers; default 30)")
+    parser.add_argument("--read-timeout", type=float, default=30.0,
+                        help="seconds to receive a request body, else HTTP 408 (default 30)")
+    parser.add_argument("--max-connections", type=int, default=256,
+                        help="open connections; more get HTTP 503 (default 256)")
     parser.add_argument("--workers", type=int, default=8,
                         help="threads running predictions concurrently (default 8)")
     parser.add_argument("--quiet", action="store_true", help="no log line per request")

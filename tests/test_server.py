@@ -3,13 +3,19 @@
 
 import base64
 import concurrent.futures
+import contextlib
+import dataclasses
+import http.client
 import json
 import logging
 import os
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +25,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
-from gpt_keras.server import VERSIONS, BackgroundServer, make_app
+from gpt_keras.server import VERSIONS, BackgroundServer, Limits, make_app
 from gpt_keras.warmup import write_warmup_requests
 
 VOCAB = 5  # rows of the toy `logits` table: ids >= 5 are out of range
@@ -69,12 +75,14 @@ class _Toy(tf.Module):
         return {"head": head, "head_bytes": head}
 
 
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string, name="path")])
-    def wait_for(self, path):
-        """Writes `path`.started, then polls until a file `path` exists: a prediction that lasts
-        as long as a test wants."""
-        with tf.control_dependencies([tf.io.write_file(path + ".started", "")]):
-            polls = tf.while_loop(lambda n: tf.equal(tf.size(tf.io.matching_files(path)), 0),
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string, name="started"),
+                                  tf.TensorSpec([], tf.string, name="release")])
+    def hold(self, started, release):
+        """Writes to `started` (a FIFO from `fifos`: the test's event that the call runs), then
+        polls until a file `release` exists: a prediction as long as a test wants. (It keeps one
+        of TensorFlow's inter-op threads busy: on 2 cores, hold one at a time.)"""
+        with tf.control_dependencies([tf.io.write_file(started, "")]):
+            polls = tf.while_loop(lambda n: tf.equal(tf.size(tf.io.matching_files(release)), 0),
                                   lambda n: n + 1, [0])[0]
         return {"polls": polls}
 
@@ -83,7 +91,7 @@ def _save_toy(path, suffix):
     toy = _Toy(suffix)
     signatures = {name: getattr(toy, name)
                   for name in ("serving_default", "generate", "logits", "rows", "first_byte",
-                               "wait_for")}
+                               "hold")}
     tf.saved_model.save(toy, str(path), signatures=signatures)
 
 
@@ -96,11 +104,16 @@ def toy_versions(tmp_path_factory):
     return root
 
 
+# Small bounds the error cases reach with small requests (`Limits` is the server's contract).
+LIMITS = Limits(max_request_bytes=64 * 1024, max_rows=4, max_new_tokens=8, max_tokens=32,
+                max_response_bytes=2000)
+
+
 @pytest.fixture(scope="module")
 def server(toy_versions, tmp_path_factory):
     base = tmp_path_factory.mktemp("models") / "toy"
     shutil.copytree(toy_versions / "1", base / "1")
-    with BackgroundServer(str(base), poll_seconds=0, max_request_bytes=64 * 1024) as running:
+    with BackgroundServer(str(base), poll_seconds=0, limits=LIMITS) as running:
         yield running
 
 
@@ -124,11 +137,59 @@ def predict(server, body, path="/v1/models/toy"):
     return call(server.url + path + ":predict", body)
 
 
-def wait_until(condition, seconds=20):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+@pytest.fixture
+def fifos(tmp_path):
+    """`fifos(n)`: n FIFO paths for the toy's `hold` to write to when it starts, and their read
+    ends for `started` (open before the call: a writer blocks until a reader has opened)."""
+    opened = []
+
+    def make(count):
+        paths = [str(tmp_path / f"started-{len(opened) + i}") for i in range(count)]
+        for path in paths:
+            os.mkfifo(path)
+            opened.append(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+        return paths, opened[-count:]
+
+    yield make
+    for fd in opened:
+        os.close(fd)
+
+
+def started(fds, count, seconds=60):
+    """Waits (at most `seconds`) until `count` of the FIFOs `fds` have been written to; returns
+    how many have. A FIFO's write end closing wakes `poll`: an event, not a sleep."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN | select.POLLHUP)
+    done, deadline = 0, time.monotonic() + seconds
+    while done < count:
+        remaining = deadline - time.monotonic()
+        for fd, _ in poller.poll(max(remaining, 0) * 1000):
+            poller.unregister(fd)
+            done += 1
+        if remaining <= 0:
+            break
+    return done
+
+
+@contextlib.contextmanager
+def logged(fragment):
+    """An event set when `gpt_keras.server` logs a message containing `fragment`."""
+    event, logger = threading.Event(), logging.getLogger("gpt_keras.server")
+
+    class Handler(logging.Handler):
+        def emit(self, record):
+            if fragment in record.getMessage():
+                event.set()
+
+    handler, level = Handler(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield event
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def assert_serving(server):
@@ -240,19 +301,114 @@ def test_fifty_concurrent_requests_all_answered_correctly(server):
         assert body == expected
 
 
-def test_a_slow_prediction_does_not_hold_up_other_requests(server, tmp_path):
-    flag = tmp_path / "flag"
+def test_a_slow_prediction_does_not_hold_up_other_requests(server, tmp_path, fifos):
+    release = tmp_path / "release"
+    (path,), fds = fifos(1)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(predict, server, {"signature_name": "wait_for",
-                                                "inputs": str(flag)})
+        pending = pool.submit(predict, server, {"signature_name": "hold", "inputs": {
+            "started": path, "release": str(release)}})
         try:
-            wait_until(lambda: os.path.exists(f"{flag}.started"))  # the prediction is running
+            assert started(fds, 1)  # the prediction is running
             assert call(server.url + "/v1/models/toy")[0] == 200
             assert_serving(server)
-            assert not pending.done()  # it cannot finish before the flag exists
+            assert not pending.done()  # it cannot finish before `release` exists
         finally:
-            flag.touch()
+            release.touch()
         assert pending.result(timeout=60)[0] == 200
+
+
+def test_a_short_request_is_not_held_up_by_long_ones(toy_versions, tmp_path, monkeypatch):
+    """Three 3-row requests held running (on a Python event), on 3 workers: two run, the third
+    waits, and the thread kept for cheaper requests answers a 1-row request meanwhile."""
+    shutil.copytree(toy_versions / "1", tmp_path / "toy" / "1")
+    release, condition, holding = threading.Event(), threading.Condition(), []
+    with BackgroundServer(str(tmp_path / "toy"), poll_seconds=0, workers=3) as running, \
+            concurrent.futures.ThreadPoolExecutor(4) as pool:
+        servable = running.app[VERSIONS].loaded[1]
+        prepare = servable.prepare
+
+        def held_if_long(body, limits):
+            cost, answer = prepare(body, limits)
+            if b"long" not in body:
+                return cost, answer
+
+            def held():
+                with condition:
+                    holding.append(cost)
+                    condition.notify_all()
+                assert release.wait(60)
+                return answer()
+
+            return cost, held
+
+        monkeypatch.setattr(servable, "prepare", held_if_long)
+        longs = [pool.submit(predict, running, {"instances": ["long"] * 3}) for _ in range(3)]
+        try:
+            with condition:
+                assert condition.wait_for(lambda: len(holding) == 2, timeout=60)
+            short = pool.submit(predict, running, {"instances": ["short"]})
+            assert short.result(timeout=60) == (200, {"predictions": ["short!v1"]})
+            assert holding == [3, 3] and not any(future.done() for future in longs)
+        finally:
+            release.set()
+        assert [future.result(timeout=60) for future in longs] == [
+            (200, {"predictions": ["long!v1"] * 3})] * 3
+
+
+def raw_request(server, data):
+    """Sends `data` on a new connection to `server` and returns the socket."""
+    connection = socket.create_connection((server.host, server.port), timeout=60)
+    connection.sendall(data)
+    return connection
+
+
+def test_slow_or_idle_connections_are_closed_and_a_lost_client_is_one_log_line(
+        toy_versions, tmp_path, caplog):
+    """Headers that never end are closed after `idle_timeout`, a body that never ends gets 408
+    after `read_timeout`, and a client that leaves mid-body is one short log line."""
+    shutil.copytree(toy_versions / "1", tmp_path / "toy" / "1")
+    limits = Limits(idle_timeout=0.5, read_timeout=0.5)
+    head = b"POST /v1/models/toy:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+    with BackgroundServer(str(tmp_path / "toy"), poll_seconds=0, limits=limits) as running, \
+            caplog.at_level(logging.INFO, logger="gpt_keras.server"):
+        slow_head = raw_request(running, head)
+        slow_body = raw_request(running, head + b"\r\n{")
+        assert slow_head.recv(1000) == b""  # closed, nothing answered
+        answer = slow_body.recv(1000)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"--read-timeout" in answer
+        with logged(" 499 ") as lost:
+            raw_request(running, head + b"\r\n{").close()
+            assert lost.wait(60)
+        assert_serving(running)
+        slow_head.close()
+        slow_body.close()
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    [lost_line] = [r.getMessage() for r in caplog.records if " 499 " in r.getMessage()]
+    assert lost_line.startswith("POST /v1/models/toy:predict 499 ")
+
+
+def test_connections_beyond_the_limit_get_503_and_idle_ones_are_closed(toy_versions, tmp_path,
+                                                                       caplog):
+    shutil.copytree(toy_versions / "1", tmp_path / "toy" / "1")
+    limits = Limits(idle_timeout=0.5, max_connections=2)
+    with BackgroundServer(str(tmp_path / "toy"), poll_seconds=0, limits=limits) as running, \
+            caplog.at_level(logging.INFO, logger="gpt_keras.server"):
+        kept = [http.client.HTTPConnection(running.host, running.port, timeout=60)
+                for _ in range(2)]
+        for connection in kept:  # answered, so open on the server; then idle (keep-alive)
+            connection.request("GET", "/v1/models/toy")
+            assert connection.getresponse().read()
+        refused = raw_request(running, b"")
+        answer = refused.makefile("rb").read()  # until the server closes it
+        assert answer.startswith(b"HTTP/1.1 503 ") and answer.endswith(
+            b'{"error": "Too many open connections; try again later, or start the server with a '
+            b'higher --max-connections."}')
+        for connection in kept:
+            assert connection.sock.recv(1) == b""  # closed by the server once idle
+            connection.close()
+        refused.close()
+    assert [r.getMessage() for r in caplog.records if "Refusing" in r.getMessage()] == [
+        "Refusing connections: 2 open (--max-connections)."]
 
 
 def test_one_log_line_per_request(server, caplog):
@@ -327,6 +483,37 @@ ERRORS = {
     "outside /v1": ("/index.html", None, 404, "Not found: /index.html"),
     "body over the size limit": (PREDICT, json.dumps(
         {"instances": ["x" * 100_000]}).encode(), 413, "Maximum request body size 65536"),
+    # Bounded work: each refusal names its limit's flag (LIMITS: 4 rows, 8 new tokens, 32
+    # tokens, a 2000-byte answer; a toy `logits` element is 25 bytes at most, 3 per position).
+    "too many rows": (PREDICT, {"instances": ["a"] * 5}, 400,
+                      "asks for 5 rows, over this server's limit of 4; send a smaller request, "
+                      "or start the server with a higher --max-rows"),
+    "too many new tokens": (PREDICT, {"signature_name": "generate", "inputs": dict(
+        GENERATE, max_new_tokens=9)}, 400, "9 new tokens per row, over this server's limit of 8;"
+                                           " send a smaller request, or start the server with a "
+                                           "higher --max-new-tokens"),
+    "too many tokens": (PREDICT, {"signature_name": "logits", "instances": [[0] * 11] * 3}, 400,
+                        "33 tokens (rows × (positions + new tokens)), over this server's limit "
+                        "of 32"),
+    "answer too large": (PREDICT, {"signature_name": "logits", "instances": [[0] * 14] * 2}, 400,
+                         f"asks for {2 * 14 * 3 * 25} bytes of answer, over this server's limit "
+                         "of 2000; send a smaller request, or start the server with a higher "
+                         "--max-response-bytes"),
+    # Malformed values: 400 from the parser, never 500.
+    "401-digit integer for a float": (PREDICT, {"signature_name": "generate", "inputs": dict(
+        GENERATE, temperature=10 ** 400)}, 400, "does not fit in float32"),
+    "401-digit integer for an int64": (PREDICT, {"signature_name": "generate", "inputs": dict(
+        GENERATE, seed=-10 ** 400)}, 400, "is out of range for int64"),
+    "lone surrogate": (PREDICT, b'{"instances": ["ok\\ud800"]}', 400,
+                       "character 2 of a string is a lone surrogate ('\\ud800')"),
+    "5000-digit version": (f"/v1/models/toy/versions/{'9' * 5000}:predict", {"instances": ["a"]},
+                           400, "is not a valid version number (an int64)"),
+    "int64 overflow in a status version": (f"/v1/models/toy/versions/{2 ** 63}", None, 400,
+                                           "is not a valid version number"),
+    "nested garbage": (PREDICT, {"instances": [{"prompts": {"x": [1, {"y": None}]}}]}, 400,
+                       "expected a string or {\"b64\": ...} (string), got {\"x\": [1, {\"y\""),
+    "object for int ids": (PREDICT, {"signature_name": "logits", "inputs": [[{"b64": "AA=="}]]},
+                           400, "expected an integer (int32), got {\"b64\": \"AA==\"}"),
 }
 
 
@@ -338,6 +525,19 @@ def test_errors_are_json_and_the_server_keeps_serving(server, case):
     assert list(answer) == ["error"]
     assert fragment in answer["error"]
     assert_serving(server)
+
+
+def test_an_unexpected_server_error_is_a_500_with_json_and_a_logged_traceback(
+        server, monkeypatch, caplog):
+    def bug(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server.app[VERSIONS].loaded[1], "prepare", bug)
+    with caplog.at_level(logging.INFO, logger="gpt_keras.server"):
+        assert predict(server, {"instances": ["a"]}) == (
+            500, {"error": "Internal error: RuntimeError('a bug')"})
+    [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert error.exc_info[0] is RuntimeError
 
 
 def test_request_just_under_the_size_limit_is_served(server):
@@ -352,15 +552,17 @@ def test_new_versions_are_picked_up_and_old_ones_unloaded(toy_versions, tmp_path
     base = tmp_path / "toy"
     shutil.copytree(toy_versions / "1", base / "1")
     with BackgroundServer(str(base), poll_seconds=0.1) as running:
-        latest = running.url + "/v1/models/toy"
+        latest, versions = running.url + "/v1/models/toy", running.app[VERSIONS]
         assert predict(running, {"instances": ["a"]}) == (200, {"predictions": ["a!v1"]})
         # A half-written export (temporary name) is ignored...
         shutil.copytree(toy_versions / "2", base / ".tmp-2")
-        time.sleep(0.5)
+        versions.refresh()
         assert [s["version"] for s in call(latest)[1]["model_version_status"]] == ["1"]
-        # ...until it is renamed into place.
-        os.rename(base / ".tmp-2", base / "2")
-        wait_until(lambda: call(latest)[1]["model_version_status"][0]["version"] == "2")
+        # ...until it is renamed into place, when the poll loads it.
+        with logged("Loaded version 2") as loaded:
+            os.rename(base / ".tmp-2", base / "2")
+            assert loaded.wait(60)
+        versions.refresh()  # waits for the poll's refresh to finish switching (one lock)
         assert call(latest)[1]["model_version_status"] == [
             {"version": "2", "state": "AVAILABLE", "status": {"error_code": "OK",
                                                                "error_message": ""}},
@@ -371,11 +573,34 @@ def test_new_versions_are_picked_up_and_old_ones_unloaded(toy_versions, tmp_path
             "predictions": ["a!v2"]}
         assert predict(running, {"instances": ["a"]}, "/v1/models/toy/versions/1")[0] == 404
         # A version that fails to load is reported and leaves version 2 serving.
-        (base / "3").mkdir()
-        wait_until(lambda: call(latest + "/versions/3")[0] == 200)
+        with logged("Failed to load version 3") as failed:
+            (base / "3").mkdir()
+            assert failed.wait(60)
+        versions.refresh()
         status = call(latest + "/versions/3")[1]["model_version_status"][0]
         assert status["state"] == "END" and status["status"]["error_code"] == "UNKNOWN"
         assert "Failed to load" in status["status"]["error_message"]
+        assert predict(running, {"instances": ["a"]}) == (200, {"predictions": ["a!v2"]})
+
+
+def test_a_version_that_failed_to_load_is_retried_once_its_files_change(toy_versions, tmp_path,
+                                                                        caplog):
+    """Version 2 seen half-copied (no variables yet) fails to load; it is not tried again while
+    its files stay the same, and is loaded and served once the copy completes."""
+    base = tmp_path / "toy"
+    shutil.copytree(toy_versions / "1", base / "1")
+    with BackgroundServer(str(base), poll_seconds=0) as running:
+        versions = running.app[VERSIONS]
+        (base / "2").mkdir()
+        shutil.copy2(toy_versions / "2" / "saved_model.pb", base / "2")
+        with caplog.at_level(logging.INFO, logger="gpt_keras.server"):
+            versions.refresh()
+            versions.refresh()
+        assert versions.states[2][0] == "END" and "Failed to load" in versions.states[2][1]
+        assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1  # one try
+        shutil.copytree(toy_versions / "2", base / "2", dirs_exist_ok=True)
+        versions.refresh()
+        assert versions.states[2] == ("AVAILABLE", "")
         assert predict(running, {"instances": ["a"]}) == (200, {"predictions": ["a!v2"]})
 
 
@@ -393,19 +618,21 @@ def copy_with_warmup(source, target, requests):
     write_warmup_requests(protos, str(target / "assets.extra"))
 
 
-def test_warmup_records_are_replayed_before_a_version_is_served(toy_versions, tmp_path):
-    """While version 2's last warm-up record (`wait_for`, held by a file) runs, version 2 is
+def test_warmup_records_are_replayed_before_a_version_is_served(toy_versions, tmp_path, fifos):
+    """While version 2's last warm-up record (`hold`, until a file exists) runs, version 2 is
     neither reported nor served; once it returns, version 2 is AVAILABLE and serves."""
     base, flag = tmp_path / "toy", tmp_path / "flag"
+    (path,), fds = fifos(1)
     shutil.copytree(toy_versions / "1", base / "1")
     with BackgroundServer(str(base), poll_seconds=0) as running:
         copy_with_warmup(toy_versions / "2", base / "2", [
-            ("serving_default", {"prompts": ["warm"]}), ("wait_for", {"path": str(flag)})])
+            ("serving_default", {"prompts": ["warm"]}),
+            ("hold", {"started": path, "release": str(flag)})])
         versions = running.app[VERSIONS]
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             refreshed = pool.submit(versions.refresh)
             try:
-                wait_until(lambda: os.path.exists(f"{flag}.started"))  # warming up version 2
+                assert started(fds, 1)  # warming up version 2
                 assert call(running.url + "/v1/models/toy/versions/2")[0] == 404
                 assert predict(running, {"instances": ["a"]}) == (200, {"predictions": ["a!v1"]})
                 assert not refreshed.done()
@@ -551,6 +778,19 @@ def test_bad_server_settings_are_refused(toy_versions, tmp_path):
         make_app(str(base), workers=0)
     with pytest.raises(ValueError, match="num_versions must be at least 1"):
         make_app(str(base), num_versions=0)
+    with pytest.raises(ValueError, match="max_rows must be a positive int. Received: max_rows=0; "
+                                         "pass another --max-rows"):
+        Limits(max_rows=0)
+    with pytest.raises(ValueError, match="idle_timeout must be a positive float"):
+        Limits(idle_timeout=float("nan"))
+
+
+def test_serve_flags_default_to_the_server_limits():
+    from gpt_keras.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "models/x"])
+    assert {field.name: getattr(args, field.name) for field in dataclasses.fields(Limits)} == (
+        dataclasses.asdict(Limits()))
 
 
 BATCHING_PARAMETERS = os.path.join(os.path.dirname(__file__), "..", "export",
@@ -598,7 +838,9 @@ def real(tmp_path_factory):
     model.build()
     root = tmp_path_factory.mktemp("real")
     version_dir = export_model(model, tokenizer, str(root / "tiny"))
-    with BackgroundServer(str(root / "tiny"), poll_seconds=0) as running:
+    # Loose token limits, so that requests reach the export's own checks of its knobs.
+    limits = Limits(max_new_tokens=2 ** 31 - 1, max_tokens=2 ** 31 - 1)
+    with BackgroundServer(str(root / "tiny"), poll_seconds=0, limits=limits) as running:
         yield running, tf.saved_model.load(version_dir), tokenizer.vocab_size
 
 
