@@ -29,12 +29,19 @@ worker can read (on one machine it is).
 
 import json
 import os
+import socket
+import sys
+import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from gpt_keras.model import GPT
+
+WORKER_TIMEOUT_VARIABLE = "GPT_KERAS_WORKER_TIMEOUT"
+DEFAULT_WORKER_TIMEOUT = 300.0  # seconds a worker waits for the others to start
+_POLL_INTERVAL = 0.2  # seconds between connection attempts to the workers not yet up
 
 
 def _tf_config():
@@ -66,6 +73,7 @@ def make_strategy(replicas=None):
                 f"--replicas {replicas} cannot be combined with a TF_CONFIG cluster: each worker "
                 "uses all of its GPUs (or its CPU). Leave out --replicas, or unset TF_CONFIG."
             )
+        wait_for_workers()
         return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
@@ -90,6 +98,89 @@ def make_strategy(replicas=None):
             "before the CPU could be split. Ask for replicas before any TensorFlow op runs."
         )
     return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+
+
+def worker_timeout():
+    """Seconds `wait_for_workers` waits: `$GPT_KERAS_WORKER_TIMEOUT`, default 300."""
+    text = os.environ.get(WORKER_TIMEOUT_VARIABLE, "")
+    if not text:
+        return DEFAULT_WORKER_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{WORKER_TIMEOUT_VARIABLE} must be a positive number of seconds. "
+                         f"Received: {text!r}")
+    return value
+
+
+def _address(address):
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def wait_for_workers(timeout=None):
+    """Returns once every other task of the `TF_CONFIG` cluster accepts connections on its
+    address; this task listens on its own address meanwhile (`timeout`: `worker_timeout()`).
+
+    Why: `MultiWorkerMirroredStrategy()` waits for missing peers without a limit, holding the
+    GIL in TensorFlow's C++ code, with a SIGTERM handler of its own installed (TF 2.21 ignores
+    SIGTERM there). This wait is plain Python before it: SIGTERM ends the process as usual (nothing
+    is written before the strategy exists). A peer seen here starts TensorFlow's server on the
+    same port right after closing its listener, so every task sees every other one.
+
+    Raises `ValueError` naming the tasks that did not come up within `timeout` seconds and the
+    setting, and when this task's port is taken by another process.
+    """
+    timeout = worker_timeout() if timeout is None else timeout
+    config = _tf_config()
+    task = config.get("task") or {}
+    me = (task.get("type"), int(task.get("index", 0)))
+    tasks = {(kind, index): address for kind in ("chief", "worker")
+             for index, address in enumerate(config.get("cluster", {}).get(kind, []))}
+    if me not in tasks:
+        return  # not a chief/worker of the cluster: TensorFlow's own check reports it
+    name = f"{me[0]} {me[1]}"
+    listener = socket.socket(socket.AF_INET6 if ":" in _address(tasks[me])[0] else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(("", _address(tasks[me])[1]))
+        listener.listen(len(tasks))
+    except OSError as error:
+        listener.close()
+        raise ValueError(f"{name} cannot listen on {tasks[me]} (TF_CONFIG): {error.strerror}. "
+                         "Another process uses that port: stop it or give this worker another "
+                         "port in TF_CONFIG.") from None
+    waiting = {task: address for task, address in tasks.items() if task != me}
+    deadline = time.monotonic() + timeout
+    announced = False
+    try:
+        while True:
+            for task, address in list(waiting.items()):
+                try:
+                    socket.create_connection(_address(address), timeout=1.0).close()
+                    del waiting[task]
+                except OSError:
+                    pass
+            if not waiting:
+                return
+            missing = ", ".join(f"{kind} {index} ({address})"
+                                for (kind, index), address in sorted(waiting.items()))
+            if time.monotonic() >= deadline:
+                raise ValueError(
+                    f"{name} waited {timeout:g} s for {missing}, which did not start. Start "
+                    f"every task of TF_CONFIG with the same command, or set "
+                    f"{WORKER_TIMEOUT_VARIABLE} to wait longer (seconds; default "
+                    f"{DEFAULT_WORKER_TIMEOUT:g})."
+                )
+            if not announced:
+                print(f"{name}: waiting for {missing} to start (up to {timeout:g} s, "
+                      f"{WORKER_TIMEOUT_VARIABLE}).", file=sys.stderr, flush=True)
+                announced = True
+            time.sleep(min(_POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
+    finally:
+        listener.close()
 
 
 def is_chief(strategy):
