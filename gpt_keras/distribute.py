@@ -4,8 +4,9 @@ make `model.fit` exact under it: one device, N local devices, or several workers
 Multi-worker training is `model.fit` with our own `train_step`/`test_step`, not a separate loop:
 
 - `make_strategy` picks `MultiWorkerMirroredStrategy` when `TF_CONFIG` describes a cluster of
-  2+ tasks, else `MirroredStrategy` over the local GPUs or over N ≥ 2 logical CPU devices, and
-  TensorFlow's default strategy for one CPU replica.
+  2+ tasks (after `wait_for_workers`, bounded by `$GPT_KERAS_WORKER_TIMEOUT`), else
+  `MirroredStrategy` over the local GPUs or over N ≥ 2 logical CPU devices, and TensorFlow's
+  default strategy for one CPU replica.
 - `GlobalBatchSteps` (mixed into the trained `GPT`: `TrainingGPT`) computes the loss itself.
   Each replica takes the gradient of its slice of the global batch, then one all-reduce over
   every replica of every worker gives all of them the global-batch gradient and loss *before*
@@ -19,8 +20,9 @@ Multi-worker training is `model.fit` with our own `train_step`/`test_step`, not 
   which fails for a scalar — `GlobalBatchSteps` logs the loss (equal on all replicas) with a
   batch axis of 1 there.
 
-The global batch is split over all replicas, so a run gives the same losses and weights (up to
-float rounding) with any number of replicas or workers. Every worker builds the same global
+The global batch is split over all replicas, so without dropout a run gives the same losses and
+weights (up to float rounding) with any number of replicas or workers; with dropout each replica
+draws the masks of its own slice, so the losses depend on the replica count. Every worker builds the same global
 batches from `(seed, step)` and keeps its own slice (`data.training_dataset`). Only the chief
 (`is_chief`) writes into the run directory; the other workers read the tokenizer, token file and
 checkpoints that the chief wrote there, so the run directory must be on a file system that every
