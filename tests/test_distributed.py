@@ -308,6 +308,25 @@ def test_sigterm_ends_the_wait_for_workers(lone_worker):
     assert not run_dir.exists()
 
 
+def test_worker_whose_port_is_taken_says_so(corpus, tmp_path):
+    """What `_train_two_workers` retries on: a port taken between choosing and binding it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        tf_config = {"cluster": {"worker": [address, "127.0.0.1:1"]},
+                     "task": {"type": "worker", "index": 0}}
+        result = subprocess.run(
+            [sys.executable, "-m", "gpt_keras.cli", "train", "--data", corpus, "--run-dir",
+             str(tmp_path / "run"), *SMALL_MODEL_FLAGS], cwd=REPO,
+            env=_env(TF_CONFIG=json.dumps(tf_config)), capture_output=True, text=True,
+            timeout=TIMEOUT)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"gpt-keras: error: worker 0 cannot listen on {address} "
+                                    "(TF_CONFIG): Address already in use."), result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_worker_time_out_setting_is_checked(monkeypatch):
     from gpt_keras.distribute import worker_timeout
 
