@@ -22,11 +22,11 @@ Multi-worker training is `model.fit` with our own `train_step`/`test_step`, not 
 
 The global batch is split over all replicas, so without dropout a run gives the same losses and
 weights (up to float rounding) with any number of replicas or workers; with dropout each replica
-draws the masks of its own slice, so the losses depend on the replica count. Every worker builds the same global
-batches from `(seed, step)` and keeps its own slice (`data.training_dataset`). Only the chief
-(`is_chief`) writes into the run directory; the other workers read the tokenizer, token file and
-checkpoints that the chief wrote there, so the run directory must be on a file system that every
-worker can read (on one machine it is).
+draws the masks of its own slice, so the losses depend on the replica count. Every worker builds
+the same global batches from `(seed, step)` and keeps its own slice (`data.training_dataset`).
+Only the chief (`is_chief`) writes into the run directory; the other workers read the tokenizer,
+token file and checkpoints that the chief wrote there, so the run directory must be on a file
+system that every worker can read (on one machine it is).
 """
 
 import json
@@ -154,15 +154,15 @@ def wait_for_workers(timeout=None):
         raise ValueError(f"{name} cannot listen on {tasks[me]} (TF_CONFIG): {error.strerror}. "
                          "Another process uses that port: stop it or give this worker another "
                          "port in TF_CONFIG.") from None
-    waiting = {task: address for task, address in tasks.items() if task != me}
+    waiting = {peer: address for peer, address in tasks.items() if peer != me}
     deadline = time.monotonic() + timeout
     announced = False
     try:
         while True:
-            for task, address in list(waiting.items()):
+            for peer, address in list(waiting.items()):
                 try:
                     socket.create_connection(_address(address), timeout=1.0).close()
-                    del waiting[task]
+                    del waiting[peer]
                 except OSError:
                     pass
             if not waiting:
