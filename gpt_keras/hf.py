@@ -454,19 +454,17 @@ def load_gpt2(path, dtype=None, name=None):
         name: the `GPT`'s Keras name.
 
     Raises `ValueError` naming the file, tensor or config key for anything malformed: a config
-    value of the wrong type or one `GPT` cannot reproduce, sizes the weights files are too small
-    to hold (checked before anything is allocated), a damaged file or index, a missing, extra,
+    value of the wrong type or one `GPT` cannot reproduce, sizes the tensors do not have (checked
+    before anything is allocated for them), a damaged file or index, a missing, extra,
     duplicated, misshapen, non-float or non-finite tensor.
     """
     from gpt_keras.model import GPT  # imports TensorFlow; keep `config_from_hf` light
 
-    config_path = os.path.join(path, CONFIG_FILE)
+    config_path, hf_config = os.path.join(path, CONFIG_FILE), read_config(path)
     try:
-        config = config_from_hf(read_config(path))  # checked before any weight is read
+        config = config_from_hf(hf_config)  # checked before any weight is read
     except ValueError as error:
-        message = str(error)
-        raise ValueError(message if config_path in message else f"{config_path}: {message}") \
-            from None
+        raise ValueError(f"{config_path}: {error}") from None
     tensors, weights_path = read_weights(path)  # memory-mapped safetensors: nothing copied
     # The config's sizes allocate nothing until every tensor has been checked against them;
     # only the shape table grows with n_layer, bounded here by the tensors the files hold.
