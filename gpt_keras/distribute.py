@@ -4,8 +4,9 @@ make `model.fit` exact under it: one device, N local devices, or several workers
 Multi-worker training is `model.fit` with our own `train_step`/`test_step`, not a separate loop:
 
 - `make_strategy` picks `MultiWorkerMirroredStrategy` when `TF_CONFIG` describes a cluster of
-  2+ tasks, else `MirroredStrategy` over the local GPUs or over N ≥ 2 logical CPU devices, and
-  TensorFlow's default strategy for one CPU replica.
+  2+ tasks (after `wait_for_workers`, bounded by `$GPT_KERAS_WORKER_TIMEOUT`), else
+  `MirroredStrategy` over the local GPUs or over N ≥ 2 logical CPU devices, and TensorFlow's
+  default strategy for one CPU replica.
 - `GlobalBatchSteps` (mixed into the trained `GPT`: `TrainingGPT`) computes the loss itself.
   Each replica takes the gradient of its slice of the global batch, then one all-reduce over
   every replica of every worker gives all of them the global-batch gradient and loss *before*
@@ -19,22 +20,30 @@ Multi-worker training is `model.fit` with our own `train_step`/`test_step`, not 
   which fails for a scalar — `GlobalBatchSteps` logs the loss (equal on all replicas) with a
   batch axis of 1 there.
 
-The global batch is split over all replicas, so a run gives the same losses and weights (up to
-float rounding) with any number of replicas or workers. Every worker builds the same global
-batches from `(seed, step)` and keeps its own slice (`data.training_dataset`). Only the chief
-(`is_chief`) writes into the run directory; the other workers read the tokenizer, token file and
-checkpoints that the chief wrote there, so the run directory must be on a file system that every
-worker can read (on one machine it is).
+The global batch is split over all replicas, so without dropout a run gives the same losses and
+weights (up to float rounding) with any number of replicas or workers; with dropout each replica
+draws the masks of its own slice, so the losses depend on the replica count. Every worker builds
+the same global batches from `(seed, step)` and keeps its own slice (`data.training_dataset`).
+Only the chief (`is_chief`) writes into the run directory; the other workers read the tokenizer,
+token file and checkpoints that the chief wrote there, so the run directory must be on a file
+system that every worker can read (on one machine it is).
 """
 
 import json
 import os
+import socket
+import sys
+import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from gpt_keras.model import GPT
+
+WORKER_TIMEOUT_VARIABLE = "GPT_KERAS_WORKER_TIMEOUT"
+DEFAULT_WORKER_TIMEOUT = 300.0  # seconds a worker waits for the others to start
+_POLL_INTERVAL = 0.2  # seconds between connection attempts to the workers not yet up
 
 
 def _tf_config():
@@ -66,6 +75,7 @@ def make_strategy(replicas=None):
                 f"--replicas {replicas} cannot be combined with a TF_CONFIG cluster: each worker "
                 "uses all of its GPUs (or its CPU). Leave out --replicas, or unset TF_CONFIG."
             )
+        wait_for_workers()
         return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
@@ -90,6 +100,89 @@ def make_strategy(replicas=None):
             "before the CPU could be split. Ask for replicas before any TensorFlow op runs."
         )
     return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+
+
+def worker_timeout():
+    """Seconds `wait_for_workers` waits: `$GPT_KERAS_WORKER_TIMEOUT`, default 300."""
+    text = os.environ.get(WORKER_TIMEOUT_VARIABLE, "")
+    if not text:
+        return DEFAULT_WORKER_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{WORKER_TIMEOUT_VARIABLE} must be a positive number of seconds. "
+                         f"Received: {text!r}")
+    return value
+
+
+def _address(address):
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def wait_for_workers(timeout=None):
+    """Returns once every other task of the `TF_CONFIG` cluster accepts connections on its
+    address; this task listens on its own address meanwhile (`timeout`: `worker_timeout()`).
+
+    Why: `MultiWorkerMirroredStrategy()` waits for missing peers without a limit, holding the
+    GIL in TensorFlow's C++ code, with a SIGTERM handler of its own installed (TF 2.21 ignores
+    SIGTERM there). This wait is plain Python before it: SIGTERM ends the process as usual (nothing
+    is written before the strategy exists). A peer seen here starts TensorFlow's server on the
+    same port right after closing its listener, so every task sees every other one.
+
+    Raises `ValueError` naming the tasks that did not come up within `timeout` seconds and the
+    setting, and when this task's port is taken by another process.
+    """
+    timeout = worker_timeout() if timeout is None else timeout
+    config = _tf_config()
+    task = config.get("task") or {}
+    me = (task.get("type"), int(task.get("index", 0)))
+    tasks = {(kind, index): address for kind in ("chief", "worker")
+             for index, address in enumerate(config.get("cluster", {}).get(kind, []))}
+    if me not in tasks:
+        return  # not a chief/worker of the cluster: TensorFlow's own check reports it
+    name = f"{me[0]} {me[1]}"
+    listener = socket.socket(socket.AF_INET6 if ":" in _address(tasks[me])[0] else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(("", _address(tasks[me])[1]))
+        listener.listen(len(tasks))
+    except OSError as error:
+        listener.close()
+        raise ValueError(f"{name} cannot listen on {tasks[me]} (TF_CONFIG): {error.strerror}. "
+                         "Another process uses that port: stop it or give this worker another "
+                         "port in TF_CONFIG.") from None
+    waiting = {peer: address for peer, address in tasks.items() if peer != me}
+    deadline = time.monotonic() + timeout
+    announced = False
+    try:
+        while True:
+            for peer, address in list(waiting.items()):
+                try:
+                    socket.create_connection(_address(address), timeout=1.0).close()
+                    del waiting[peer]
+                except OSError:
+                    pass
+            if not waiting:
+                return
+            missing = ", ".join(f"{kind} {index} ({address})"
+                                for (kind, index), address in sorted(waiting.items()))
+            if time.monotonic() >= deadline:
+                raise ValueError(
+                    f"{name} waited {timeout:g} s for {missing}, which did not start. Start "
+                    f"every task of TF_CONFIG with the same command, or set "
+                    f"{WORKER_TIMEOUT_VARIABLE} to wait longer (seconds; default "
+                    f"{DEFAULT_WORKER_TIMEOUT:g})."
+                )
+            if not announced:
+                print(f"{name}: waiting for {missing} to start (up to {timeout:g} s, "
+                      f"{WORKER_TIMEOUT_VARIABLE}).", file=sys.stderr, flush=True)
+                announced = True
+            time.sleep(min(_POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
+    finally:
+        listener.close()
 
 
 def is_chief(strategy):

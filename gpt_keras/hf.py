@@ -94,7 +94,9 @@ def config_from_hf(hf_config):
     cross-attention, untied embeddings, ...) and keys this converter does not know.
     """
     if not isinstance(hf_config, dict):
-        raise ValueError(f"A GPT-2 config must be a JSON object. Received: {type(hf_config)}")
+        raise ValueError(
+            f"A GPT-2 config must be a JSON object. Received: {type(hf_config).__name__}"
+        )
     missing = [key for key in _SIZE_KEYS if key not in hf_config]
     if missing:
         raise ValueError(
@@ -118,21 +120,43 @@ def config_from_hf(hf_config):
             )
     sizes = {key: hf_config[key] for key in _SIZE_KEYS}
     for key, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _is_int(value) or value < 1:
             raise ValueError(f"GPT-2 config {key} must be a positive integer. Received: {value!r}")
+    if sizes["n_embd"] % sizes["n_head"]:
+        raise ValueError(f"GPT-2 config n_head={sizes['n_head']} does not divide "
+                         f"n_embd={sizes['n_embd']}: the heads split the embedding evenly.")
     mlp_dim = hf_config.get("n_inner")
+    if mlp_dim is not None and (not _is_int(mlp_dim) or mlp_dim < 1):
+        raise ValueError(f"GPT-2 config n_inner must be a positive integer or null (4 × n_embd). "
+                         f"Received: {mlp_dim!r}")
+    epsilon = hf_config.get("layer_norm_epsilon", 1e-5)
+    if not _is_number(epsilon) or not 0 < epsilon < math.inf:
+        raise ValueError(f"GPT-2 config layer_norm_epsilon must be a positive number. "
+                         f"Received: {epsilon!r}")
+    dropout = hf_config.get("resid_pdrop", 0.1)
+    if not _is_number(dropout) or not 0 <= dropout < 1:
+        raise ValueError(f"GPT-2 config resid_pdrop must be a number in [0, 1). "
+                         f"Received: {dropout!r}")
     return GPTConfig(
         vocab_size=sizes["vocab_size"],
         context_length=sizes["n_positions"],
         num_layers=sizes["n_layer"],
         num_heads=sizes["n_head"],
         hidden_dim=sizes["n_embd"],
-        mlp_dim=None if mlp_dim is None else int(mlp_dim),
-        dropout=float(hf_config.get("resid_pdrop", 0.1)),
+        mlp_dim=mlp_dim,
+        dropout=float(dropout),
         position_embedding="learned",
         tie_embeddings=True,
-        layer_norm_epsilon=float(hf_config.get("layer_norm_epsilon", 1e-5)),
+        layer_norm_epsilon=float(epsilon),
     )
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def config_to_hf(config, end_of_text_id=None):
@@ -184,6 +208,8 @@ def config_to_hf(config, end_of_text_id=None):
 def read_safetensors(path):
     """`{name: np.ndarray}` of a safetensors file, memory-mapped (nothing is copied until used).
     BF16 tensors are widened to float32. Raises `ValueError` for a malformed file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a file: a safetensors checkpoint is one file.")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -196,6 +222,9 @@ def read_safetensors(path):
             header = json.loads(f.read(header_size).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"{path} has an unreadable safetensors header: {error}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is not a JSON object: the file is "
+                         "corrupt or not safetensors.")
     data_size = size - 8 - header_size
     data = (
         np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size, shape=(data_size,))
@@ -206,12 +235,18 @@ def read_safetensors(path):
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
+        if not (
+            isinstance(info, dict) and isinstance(info.get("dtype"), str)
+            and isinstance(info.get("shape"), list)
+            and all(_is_int(n) and n >= 0 for n in info["shape"])
+            and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+            and all(_is_int(n) for n in info["data_offsets"])
+        ):
             raise ValueError(
-                f"{path}: malformed header entry for tensor {name!r}: {info!r}"
-            ) from None
+                f"{path}: malformed header entry for tensor {name!r}: {info!r} (expected "
+                '{"dtype": str, "shape": [non-negative ints], "data_offsets": [begin, end]}).'
+            )
+        dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         if dtype != "BF16" and dtype not in _SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}.")
         itemsize = 2 if dtype == "BF16" else np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
@@ -268,7 +303,20 @@ def _read_pytorch(path):
             "the checkpoint to model.safetensors (transformers: "
             "`model.save_pretrained(directory)`), which gpt_keras reads without torch."
         ) from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(
+            f"{path} cannot be read by torch.load ({type(error).__name__}: {reason[:200]}): the "
+            "file is truncated or not a PyTorch state dict."
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a dict of tensors: save "
+                         "the model's state_dict().")
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{path}: {name!r} is a {type(tensor).__name__}, not a tensor.")
     return {
         name: tensor.detach().to(torch.float32).numpy()
         if tensor.is_floating_point()
@@ -295,25 +343,54 @@ def read_config(directory):
 
 def read_weights(directory):
     """`({tensor name: np.ndarray}, weights file)` of a Hugging Face model directory. Prefers
-    `model.safetensors` (or a sharded `model.safetensors.index.json`) over `pytorch_model.bin`."""
+    `model.safetensors` (memory-mapped), then a sharded `model.safetensors.index.json`, then
+    `pytorch_model.bin`. Raises `ValueError` for a damaged file or index."""
     safetensors = os.path.join(directory, SAFETENSORS_FILE)
     index = os.path.join(directory, SAFETENSORS_INDEX_FILE)
     pytorch = os.path.join(directory, PYTORCH_FILE)
     if os.path.exists(safetensors):
         return read_safetensors(safetensors), safetensors
     if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        tensors = {}
-        for shard in shards:
-            tensors.update(read_safetensors(os.path.join(directory, shard)))
-        return tensors, index
+        return _read_shards(directory, index), index
     if os.path.exists(pytorch):
         return _read_pytorch(pytorch), pytorch
     raise ValueError(
         f"No weights in {directory}: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX_FILE} or "
         f"{PYTORCH_FILE}."
     )
+
+
+def _read_shards(directory, index):
+    """`{tensor name: np.ndarray}` of the shards that the sharded checkpoint's `index` names."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"Cannot read {index}: {error}") from None
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f'{index} must be a JSON object with a "weight_map" from tensor names '
+                         "to shard file names, as transformers' save_pretrained writes it.")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".."):
+            raise ValueError(f"{index}: weight_map maps {name!r} to {shard!r}, not to a file "
+                             "name in the directory.")
+    for shard in set(weight_map.values()):
+        if not os.path.isfile(os.path.join(directory, shard)):
+            raise ValueError(f"{index} names {shard}, which is missing from {directory}: copy "
+                             "every shard of the checkpoint.")
+    tensors = {}
+    for shard in sorted(set(weight_map.values())):
+        stored = read_safetensors(os.path.join(directory, shard))
+        twice = sorted(set(stored) & set(tensors))
+        if twice:
+            raise ValueError(f"{index}: tensor {twice[0]!r} is stored twice (again in {shard}).")
+        tensors.update(stored)
+    for name, shard in weight_map.items():
+        if name not in tensors:
+            raise ValueError(f"{index} puts {name!r} in {shard}, which lacks it: the index does "
+                             "not belong to these shards.")
+    return tensors
 
 
 def _expected_shapes(config):
@@ -376,13 +453,27 @@ def load_gpt2(path, dtype=None, name=None):
             Variables are float32 either way (checkpoints in float16/bfloat16 are widened).
         name: the `GPT`'s Keras name.
 
-    Raises `ValueError` naming the tensor and its expected shape for a missing tensor, a shape
-    mismatch or an unexpected tensor, and naming the key for an unsupported or unknown config key.
+    Raises `ValueError` naming the file, tensor or config key for anything malformed: a config
+    value of the wrong type or one `GPT` cannot reproduce, sizes the tensors do not have (checked
+    before anything is allocated for them), a damaged file or index, a missing, extra,
+    duplicated, misshapen, non-float or non-finite tensor.
     """
     from gpt_keras.model import GPT  # imports TensorFlow; keep `config_from_hf` light
 
-    config = config_from_hf(read_config(path))  # checked before any weight is read
-    tensors, weights_path = read_weights(path)
+    config_path, hf_config = os.path.join(path, CONFIG_FILE), read_config(path)
+    try:
+        config = config_from_hf(hf_config)  # checked before any weight is read
+    except ValueError as error:
+        raise ValueError(f"{config_path}: {error}") from None
+    tensors, weights_path = read_weights(path)  # memory-mapped safetensors: nothing copied
+    # The config's sizes allocate nothing until every tensor has been checked against them;
+    # only the shape table grows with n_layer, bounded here by the tensors the files hold.
+    if config.num_layers > len(tensors):
+        raise ValueError(
+            f"{config_path}: n_layer={config.num_layers} needs {12 * config.num_layers + 4} "
+            f"tensors; {weights_path} holds {len(tensors)}: this config.json does not belong to "
+            "these weights."
+        )
     expected = _expected_shapes(config)
     found, lm_head = {}, None
     unexpected = []
@@ -391,6 +482,9 @@ def load_gpt2(path, dtype=None, name=None):
         if key == "lm_head.weight":
             lm_head = value
         elif key in expected:
+            if key in found:
+                raise ValueError(f"{weights_path} holds both {found[key][0]!r} and "
+                                 f"{stored_name!r}: keep one of them.")
             found[key] = (stored_name, value)
         elif not key.endswith(_BUFFER_SUFFIXES):
             unexpected.append(stored_name)
@@ -417,6 +511,18 @@ def load_gpt2(path, dtype=None, name=None):
                 f"{expected[key]} from config.json (vocab_size={config.vocab_size}, "
                 f"n_positions={config.context_length}, n_embd={config.hidden_dim}, "
                 f"n_inner={config.mlp_dim})."
+            )
+    for key, (stored_name, value) in found.items():
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ValueError(f"{weights_path}: tensor {stored_name!r} has dtype {value.dtype}; "
+                             "GPT-2 weights are floats (F32, F16 or BF16).")
+        # As float32, the variables' dtype: a float64 beyond its range becomes infinite too.
+        bad = value.size - np.count_nonzero(np.isfinite(np.asarray(value, np.float32)))
+        if bad:
+            raise ValueError(
+                f"{weights_path}: tensor {stored_name!r} holds {bad} non-finite "
+                f"value{'s' if bad > 1 else ''} (NaN or infinity in float32): the checkpoint is "
+                "corrupt or was saved after training diverged."
             )
     if lm_head is not None:
         if tuple(lm_head.shape) != expected["wte.weight"] or not np.array_equal(

@@ -2,6 +2,7 @@
 `evaluate` accept, and a run directory goes back to Hugging Face with equal logits."""
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -13,7 +14,7 @@ from gpt_keras.generation import TextGenerator
 from gpt_keras.tokenizers import GPT2Tokenizer, load_tokenizer
 from gpt_keras.training import TrainConfig, load_model, read_run_config, train
 from tests.conftest import GPT2_VOCAB, SHAKESPEARE
-from tests.test_hf_conversion import hf_greedy, hf_logits, random_hf_model
+from tests.test_hf_conversion import MALFORMED, hf_greedy, hf_logits, random_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -105,3 +106,21 @@ def test_fine_tuning_from_a_hugging_face_directory(converted, tmp_path):
     # A learning rate of 1e-9 leaves the imported weights as they were: logits equal HF's.
     np.testing.assert_allclose(np.asarray(tuned(tokens.astype("int32"))),
                                hf_logits(hf_model, tokens), atol=1e-3)
+
+
+@pytest.mark.parametrize("case", ["safetensors-header-list", "index-no-weight_map",
+                                  "torch-truncated", "nan-weight", "n_layer-huge"])
+def test_malformed_checkpoint_is_one_line(tmp_path, capsys, case):
+    """`convert` of a malformed directory (see `MALFORMED`) prints one line and exits with 2."""
+    change, message = MALFORMED[case]
+    directory = tmp_path / "hf"
+    random_hf_model().save_pretrained(directory)
+    change(directory)
+    capsys.readouterr()  # transformers' progress bar
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", str(directory), str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("gpt-keras: error: ") and error.count("\n") == 1, error
+    assert re.search(message, error)
+    assert not (tmp_path / "run").exists()

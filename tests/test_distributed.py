@@ -14,9 +14,12 @@ import glob
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -32,7 +35,8 @@ TIMEOUT = 150  # seconds per training subprocess (about 10 s each on 2 cores)
 
 
 def _env(**extra):
-    env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("TF_CONFIG", "GPT_KERAS_WORKER_TIMEOUT")}
     # CPU only, so the runs are the same on a machine with GPUs.
     env.update(TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="", **extra)
     return env
@@ -81,7 +85,7 @@ def _cli(run_dir, corpus, *extra):
     return [sys.executable, "-m", "gpt_keras.cli", "train", "--data", corpus, "--run-dir", run_dir,
             *SMALL_MODEL_FLAGS, "--max-steps", "16", "--checkpoint-every", "8", "--eval-every",
             "8", "--eval-batches", "2", "--warmup-steps", "2", "--learning-rate", "3e-3",
-            "--clip-norm", "0.5", "--sample-every", "0", *extra]
+            "--clip-norm", "0.5", "--sample-every", "0", "--dropout", "0", *extra]
 
 
 @pytest.mark.parametrize("batch_flags", [
@@ -91,7 +95,8 @@ def _cli(run_dir, corpus, *extra):
 ], ids=["batch8", "batch4x2-accumulated", "batch8-no-xla"])
 def test_two_replicas_match_one(corpus, tmp_path, batch_flags):
     """With XLA (the default), one replica compiles its whole step and two replicas compile
-    each replica's forward and backward pass (`GlobalBatchSteps.compile`): same numbers."""
+    each replica's forward and backward pass (`GlobalBatchSteps.compile`): same numbers. Without
+    dropout only, as the README states: with dropout each replica draws its own slice's masks."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     _run(_cli(one, corpus, *batch_flags))
     _run(_cli(two, corpus, *batch_flags, "--replicas", "2"))
@@ -141,6 +146,9 @@ def _worker(corpus, run_dir, dump_path):
 
 
 def _free_ports(count):
+    """Ports free a moment ago. Another process may take one before a worker binds it: the
+    worker then stops with "cannot listen on" (`wait_for_workers`) and `_train_two_workers`
+    starts again on other ports."""
     sockets = [socket.socket() for _ in range(count)]
     for s in sockets:
         s.bind(("127.0.0.1", 0))
@@ -150,25 +158,30 @@ def _free_ports(count):
     return ports
 
 
-def _train_two_workers(corpus, run_dir, dumps):
+def _train_two_workers(corpus, run_dir, dumps, attempts=3):
     """Starts worker 0 (the chief) and worker 1 on one cluster; returns their outputs."""
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
-    processes = []
-    for index, dump in enumerate(dumps):
-        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-        processes.append(subprocess.Popen(
-            _worker(corpus, run_dir, dump), cwd=REPO, env=_env(TF_CONFIG=json.dumps(tf_config)),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
-    outputs = []
-    try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=TIMEOUT)[0])
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    for _ in range(attempts):
+        workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+        processes = []
+        for index, dump in enumerate(dumps):
+            tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+            processes.append(subprocess.Popen(
+                _worker(corpus, run_dir, dump), cwd=REPO, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True,
+                # A worker whose peer lost its port stops waiting soon.
+                env=_env(TF_CONFIG=json.dumps(tf_config), GPT_KERAS_WORKER_TIMEOUT="60"),
+            ))
+        outputs = []
+        try:
+            for process in processes:
+                outputs.append(process.communicate(timeout=TIMEOUT)[0])
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        if not any("cannot listen on" in output for output in outputs):
+            break
     for index, (process, output) in enumerate(zip(processes, outputs)):
         assert process.returncode == 0, f"worker {index}:\n{output[-3000:]}"
     return outputs
@@ -234,6 +247,98 @@ def test_two_workers_resume_a_checkpoint(corpus, tmp_path, single_process_run):
     _assert_same_losses(reference_dir, run_dir)
     _assert_close(_load_dump(reference_dump), _load_dump(dumps[1]))
     _assert_close(_final_variables(reference_dir), _final_variables(run_dir))
+
+
+# --- A worker whose peer never starts ------------------------------------------------------
+
+
+@pytest.fixture
+def lone_worker(corpus, tmp_path):
+    """`(command, env, run_dir)` of worker 0 of a 2-worker cluster whose worker 1 never starts.
+    Worker 1's port is held bound (not listening), so nothing can accept on it; worker 0 listens
+    on port 0 (any free one): no port race."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    peer = f"127.0.0.1:{held.getsockname()[1]}"
+    tf_config = {"cluster": {"worker": ["127.0.0.1:0", peer]},
+                 "task": {"type": "worker", "index": 0}}
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "gpt_keras.cli", "train", "--data", corpus, "--run-dir",
+               str(run_dir), *SMALL_MODEL_FLAGS, "--max-steps", "1"]
+    yield command, _env(TF_CONFIG=json.dumps(tf_config)), run_dir, peer
+    held.close()
+
+
+def test_worker_whose_peer_never_starts_stops_after_the_time_out(lone_worker):
+    command, env, run_dir, peer = lone_worker
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=REPO, env={**env, "GPT_KERAS_WORKER_TIMEOUT": "2"},
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1] == (
+        f"gpt-keras: error: worker 0 waited 2 s for worker 1 ({peer}), which did not start. "
+        "Start every task of TF_CONFIG with the same command, or set GPT_KERAS_WORKER_TIMEOUT "
+        "to wait longer (seconds; default 300)."
+    ), result.stderr[-2000:]
+    assert elapsed < 2 + 60  # the time-out plus Python and TensorFlow start-up
+    assert not run_dir.exists()
+
+
+def test_sigterm_ends_the_wait_for_workers(lone_worker):
+    command, env, run_dir, peer = lone_worker
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(TIMEOUT, process.kill)  # bounds the wait for the line below
+    watchdog.start()
+    try:
+        for line in process.stderr:  # the wait has begun when this line is printed
+            if line.startswith(f"worker 0: waiting for worker 1 ({peer}) to start (up to 300 s"):
+                break
+        else:
+            pytest.fail(f"worker exited ({process.wait()}) without announcing the wait")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    assert not run_dir.exists()
+
+
+def test_worker_whose_port_is_taken_says_so(corpus, tmp_path):
+    """What `_train_two_workers` retries on: a port taken between choosing and binding it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        tf_config = {"cluster": {"worker": [address, "127.0.0.1:1"]},
+                     "task": {"type": "worker", "index": 0}}
+        result = subprocess.run(
+            [sys.executable, "-m", "gpt_keras.cli", "train", "--data", corpus, "--run-dir",
+             str(tmp_path / "run"), *SMALL_MODEL_FLAGS], cwd=REPO,
+            env=_env(TF_CONFIG=json.dumps(tf_config)), capture_output=True, text=True,
+            timeout=TIMEOUT)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"gpt-keras: error: worker 0 cannot listen on {address} "
+                                    "(TF_CONFIG): Address already in use."), result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_worker_time_out_setting_is_checked(monkeypatch):
+    from gpt_keras.distribute import worker_timeout
+
+    monkeypatch.delenv("GPT_KERAS_WORKER_TIMEOUT", raising=False)
+    assert worker_timeout() == 300
+    monkeypatch.setenv("GPT_KERAS_WORKER_TIMEOUT", "2.5")
+    assert worker_timeout() == 2.5
+    for bad in ("0", "-1", "soon", "inf", "nan"):
+        monkeypatch.setenv("GPT_KERAS_WORKER_TIMEOUT", bad)
+        with pytest.raises(ValueError, match="GPT_KERAS_WORKER_TIMEOUT must be a positive "
+                                             f"number of seconds. Received: '{bad}'"):
+            worker_timeout()
 
 
 # --- Unit checks that need no training -----------------------------------------------------

@@ -345,3 +345,184 @@ def test_missing_files(hf_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="config lacks 'n_embd'"):
         load_gpt2(tmp_path)
+
+
+# --- malformed checkpoints: one ValueError each, naming the file or field --------------------
+
+
+def _config(**changes):
+    def change(directory):
+        with open(directory / "config.json") as f:
+            config = json.load(f)
+        for key, value in changes.items():
+            if value is _DELETE:
+                del config[key]
+            else:
+                config[key] = value
+        (directory / "config.json").write_text(json.dumps(config))
+    return change
+
+
+def _raw(name, content):
+    def change(directory):
+        (directory / name).write_bytes(content)
+    return change
+
+
+def _tensors(edit):
+    def change(directory):
+        tensors = {name: np.array(value) for name, value in
+                   read_safetensors(directory / "model.safetensors").items()}
+        edit(tensors)
+        write_safetensors(directory / "model.safetensors", tensors, {"format": "pt"})
+    return change
+
+
+def _header(edit):
+    """Rewrites the safetensors header with `edit(header)` (the data bytes stay)."""
+    def change(directory):
+        data = (directory / "model.safetensors").read_bytes()
+        (size,) = np.frombuffer(data[:8], "<u8")
+        header = json.loads(data[8:8 + int(size)])
+        header = edit(header) or header
+        encoded = json.dumps(header).encode()
+        (directory / "model.safetensors").write_bytes(
+            np.uint64(len(encoded)).tobytes() + encoded + data[8 + int(size):])
+    return change
+
+
+def _entry(name, **fields):
+    return _header(lambda header: header[name].update(fields))
+
+
+def _sharded(index):
+    """Replaces model.safetensors by one shard `shard-1.safetensors` and the index `index`
+    (a JSON value, or bytes written as they are)."""
+    def change(directory):
+        os.rename(directory / "model.safetensors", directory / "shard-1.safetensors")
+        text = index if isinstance(index, bytes) else json.dumps(index).encode()
+        (directory / "model.safetensors.index.json").write_bytes(text)
+    return change
+
+
+def _torch_file(state=None, truncate=None):
+    """Replaces model.safetensors by pytorch_model.bin holding `state` (default: the weights),
+    cut to `truncate` bytes if given."""
+    def change(directory):
+        tensors = read_safetensors(directory / "model.safetensors")
+        os.unlink(directory / "model.safetensors")
+        value = state if state is not None else {
+            name: torch.tensor(np.array(v)) for name, v in tensors.items()}
+        torch.save(value, directory / "pytorch_model.bin")
+        if truncate is not None:
+            data = (directory / "pytorch_model.bin").read_bytes()
+            (directory / "pytorch_model.bin").write_bytes(data[:truncate])
+    return change
+
+
+def _set(name, value):
+    return _tensors(lambda tensors: tensors.__setitem__(name, value))
+
+
+_DELETE = object()
+WTE = "transformer.wte.weight"
+MALFORMED = {
+    # config.json
+    "config-list": (_raw("config.json", b"[1, 2]"), r"config.json: A GPT-2 config must be a "
+                                                    r"JSON object\. Received: list"),
+    "config-string": (_raw("config.json", b'"gpt2"'), "must be a JSON object"),
+    "config-not-json": (_raw("config.json", b"{n_layer: 2"), "Cannot read .*config.json"),
+    "config-not-utf8": (_raw("config.json", b"\xff\xfe{}"), "Cannot read .*config.json"),
+    "config-directory": (lambda d: (os.unlink(d / "config.json"), os.mkdir(d / "config.json")),
+                         "Cannot read .*config.json"),
+    "missing-n_embd": (_config(n_embd=_DELETE), "config.json: The GPT-2 config lacks 'n_embd'"),
+    "n_embd-string": (_config(n_embd="32"), "n_embd must be a positive integer. Received: '32'"),
+    "n_layer-float": (_config(n_layer=2.0), "n_layer must be a positive integer"),
+    "n_layer-bool": (_config(n_layer=True), "n_layer must be a positive integer"),
+    "n_head-zero": (_config(n_head=0), "n_head must be a positive integer"),
+    "n_head-not-dividing": (_config(n_head=3), "n_head=3 does not divide n_embd=32"),
+    "n_inner-string": (_config(n_inner="abc"), "n_inner must be a positive integer or null"),
+    "n_inner-list": (_config(n_inner=[1]), "n_inner must be a positive integer or null"),
+    "epsilon-string": (_config(layer_norm_epsilon="x"),
+                       "layer_norm_epsilon must be a positive number"),
+    "epsilon-list": (_config(layer_norm_epsilon=[1e-5]),
+                     "layer_norm_epsilon must be a positive number"),
+    "dropout-null": (_config(resid_pdrop=None), r"resid_pdrop must be a number in \[0, 1\)"),
+    "dropout-one": (_config(resid_pdrop=1.0), r"resid_pdrop must be a number in \[0, 1\)"),
+    "activation-list": (_config(activation_function=["gelu_new"]),
+                        "activation_function=\\['gelu_new'\\]"),
+    "n_layer-huge": (_config(n_layer=1_000_000), r"config.json: n_layer=1000000 needs 12000004 "
+                                                 r"tensors; .*model.safetensors holds 28"),
+    "n_embd-huge": (_config(n_embd=2**40, n_head=1), r"has shape \(96,\); expected "
+                                                   r"\(3298534883328,\)"),
+    "vocab-huge": (_config(vocab_size=10**12), r"expected \(1000000000000, 32\)"),
+    "n_positions-huge": (_config(n_positions=10**12), r"expected \(1000000000000, 32\)"),
+    "too-few-tensors": (_config(n_layer=40, n_embd=8, n_head=2),
+                        "n_layer=40 needs 484 tensors; .* holds 28"),
+    # sharded index
+    "index-not-json": (_sharded(b"{weight_map"), "Cannot read .*index.json"),
+    "index-list": (_sharded([]), r"index.json must be a JSON object with a \"weight_map\""),
+    "index-no-weight_map": (_sharded({"metadata": {}}),
+                            r"index.json must be a JSON object with a \"weight_map\""),
+    "weight_map-list": (_sharded({"weight_map": ["shard-1.safetensors"]}),
+                        r"index.json must be a JSON object with a \"weight_map\""),
+    "weight_map-int": (_sharded({"weight_map": {WTE: 3}}),
+                       "weight_map maps .*wte.weight' to 3, not to a file name"),
+    "weight_map-escape": (_sharded({"weight_map": {WTE: "../shard-1.safetensors"}}),
+                          "not to a file name in the directory"),
+    "shard-missing": (_sharded({"weight_map": {WTE: "shard-2.safetensors"}}),
+                      "names shard-2.safetensors, which is missing"),
+    "shard-lacks-tensor": (_sharded({"weight_map": {"transformer.x": "shard-1.safetensors"}}),
+                           "puts 'transformer.x' in shard-1.safetensors, which lacks it"),
+    # safetensors
+    "safetensors-short": (_raw("model.safetensors", b"\x01\x02"), "shorter than 8 bytes"),
+    "safetensors-truncated": (
+        lambda d: _raw("model.safetensors", (d / "model.safetensors").read_bytes()[:-100])(d),
+        "truncated or corrupt"),
+    "safetensors-header-list": (_header(lambda header: [1]),
+                                "header is not a JSON object"),
+    "safetensors-directory": (lambda d: (os.unlink(d / "model.safetensors"),
+                                         os.mkdir(d / "model.safetensors")),
+                              "model.safetensors is not a file"),
+    "entry-not-dict": (_header(lambda header: header.__setitem__(WTE, 3)),
+                       "malformed header entry for tensor 'transformer.wte.weight'"),
+    "dtype-list": (_entry(WTE, dtype=["F32"]), "malformed header entry"),
+    "shape-negative": (_entry(WTE, shape=[-100, -32]), "malformed header entry"),
+    "shape-strings": (_entry(WTE, shape=["a"]), "malformed header entry"),
+    "offsets-floats": (_entry(WTE, data_offsets=[0.5, 1]), "malformed header entry"),
+    "offsets-three": (_entry(WTE, data_offsets=[0, 1, 2]), "malformed header entry"),
+    # tensors
+    "wrong-shape": (_set("transformer.h.0.attn.c_attn.weight", np.zeros((32, 64), np.float32)),
+                    r"has shape \(32, 64\); expected \(32, 96\)"),
+    "integer-weights": (_set(WTE, np.zeros((100, 32), np.int32)),
+                        "'transformer.wte.weight' has dtype int32; GPT-2 weights are floats"),
+    "nan-weight": (_tensors(lambda t: t["transformer.h.1.ln_2.bias"].__setitem__(3, np.nan)),
+                   "'transformer.h.1.ln_2.bias' holds 1 non-finite value"),
+    "inf-weights": (_tensors(lambda t: t[WTE].fill(np.inf)),
+                    "'transformer.wte.weight' holds 3200 non-finite values"),
+    "duplicate-names": (_tensors(lambda t: t.__setitem__("wte.weight", t[WTE])),
+                        "holds both 'transformer.wte.weight' and 'wte.weight'"),
+    # pytorch_model.bin
+    "torch-truncated": (_torch_file(truncate=1000), "pytorch_model.bin cannot be read"),
+    "torch-garbage": (lambda d: (os.unlink(d / "model.safetensors"),
+                                 _raw("pytorch_model.bin", b"not a pickle")(d)),
+                      "pytorch_model.bin cannot be read"),
+    "torch-list": (_torch_file(state=[torch.zeros(2)]),
+                   "pytorch_model.bin holds a list, not a dict of tensors"),
+    "torch-non-tensor": (_torch_file(state={WTE: 3}),
+                         "pytorch_model.bin: 'transformer.wte.weight' is a int, not a tensor"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_checkpoint_is_one_value_error(hf_dir, tmp_path, case):
+    """Every malformed directory gives a `ValueError` (the CLI prints it as one line) naming the
+    file or field, raised before the model is built (the sizes are bounded by the files)."""
+    change, message = MALFORMED[case]
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (directory / name).write_bytes((hf_dir / name).read_bytes())
+    change(directory)
+    with pytest.raises(ValueError, match=message):
+        load_gpt2(directory)
