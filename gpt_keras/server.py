@@ -339,11 +339,18 @@ def _response_bytes(outputs, rows, length):
     return total
 
 
+_ROW_INPUTS = ("prompts", "texts", "token_ids")
+
+
 def _check_limits(limits, function, tensors):
     """Refuses (HTTP 400) a request that asks for more than `limits` allow, before it runs;
     returns its cost for scheduling: its tokens, rows × (positions + new tokens), at least one per
     row (a prompt's tokens are not known before the graph runs)."""
-    rows = max((value.shape[0] for value in tensors.values() if value.shape.rank), default=1)
+    batched = {name: value for name, value in tensors.items() if value.shape.rank}
+    # gpt_keras' signatures: the batch is their prompts/texts/ids; other lists (banned ids, stop
+    # strings) are per-request settings. Other SavedModels: the longest dimension 0.
+    batched = {name: batched[name] for name in _ROW_INPUTS if name in batched} or batched
+    rows = max((value.shape[0] for value in batched.values()), default=1)
     positions = max((value.shape[1] for value in tensors.values()
                      if value.dtype.is_integer and value.shape.rank == 2), default=0)
     knob = tensors.get("max_new_tokens")

@@ -844,6 +844,20 @@ def real(tmp_path_factory):
         yield running, tf.saved_model.load(version_dir), tokenizer.vocab_size
 
 
+# `generate`'s steering knobs, off (every input of a signature is required, as in TF Serving).
+STEERING_OFF = {"repetition_penalty": 1.0, "min_new_tokens": 0, "banned_token_ids": [],
+                "bias_token_ids": [], "bias_values": [], "stop_strings": []}
+
+
+def steering_tensors(inputs):
+    return dict(repetition_penalty=tf.constant(inputs["repetition_penalty"], tf.float32),
+                min_new_tokens=tf.constant(inputs["min_new_tokens"]),
+                banned_token_ids=tf.constant(inputs["banned_token_ids"], tf.int32),
+                bias_token_ids=tf.constant(inputs["bias_token_ids"], tf.int32),
+                bias_values=tf.constant(inputs["bias_values"], tf.float32),
+                stop_strings=tf.constant(inputs["stop_strings"], tf.string))
+
+
 def assert_real_serving(server):
     status, body = predict(server, {"signature_name": "tokenize", "instances": ["to be"]},
                            "/v1/models/tiny")
@@ -853,14 +867,19 @@ def assert_real_serving(server):
 def test_real_export_generate_and_logits_equal_the_savedmodel(real):
     server, model, vocab_size = real
     knobs = {"max_new_tokens": 6, "temperature": 0.0, "top_k": 5, "top_p": 1.0, "seed": 3}
+    # Knob lists longer than --max-rows (64) are settings, not rows.
+    steering = dict(STEERING_OFF, banned_token_ids=[3] * 100,
+                    stop_strings=["zz"] * 8, repetition_penalty=1.2)
     status, body = predict(server, {"signature_name": "generate", "inputs": dict(
-        knobs, prompts=["To be", "or not"])}, "/v1/models/tiny")
-    assert status == 200
+        knobs, prompts=["To be", "or not"], **steering)}, "/v1/models/tiny")
+    assert status == 200, body
     expected = direct(model, "generate", prompts=tf.constant(["To be", "or not"]),
                       max_new_tokens=tf.constant(6), temperature=tf.constant(0.0),
-                      top_k=tf.constant(5), top_p=tf.constant(1.0), seed=tf.constant(3, tf.int64))
+                      top_k=tf.constant(5), top_p=tf.constant(1.0), seed=tf.constant(3, tf.int64),
+                      **steering_tensors(steering))
     assert body["outputs"] == {"completions": [c.decode() for c in expected["completions"]],
-                               "token_ids": expected["token_ids"].tolist()}
+                               "token_ids": expected["token_ids"].tolist(),
+                               "logprobs": expected["logprobs"].tolist()}
     ids = [[0, 1, 2, 3], [vocab_size - 1, 0, 0, 1]]
     status, body = predict(server, {"signature_name": "logits", "instances": ids},
                            "/v1/models/tiny")
@@ -894,7 +913,7 @@ def test_real_export_default_signature_and_tokenizer_round_trip(real):
 def test_real_export_rejects_bad_knobs_with_400(real, inputs, fragment):
     server, _, _ = real
     status, body = predict(server, {"signature_name": "generate", "inputs": dict(
-        inputs, prompts=["To be"])}, "/v1/models/tiny")
+        inputs, prompts=["To be"], **STEERING_OFF)}, "/v1/models/tiny")
     assert status == 400 and fragment in body["error"]
     assert_real_serving(server)
 
