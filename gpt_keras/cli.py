@@ -280,22 +280,48 @@ def _generate(args):
         print("gpt-keras: compiling the decoding loop for this shape (first call only)...",
               file=sys.stderr, flush=True)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    knobs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", UserWarning)
-        warnings.showwarning = _note  # e.g. a prompt longer than the context: one clean line
-        for index in range(args.num_samples):
-            if args.num_samples > 1:
-                print(f"--- sample {index + 1} ---", flush=True)
-            seeded = dict(knobs, seed=None if args.seed is None else args.seed + index)
-            if args.stream:
-                pieces = generator.stream(prompt, args.max_new_tokens, **seeded)  # checks first
-                print(prompt, end="", flush=True)
-                for piece in pieces:
-                    print(piece, end="", flush=True)
-                print()
-            else:
-                print(prompt + generator.generate(prompt, args.max_new_tokens, **seeded))
+    knobs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                 repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens,
+                 stop_strings=args.stop, banned_token_ids=args.ban)
+    for index in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {index + 1} ---", flush=True)
+        seeded = dict(knobs, seed=None if args.seed is None else args.seed + index)
+        if args.stream and not args.logprobs:
+            pieces = generator.stream(prompt, args.max_new_tokens, **seeded)  # checks first
+            print(prompt, end="", flush=True)
+            for piece in pieces:
+                print(piece, end="", flush=True)
+            print()
+        elif args.logprobs:
+            completion = generator.generate(prompt, args.max_new_tokens,
+                                            return_logprobs=True, **seeded)
+            print(prompt + completion.text, flush=True)
+            for token, logprob in zip(completion.token_ids, completion.logprobs):
+                piece = generator.tokenizer.detokenize([token]).numpy()
+                print(f"{token}\t{logprob:.4f}\t{piece.decode('utf-8', 'replace')!r}",
+                      file=sys.stderr)
+        else:
+            print(prompt + generator.generate(prompt, args.max_new_tokens, **seeded))
+
+
+def _attention(args):
+    _import_tensorflow_quietly()
+    from gpt_keras.attention import attention_maps, write_attention_report
+    from gpt_keras.tokenizers import load_tokenizer
+    from gpt_keras.training import load_model
+
+    model = load_model(args.run_dir)
+    config = model.config
+    for name, value, limit in (("--layer", args.layer, config.num_layers),
+                               ("--head", args.head, config.num_heads)):
+        if value >= limit:
+            raise ValueError(f"{name} must be below {limit} (the model's {name[2:]}s: 0 to "
+                             f"{limit - 1}). Received: {value}")
+    maps = attention_maps(model, load_tokenizer(os.path.join(args.run_dir, "tokenizer")),
+                          args.prompt)
+    for path in write_attention_report(maps, args.out, args.layer, args.head):
+        print(path)
 
 
 def _note(message, category, filename, lineno, file=None, line=None):
@@ -486,10 +512,38 @@ def build_parser():
                                  help="samples to print (seeds --seed, --seed + 1, ...)")
     generate_parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                                  help="print tokens as they are produced (default)")
+    generate_parser.add_argument("--repetition-penalty", default=1.0,
+                                 type=_number(float, above=0, text="a number > 0"),
+                                 help="divide the logits of tokens already in the text by P "
+                                 "(Hugging Face's; 1: off, 1.1-1.3 against loops)")
+    generate_parser.add_argument("--min-new-tokens", type=COUNT, default=0,
+                                 help="no end of text before N new tokens")
+    generate_parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                                 help="end the text before TEXT (repeat for several)")
+    generate_parser.add_argument("--ban", action="append", default=[], type=COUNT, metavar="ID",
+                                 help="never generate token ID (repeat for several)")
+    generate_parser.add_argument("--logprobs", action="store_true",
+                                 help="after each sample, print its tokens and their "
+                                 "log-probabilities to stderr")
     generate_parser.add_argument("--weights", choices=WEIGHT_FORMATS, default="float32",
                                  help="decode with the weights in this format (bfloat16: half "
                                  "the bytes; int8: weight-only int8, a quarter)")
     generate_parser.set_defaults(handler=_generate, command_parser=generate_parser)
+    attention_parser = commands.add_parser(
+        "attention", help="heat maps and an interactive page of what each token attends to",
+        epilog="example: gpt-keras attention runs/shakespeare --prompt 'To be, or not to be' "
+        "--out attention/",
+    )
+    attention_parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+    attention_parser.add_argument("--prompt", required=True, help="the text to look at")
+    attention_parser.add_argument("--out", required=True, metavar="DIR",
+                                  help="where to write attention-grid.png, attention-L*-H*.png "
+                                  "and attention.html")
+    attention_parser.add_argument("--layer", type=COUNT, default=0,
+                                  help="the layer drawn at full size (default 0)")
+    attention_parser.add_argument("--head", type=COUNT, default=0,
+                                  help="the head drawn at full size (default 0)")
+    attention_parser.set_defaults(handler=_attention, command_parser=attention_parser)
     convert_parser = commands.add_parser(
         "convert", help="Hugging Face GPT-2 checkpoint -> run directory, or back (--to hf)",
         epilog="example: gpt-keras convert hf/gpt2 runs/gpt2",
@@ -577,7 +631,10 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.handler(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", UserWarning)
+            warnings.showwarning = _note  # e.g. a damaged checkpoint skipped: one clean line
+            args.handler(args)
     except (ValueError, FloatingPointError) as error:
         parser.exit(2, f"gpt-keras: error: {flag_names(str(error), args.command_parser)}\n")
     except (KeyboardInterrupt, _Interrupted) as interrupt:

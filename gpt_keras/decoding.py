@@ -63,7 +63,7 @@ from gpt_keras.sampling import sample
 
 __all__ = [
     "MAX_STOP_BYTES", "MAX_STOP_STRINGS", "RULES", "check_arguments", "check_in_graph",
-    "check_int", "check_knobs_in_graph", "check_prompts", "check_stop_strings", "crop_prompts",
+    "check_int", "check_knobs", "check_knobs_in_graph", "check_prompts", "check_stop_strings", "crop_prompts",
     "decode", "generate_in_graph", "knobs", "knobs_in_graph", "resume_window", "seed_pair",
     "slide_keep", "start", "stop_string_bytes", "tail_width", "token_byte_table",
 ]
@@ -112,14 +112,14 @@ def check_int(name, value, minimum):
     return int(value)
 
 
-def knobs(vocab_size, temperature=1.0, top_k=None, top_p=None, seed=None, stop_token_ids=(),
-          include_stop_token=False, repetition_penalty=1.0, min_new_tokens=0,
-          banned_token_ids=(), logit_bias=None, stop_strings=(), token_bytes=None):
-    """Python settings → `(knobs, stop_ids)`: the knob tensors `decode` takes (fixed shapes and
-    dtypes, so new values never retrace) and the stop ids as a set. `token_bytes`: the
-    tokenizer's `token_byte_table`, needed for `stop_strings`. Raises `ValueError` naming the
-    rule and the value."""
-    checks = {
+def check_knobs(vocab_size, temperature=1.0, top_k=None, top_p=None, seed=None,
+                stop_token_ids=(), include_stop_token=False, repetition_penalty=1.0,
+                min_new_tokens=0, banned_token_ids=(), logit_bias=None, stop_strings=()):
+    """Python settings → a dict of checked plain values (the knobs in tensor form: `top_k` 0 for
+    no cut, a drawn `seed` for None, sorted id lists, `bias_token_ids`/`bias_values`,
+    `stop_strings` as int32 bytes `[MAX_STOP_STRINGS, MAX_STOP_BYTES]`, -1 = padding). Raises
+    `ValueError` naming the rule and the value."""
+    values = {
         "temperature": (numbers.Real, temperature),
         "top_k": (numbers.Integral, 0 if top_k is None else top_k),
         "top_p": (numbers.Real, 1.0 if top_p is None else top_p),
@@ -127,14 +127,14 @@ def knobs(vocab_size, temperature=1.0, top_k=None, top_p=None, seed=None, stop_t
                                else repetition_penalty),
         "min_new_tokens": (numbers.Integral, min_new_tokens),
     }
-    for name, (kind, value) in checks.items():
+    for name, (kind, value) in values.items():
         if not isinstance(value, kind) or isinstance(value, bool) or not RULES[name][0](value):
             raise ValueError(_rule_message(name, repr(value)))
+    checked = {name: value for name, (_, value) in values.items()}
     if seed is None:
         seed = random.getrandbits(62)
     elif not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise ValueError(f"`seed` must be an int or None. Received: seed={seed!r}")
-    stop_ids = _check_ids("stop_token_ids", stop_token_ids, vocab_size)
     banned = _check_ids("banned_token_ids", banned_token_ids, vocab_size)
     if len(banned) >= vocab_size:
         raise ValueError("`banned_token_ids` bans the whole vocabulary: leave some token possible.")
@@ -143,34 +143,49 @@ def knobs(vocab_size, temperature=1.0, top_k=None, top_p=None, seed=None, stop_t
     if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
                for v in logit_bias.values()):
         raise ValueError(f"`logit_bias` values must be finite numbers. Received: {logit_bias!r}")
-    stop_bytes = [text.encode("utf-8", "surrogatepass")
-                  for text in check_stop_strings(stop_strings)]
-    if stop_bytes and token_bytes is None:
+    stop_bytes = np.full([MAX_STOP_STRINGS, MAX_STOP_BYTES], -1, np.int32)
+    for row, text in enumerate(check_stop_strings(stop_strings)):
+        encoded = text.encode("utf-8", "surrogatepass")
+        stop_bytes[row, : len(encoded)] = np.frombuffer(encoded, np.uint8)
+    return dict(
+        checked, seed=int(seed) % (1 << 62),
+        stop_token_ids=_check_ids("stop_token_ids", stop_token_ids, vocab_size),
+        include_stop_token=bool(include_stop_token), banned_token_ids=banned,
+        bias_token_ids=bias_ids, bias_values=[float(logit_bias[i]) for i in bias_ids],
+        stop_strings=stop_bytes,
+    )
+
+
+def knobs(vocab_size, token_bytes=None, **arguments):
+    """Python settings (those of `check_knobs`) → `(knobs, stop_ids)`: the knob tensors `decode`
+    takes (fixed shapes and dtypes, so new values never retrace) and the stop ids as a set.
+    `token_bytes`: the tokenizer's `token_byte_table`, needed for stop strings."""
+    checked = check_knobs(vocab_size, **arguments)
+    if (checked["stop_strings"] >= 0).any() and token_bytes is None:
         raise ValueError("`stop_strings` need the tokenizer's bytes: use `TextGenerator` (or pass "
                          "`token_bytes=decoding.token_byte_table(tokenizer, vocab_size)`).")
-    padded = np.full([MAX_STOP_STRINGS, MAX_STOP_BYTES], -1, np.int32)
-    for row, text in enumerate(stop_bytes):
-        padded[row, : len(text)] = np.frombuffer(text, np.uint8)
-    if token_bytes is None:
-        token_bytes = (np.zeros([vocab_size, 1], np.uint8), np.zeros([vocab_size], np.int32))
+
+    def ids(values):
+        return tf.constant(values, tf.int32, shape=[len(values)])
+
     values = knobs_in_graph(
         vocab_size,
-        tf.constant(float(temperature), tf.float32),
-        tf.constant(checks["top_k"][1], tf.int32),
-        tf.constant(float(checks["top_p"][1]), tf.float32),
-        seed_pair(tf.constant(int(seed) % (1 << 62), tf.int64)),
-        tf.constant(sorted(stop_ids), tf.int32, shape=[len(stop_ids)]),
-        tf.constant(bool(include_stop_token)),
-        repetition_penalty=tf.constant(float(checks["repetition_penalty"][1]), tf.float32),
-        min_new_tokens=tf.constant(int(min_new_tokens), tf.int32),
-        banned_token_ids=tf.constant(sorted(banned), tf.int32, shape=[len(banned)]),
-        bias_token_ids=tf.constant(bias_ids, tf.int32, shape=[len(bias_ids)]),
-        bias_values=tf.constant([float(logit_bias[i]) for i in bias_ids], tf.float32,
-                                shape=[len(bias_ids)]),
-        stop_strings=tf.constant(padded),
-        token_bytes=tuple(tf.constant(table) for table in token_bytes),
+        tf.constant(float(checked["temperature"]), tf.float32),
+        tf.constant(checked["top_k"], tf.int32),
+        tf.constant(float(checked["top_p"]), tf.float32),
+        seed_pair(tf.constant(checked["seed"], tf.int64)),
+        ids(checked["stop_token_ids"]),
+        tf.constant(checked["include_stop_token"]),
+        repetition_penalty=tf.constant(float(checked["repetition_penalty"]), tf.float32),
+        min_new_tokens=tf.constant(checked["min_new_tokens"], tf.int32),
+        banned_token_ids=ids(checked["banned_token_ids"]),
+        bias_token_ids=ids(checked["bias_token_ids"]),
+        bias_values=tf.constant(checked["bias_values"], tf.float32,
+                                shape=[len(checked["bias_values"])]),
+        stop_strings=tf.constant(checked["stop_strings"]),
+        token_bytes=None if token_bytes is None else tuple(tf.constant(t) for t in token_bytes),
     )
-    return values, stop_ids
+    return values, set(checked["stop_token_ids"])
 
 
 def _check_ids(name, ids, vocab_size):
@@ -206,19 +221,17 @@ def check_stop_strings(stop_strings):
 
 def token_byte_table(tokenizer, vocab_size):
     """Every token id's bytes, for stop strings in the graph: `(bytes uint8 [V, L], lengths int32
-    [V])`, L the longest token's byte count. Uses one `tokenizer.detokenize` of ids `[V, 1]` if
-    it gives `[V]` byte strings (gpt_keras' tokenizers do), else one call per id."""
-    def as_bytes(text):
-        return bytes(text.numpy() if hasattr(text, "numpy") else text)
-
-    try:
-        batch = tokenizer.detokenize(tf.range(vocab_size, dtype=tf.int32)[:, None])
-        texts = [as_bytes(t) for t in batch]
-    except (TypeError, ValueError, tf.errors.OpError):
-        texts = None
-    if texts is None or len(texts) != vocab_size:
-        texts = [as_bytes(tokenizer.detokenize(tf.constant([i], tf.int32)))
-                 for i in range(vocab_size)]
+    [V])`, L the longest token's byte count. From `tokenizer.token_bytes()` (gpt_keras'
+    tokenizers: raw bytes), else from one `detokenize` call per id; ids beyond the tokenizer's
+    vocabulary (a padded model vocabulary) have no bytes."""
+    if hasattr(tokenizer, "token_bytes"):
+        texts = tokenizer.token_bytes()
+    else:
+        texts = []
+        for i in range(vocab_size):
+            text = tokenizer.detokenize(tf.constant([i], tf.int32))
+            texts.append(bytes(text.numpy() if hasattr(text, "numpy") else text))
+    texts = (list(texts) + [b""] * vocab_size)[:vocab_size]
     lengths = np.array([len(t) for t in texts], np.int32)
     table = np.zeros([vocab_size, max(1, lengths.max())], np.uint8)
     for i, text in enumerate(texts):

@@ -17,11 +17,17 @@ Signatures of the `.tflite` file (ids int32, other floats float32; every input i
   `max_new_tokens` `[]`, `temperature` `[]` (0 = greedy), `top_k` `[]` (0 = no cut), `top_p`
   `[]` (1 = no cut), `seed` `[2]` (a 62-bit seed s as `[s >> 31, s & 0x7FFFFFFF]`: `[0, s]`
   for s < 2**31), `offset` `[]` (absolute position of the prompt's first token; it only moves
-  the random numbers), `stop_token_ids` `[n]` (-1 entries ignored) → `new_token_ids` `[B, N]`
-  (-1 after a row's last id; a stop token is not returned), `num_new_tokens` `[B]`, and the
-  window to continue from: `window_ids` `[B, W]`, `window_lengths` `[B]`, `window_offset` `[]`
-  (pass them as `token_ids`, `lengths` and `offset` of the next call, as `TFLiteGenerator` does
+  the random numbers), `stop_token_ids` `[n]` (-1 entries ignored), the steering knobs of
+  `gpt_keras.decoding` (`repetition_penalty` `[]`, `min_new_tokens` `[]`, `banned_token_ids`
+  `[n]` and `bias_token_ids` `[m]` with -1 entries ignored, `bias_values` `[m]`,
+  `stop_strings` `[n, MAX_STOP_BYTES]` UTF-8 bytes with -1 after each one's end) and `tail`
+  `[B, K]` (the stop-string bytes of the previous call: all -1 at the start) →
+  `new_token_ids` `[B, N]` (-1 after a row's last id; a stop token is not returned),
+  `new_token_logprobs` `[B, N]`, `num_new_tokens` `[B]`, `tail`, and the window to continue
+  from: `window_ids` `[B, W]`, `window_lengths` `[B]`, `window_offset` `[]` (pass them as
+  `token_ids`, `lengths` and `offset` of the next call, with `tail`, as `TFLiteGenerator` does
   when it streams). The tokens are those of `gpt_keras.generation.generate` for the same seed.
+  The tokenizer's per-token bytes are stored in the file (stop strings are matched on them).
 
 Prefill and decode positions are shared by the batch (one scalar), as in `GPT.call_with_cache`.
 
@@ -60,16 +66,17 @@ MANIFEST_FORMAT = "gpt_keras.tflite/1"
 FLOAT32_TOLERANCE = 1e-4
 
 
-def convert_to_tflite(model, quantize=None):
+def convert_to_tflite(model, quantize=None, token_bytes=None):
     """The bytes of a `.tflite` file with the signatures of the module docstring, converted
     through a SavedModel (`from_concrete_functions` on Keras 3 functions gave uninitialised
     weights) with `TFLITE_BUILTINS` only: conversion fails if an op would need the Flex delegate.
 
     `quantize`: None (float32), "float16" (weights stored in float16) or "int8" (dynamic range:
-    int8 weights, float activations)."""
+    int8 weights, float activations). `token_bytes`: the tokenizer's
+    `decoding.token_byte_table`, stored in the file for stop strings (None: they never match)."""
     _check_quantize(quantize)
     with tempfile.TemporaryDirectory() as directory:
-        _write_archive(model, directory, _device_endpoints(model))
+        _write_archive(model, directory, _device_endpoints(model, token_bytes))
         converter = tf.lite.TFLiteConverter.from_saved_model(
             directory, signature_keys=list(SIGNATURES)
         )
@@ -115,7 +122,8 @@ def export_tflite(run_dir, out_dir, quantize=None, force=False, weights="float32
         raise ValueError(f"{out_dir} exists and is not a directory; choose another --out.")
     model = with_weights(load_model(run_dir), weights)
     tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
-    content = convert_to_tflite(model, quantize)
+    content = convert_to_tflite(
+        model, quantize, decoding.token_byte_table(tokenizer, model.config.vocab_size))
     difference = _logit_difference(content, model)
     if quantize is None and difference > FLOAT32_TOLERANCE:
         raise RuntimeError(
@@ -192,6 +200,8 @@ class TFLiteGenerator:
         self.config = GPTConfig(**self.manifest["config"])
         self.interpreter = Interpreter(model_path=self.path, num_threads=num_threads)
         self._runner = self.interpreter.get_signature_runner(GENERATE_SIGNATURE)
+        self._tail_width = self._runner.get_input_details()["tail"]["shape_signature"][1]
+        self.token_ids, self.logprobs = [], []
 
     def check_source(self, directory):
         """Raises `ValueError` unless `directory` holds this file or is a run directory whose
@@ -214,11 +224,15 @@ class TFLiteGenerator:
                 f"{tokenizer_dir}'s."
             )
 
-    def generate(self, prompt, max_new_tokens, **kwargs):
-        """The generated text (without the prompt) for a `str` prompt; keyword arguments as
-        `stream`, decoded in as few calls as the context allows."""
+    def generate(self, prompt, max_new_tokens, return_logprobs=False, **kwargs):
+        """The generated text (without the prompt) for a `str` prompt, or with `return_logprobs`
+        a `gpt_keras.generation.Completion`; keyword arguments as `stream`, decoded in as few
+        calls as the context allows."""
         kwargs.setdefault("chunk_size", None)
-        return "".join(self.stream(prompt, max_new_tokens, **kwargs))
+        text = "".join(self.stream(prompt, max_new_tokens, **kwargs))
+        if not return_logprobs:
+            return text
+        return generation.Completion(text, self.token_ids, self.logprobs)
 
     def stream(self, prompt, max_new_tokens, *, chunk_size=16, **kwargs):
         """An iterator over the new text of `prompt` (a `str`), never half a character. As
@@ -232,47 +246,62 @@ class TFLiteGenerator:
             ids = [end_of_text]
         if end_of_text is not None:
             kwargs.setdefault("stop_token_ids", (end_of_text,))
+        stop_strings = decoding.check_stop_strings(kwargs.get("stop_strings", ()))
         chunks = self.stream_ids(ids, max_new_tokens, chunk_size=chunk_size, **kwargs)
-        return self._texts(chunks, generation.IncrementalText(self._bytes, ()))
+        return self._texts(chunks, generation.IncrementalText(self._bytes, stop_strings))
 
-    def stream_ids(self, prompt_ids, max_new_tokens, *, chunk_size=None, temperature=1.0,
-                   top_k=None, top_p=None, seed=None, stop_token_ids=()):
+    def stream_ids(self, prompt_ids, max_new_tokens, *, chunk_size=None, **knobs):
         """An iterator over lists of new ids after one prompt (a sequence of ids), `chunk_size`
-        (None: all) per interpreter call. Arguments as `gpt_keras.generation.generate` (checked
-        here, before iteration); a stop token ends the generation and is dropped."""
+        (None: all) per interpreter call. Knobs as `gpt_keras.generation.generate` (checked
+        here, before iteration): `temperature`, `top_k`, `top_p`, `seed`, `stop_token_ids`,
+        `repetition_penalty`, `min_new_tokens`, `banned_token_ids`, `logit_bias`,
+        `stop_strings`; a stop token ends the generation and is dropped, a stop string ends it
+        after the token that completed it. `self.token_ids` and `self.logprobs` hold the ids
+        yielded so far and their log-probabilities."""
         context, vocab_size = self.config.context_length, self.config.vocab_size
         (prompt,), _, max_new_tokens, chunk_size = decoding.check_arguments(
             [prompt_ids], None, max_new_tokens, chunk_size, vocab_size
         )
-        knobs, stop_ids = decoding.knobs(vocab_size, temperature, top_k, top_p, seed,
-                                         stop_token_ids)
+        checked = decoding.check_knobs(vocab_size, **knobs)
+        seed = checked["seed"]
         feeds = {
-            "temperature": np.float32(knobs["temperature"]),
-            "top_k": np.int32(knobs["top_k"]),
-            "top_p": np.float32(knobs["top_p"]),
-            "seed": np.asarray(knobs["seed"], np.int32),
-            "stop_token_ids": np.array(sorted(stop_ids) or [-1], np.int32),
+            "temperature": np.float32(checked["temperature"]),
+            "top_k": np.int32(checked["top_k"]),
+            "top_p": np.float32(checked["top_p"]),
+            "seed": np.array([seed >> 31, seed & 0x7FFFFFFF], np.int32),
+            "stop_token_ids": np.array(checked["stop_token_ids"] or [-1], np.int32),
+            "repetition_penalty": np.float32(checked["repetition_penalty"]),
+            "min_new_tokens": np.int32(checked["min_new_tokens"]),
+            "banned_token_ids": np.array(checked["banned_token_ids"] or [-1], np.int32),
+            "bias_token_ids": np.array(checked["bias_token_ids"] or [-1], np.int32),
+            "bias_values": np.array(checked["bias_values"] or [0.0], np.float32),
+            "stop_strings": checked["stop_strings"],
         }
         (prompt,) = decoding.crop_prompts([prompt], context, context)
+        self.token_ids, self.logprobs = [], []
         return self._calls(prompt, max_new_tokens, chunk_size, feeds)
 
     def _calls(self, window, remaining, chunk_size, feeds):
         offset = 0  # absolute position of window[0]
+        tail = np.full([1, self._tail_width], -1, np.int32)  # no new text yet
         while remaining > 0:
             count = min(remaining, chunk_size or remaining)
             out = self._runner(
                 token_ids=np.asarray([window], np.int32),
                 lengths=np.array([len(window)], np.int32),
-                max_new_tokens=np.int32(count), offset=np.int32(offset), **feeds,
+                max_new_tokens=np.int32(count), offset=np.int32(offset), tail=tail, **feeds,
             )
-            new = out["new_token_ids"][0, : out["num_new_tokens"][0]].tolist()
+            emitted = out["num_new_tokens"][0]
+            new = out["new_token_ids"][0, :emitted].tolist()
+            self.token_ids.extend(new)
+            self.logprobs.extend(out["new_token_logprobs"][0, :emitted].tolist())
             if new:
                 yield new
-            if len(new) < count:  # a stop token ended the row
+            if len(new) < count:  # a stop token or string ended the row
                 return
             remaining -= count
             window = out["window_ids"][0, : out["window_lengths"][0]]
-            offset = int(out["window_offset"])
+            offset, tail = int(out["window_offset"]), out["tail"]
 
     @staticmethod
     def _texts(chunks, row):
@@ -292,10 +321,14 @@ class TFLiteGenerator:
 # Helpers
 
 
-def _device_endpoints(model):
-    """`{signature: (function, input specs)}` of the module docstring."""
+def _device_endpoints(model, token_bytes=None):
+    """`{signature: (function, input specs)}` of the module docstring (`token_bytes`: see
+    `convert_to_tflite`)."""
     config = model.config
     context, vocab_size = config.context_length, config.vocab_size
+    if token_bytes is None:
+        token_bytes = (np.zeros([vocab_size, 1], np.uint8), np.zeros([vocab_size], np.int32))
+    tail_width = decoding.MAX_STOP_BYTES - 1 + token_bytes[0].shape[1]
 
     def logits(token_ids):
         return {"logits": model(token_ids, training=False)}
@@ -311,22 +344,30 @@ def _device_endpoints(model):
         return {"logits": step_logits[:, 0], "cache": cache}
 
     def generate(token_ids, lengths, max_new_tokens, temperature, top_k, top_p, seed, offset,
-                 stop_token_ids):
+                 stop_token_ids, repetition_penalty, min_new_tokens, banned_token_ids,
+                 bias_token_ids, bias_values, stop_strings, tail):
         knobs = decoding.knobs_in_graph(
-            vocab_size, temperature, top_k, top_p, seed, stop_token_ids
+            vocab_size, temperature, top_k, top_p, seed, stop_token_ids,
+            repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
+            banned_token_ids=banned_token_ids, bias_token_ids=bias_token_ids,
+            bias_values=bias_values, stop_strings=stop_strings,
+            token_bytes=tuple(tf.constant(table) for table in token_bytes),
         )
         # A static cache length: the loop's shapes stay fixed in the interpreter.
         state = decoding.generate_in_graph(
             model, token_ids, lengths, max_new_tokens, knobs, cache_length=context, offset=offset,
             in_place=False,  # InplaceUpdate is not a TFLite builtin
+            tail=tail,
         )
         window_ids, window_lengths, window_offset = decoding.resume_window(state)
         return {
             "new_token_ids": state["out"],
+            "new_token_logprobs": state["logprobs"],
             "num_new_tokens": state["emitted"],
             "window_ids": window_ids,
             "window_lengths": window_lengths,
             "window_offset": window_offset,
+            "tail": state["tail"],
         }
 
     return {
@@ -345,6 +386,13 @@ def _device_endpoints(model):
             _ids("seed", (2,)),
             _ids("offset", ()),
             _ids("stop_token_ids", (None,)),
+            tf.TensorSpec((), tf.float32, name="repetition_penalty"),
+            _ids("min_new_tokens", ()),
+            _ids("banned_token_ids", (None,)),
+            _ids("bias_token_ids", (None,)),
+            tf.TensorSpec((None,), tf.float32, name="bias_values"),
+            _ids("stop_strings", (None, decoding.MAX_STOP_BYTES)),
+            _ids("tail", (None, tail_width)),
         ]),
     }
 

@@ -10,6 +10,7 @@ import random
 import shutil
 import tempfile
 import time
+import zipfile
 from typing import Optional
 
 import keras
@@ -120,8 +121,16 @@ def read_run_config(directory):
     if not os.path.isfile(path):
         raise ValueError(f"{directory} is not a gpt_keras run directory (no run.json). "
                          "Pass the --run-dir of a `gpt-keras train` run.")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); restore it from a copy of the "
+                         "run or train a new run.") from None
+    if not isinstance(settings, dict) or not isinstance(settings.get("model"), dict):
+        raise ValueError(f"{path} has no \"model\" settings object; it is not a gpt_keras "
+                         "run.json.")
+    return settings
 
 
 def load_model(directory):
@@ -130,7 +139,13 @@ def load_model(directory):
     settings = read_run_config(directory)
     model_path = os.path.join(directory, "model.keras")
     if os.path.isfile(model_path):
-        return keras.saving.load_model(model_path, compile=False)
+        try:
+            return keras.saving.load_model(model_path, compile=False)
+        except (OSError, ValueError, zipfile.BadZipFile) as error:
+            raise ValueError(f"{model_path} cannot be read ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else ''}): it is damaged "
+                             "or truncated. Delete it to load the newest checkpoint instead, or "
+                             "restore it.") from None
     model = GPT(**settings["model"])
     model.build()
     newest, _ = checkpoints.load_newest(os.path.join(directory, "checkpoints"), model)

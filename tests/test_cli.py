@@ -63,7 +63,32 @@ def test_prompt_from_stdin_and_several_samples(run_dir, capsys, monkeypatch):
     assert out.count("--- sample") == 2 and out.count("\nKING") == 2
 
 
+def test_steering_flags_give_text_generators_text_and_logprobs(run_dir, capsys):
+    """--repetition-penalty, --min-new-tokens, --ban, --stop and --logprobs."""
+    generator = TextGenerator(load_model(run_dir), load_tokenizer(os.path.join(run_dir,
+                                                                               "tokenizer")))
+    steering = dict(temperature=0.8, seed=2, repetition_penalty=1.3, min_new_tokens=4,
+                    banned_token_ids=[1, 5])
+    full = generator.generate("ROMEO:", 30, **steering)
+    stop = full[10:12]
+    expected = generator.generate("ROMEO:", 30, stop_strings=[stop], return_logprobs=True,
+                                  **steering)
+    assert expected.text == full[: full.index(stop)]
+    args = [run_dir, "--prompt", "ROMEO:", "--max-new-tokens", "30", "--temperature", "0.8",
+            "--seed", "2", "--repetition-penalty", "1.3", "--min-new-tokens", "4", "--ban", "1",
+            "--ban", "5", "--stop", stop]
+    assert generate(capsys, *args) == "ROMEO:" + expected.text + "\n"
+    main(["generate", *args, "--logprobs"])
+    out, err = capsys.readouterr()
+    assert out == "ROMEO:" + expected.text + "\n"
+    rows = [line.split("\t") for line in err.splitlines()[1:]]  # after the compiling note
+    assert [int(row[0]) for row in rows] == expected.token_ids
+    np.testing.assert_allclose([float(row[1]) for row in rows], expected.logprobs, atol=1e-4)
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--repetition-penalty", "0"], "argument --repetition-penalty: expected a number > 0, "
+                                    "received 0"),
     (["--top-k", "-1"], "argument --top-k: expected an integer >= 0, received -1"),
     (["--top-p", "1.5"], "argument --top-p: expected a number in (0, 1], received 1.5"),
     (["--top-p", "0"], "argument --top-p: expected a number in (0, 1], received 0"),
@@ -78,6 +103,18 @@ def test_bad_knobs_are_one_line_errors_before_anything_is_printed(run_dir, capsy
     captured = capsys.readouterr()
     assert exit_info.value.code == 2 and captured.out == ""
     assert captured.err == f"gpt-keras: error: {message} (see `gpt-keras generate -h`)\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stop", "x" * 65], "Pass at most 8"),
+    (["--ban", "9999"], "must be ids in [0, "),
+])
+def test_bad_steering_values_are_one_line_errors(run_dir, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", run_dir, "--prompt", "ROMEO:", *args])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == ""
+    assert err.splitlines()[-1].startswith("gpt-keras: error: ") and message in err
 
 
 def test_generate_notes_compiling_and_a_long_prompt_in_one_line_each(run_dir, capsys):
@@ -129,7 +166,8 @@ def test_evaluate_defaults_to_the_runs_validation_split_with_progress(run_dir, c
 def test_every_option_has_help_and_the_help_has_examples(capsys):
     parser = cli.build_parser()
     subcommands = parser._subparsers._group_actions[0].choices
-    assert set(subcommands) == {"train", "evaluate", "generate", "convert", "export", "serve"}
+    assert set(subcommands) == {"train", "evaluate", "generate", "attention", "convert", "export",
+                                "serve"}
     for name, command in subcommands.items():
         for action in command._actions:
             assert action.help, (name, action.dest)

@@ -17,5 +17,6 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert namespace["classifier"].output_shape == (None, 2)
     assert [len(row) for row in namespace["ids"]] == [5, 5]
     assert isinstance(namespace["text"], str)
-    assert namespace["attention"].shape == (1, 2, 2, 3, 3)
+    assert namespace["attention_scores"].shape == (1, 2, 2, 3, 3)  # [B, L, H, T, T]
+    assert namespace["maps"].scores.shape == (2, 2, 7, 7)
     assert [len(score.token_log_probs) for score in namespace["scores"]] == [3, 3]

@@ -10,6 +10,7 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 
 from gpt_keras import GPT, generation
+from gpt_keras.decoding import MAX_STOP_BYTES
 from gpt_keras.cli import main
 from gpt_keras.config import num_parameters
 from gpt_keras.tflite import (
@@ -55,13 +56,18 @@ def ids(shape, seed, vocab_size):
     return np.random.default_rng(seed).integers(0, vocab_size, shape).astype(np.int32)
 
 
-def generate_inputs(token_ids, lengths, max_new_tokens):
-    """Greedy inputs of the `generate` signature (no stop token)."""
+def generate_inputs(runner, token_ids, lengths, max_new_tokens):
+    """Greedy inputs of `runner`, a `generate` signature (no stop token, steering off)."""
+    tail_width = runner.get_input_details()["tail"]["shape_signature"][1]
     return dict(
         token_ids=token_ids, lengths=np.array(lengths, np.int32),
         max_new_tokens=np.int32(max_new_tokens), temperature=np.float32(0), top_k=np.int32(0),
         top_p=np.float32(1), seed=np.zeros([2], np.int32), offset=np.int32(0),
-        stop_token_ids=np.array([-1], np.int32),
+        stop_token_ids=np.array([-1], np.int32), repetition_penalty=np.float32(1),
+        min_new_tokens=np.int32(0), banned_token_ids=np.array([-1], np.int32),
+        bias_token_ids=np.array([-1], np.int32), bias_values=np.zeros([1], np.float32),
+        stop_strings=np.full([1, MAX_STOP_BYTES], -1, np.int32),
+        tail=np.full([len(token_ids), tail_width], -1, np.int32),
     )
 
 
@@ -128,7 +134,8 @@ def test_learned_positions_convert_and_decode_like_keras():
     np.testing.assert_allclose(out["logits"], expected[:, 6], atol=1e-4)
     padded = np.zeros([1, CONTEXT], np.int32)
     padded[0, :10] = tokens[0]
-    out = interpreter.get_signature_runner(GENERATE_SIGNATURE)(**generate_inputs(padded, [10], 6))
+    runner = interpreter.get_signature_runner(GENERATE_SIGNATURE)
+    out = runner(**generate_inputs(runner, padded, [10], 6))
     np.testing.assert_array_equal(
         out["new_token_ids"],
         generation.generate(model, tokens, 6, temperature=0, jit_compile=False),
@@ -141,9 +148,8 @@ def test_generate_signature_decodes_a_ragged_batch_in_one_call(run):
     padded = np.zeros([2, 7], np.int32)  # any width up to the context
     for row, prompt in zip(padded, prompts):
         row[: len(prompt)] = prompt
-    out = interpreter.get_signature_runner(GENERATE_SIGNATURE)(
-        **generate_inputs(padded, [5, 2], 9)
-    )
+    runner = interpreter.get_signature_runner(GENERATE_SIGNATURE)
+    out = runner(**generate_inputs(runner, padded, [5, 2], 9))
     expected = generation.generate(model, prompts, 9, temperature=0, jit_compile=False)
     np.testing.assert_array_equal(out["num_new_tokens"], [9, 9])
     np.testing.assert_array_equal(out["new_token_ids"], expected)
@@ -203,6 +209,30 @@ def test_generated_text_equals_text_generator(run):
     assert generator.generate("ROMEO:", 30, temperature=0) == expected
     assert "".join(generator.stream("ROMEO:", 30, temperature=0, chunk_size=4)) == expected
     assert len(expected) > 0
+
+
+STEERING = dict(repetition_penalty=1.4, min_new_tokens=5, banned_token_ids=[1, 2],
+                logit_bias={3: 1.0, 4: -2.0}, temperature=0.9, top_k=8, seed=5)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_steering_knobs_and_logprobs_equal_keras(run, chunk_size):
+    """Past the context (the penalty's window slides) and across calls (the stop-string bytes
+    carry over in `tail`)."""
+    _, path, model, _ = run
+    generator = TFLiteGenerator(path)
+    prompt = ids((6,), 2, model.config.vocab_size).tolist()
+    expected, logprobs = generation.generate(model, prompt, 40, jit_compile=False,
+                                             return_logprobs=True, **STEERING)
+    assert sum(generator.stream_ids(prompt, 40, chunk_size=chunk_size, **STEERING), []) == expected
+    np.testing.assert_allclose(generator.logprobs, logprobs, atol=1e-4)
+    text_generator = generation.TextGenerator(model, generator.tokenizer, jit_compile=False)
+    full = text_generator.generate("ROMEO:", 40, **STEERING)
+    stop = full[20:22]  # a stop string the steered text reaches mid-way
+    expected = text_generator.generate("ROMEO:", 40, stop_strings=[stop], **STEERING)
+    assert expected == full[: full.index(stop)]
+    assert generator.generate("ROMEO:", 40, chunk_size=chunk_size, stop_strings=[stop],
+                              **STEERING) == expected
 
 
 def test_cli_generate_with_tflite_prints_the_keras_greedy_text(run, capsys):

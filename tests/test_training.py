@@ -19,11 +19,12 @@ import pytest
 from gpt_keras import GPT, GPTConfig, checkpoints
 from gpt_keras.callbacks import RunState, StopOnNaN
 from gpt_keras.cli import main
-from gpt_keras.distribute import TrainingGPT
 from gpt_keras.data import TokenFile
+from gpt_keras.distribute import TrainingGPT
+from gpt_keras.tokenizers import CharTokenizer
 from gpt_keras.training import (
-    Run, TrainConfig, _score, build_optimizer, decay_groups, evaluate, learning_rate_schedule,
-    load_model, train,
+    Run, TrainConfig, _score, build_optimizer, create_run, decay_groups, evaluate,
+    learning_rate_schedule, load_model, train,
 )
 from tests.conftest import SHAKESPEARE
 
@@ -683,3 +684,19 @@ def test_train_restores_the_dtype_policy_and_random_states(corpus, tmp_path):
     assert (policy.name, policy.optimizer) == ("mixed_float16", "LossScaleOptimizer")
     assert keras.config.dtype_policy().name == "mixed_bfloat16"
     assert (random.random(), np.random.random()) == expected
+
+
+def test_a_damaged_run_json_or_model_keras_is_named(tmp_path):
+    model = GPT(**dataclasses.asdict(TINY_MODEL))
+    model.build()
+    run_dir = str(tmp_path / "run")
+    create_run(run_dir, model, CharTokenizer.train("abc"), {"test": "damage"})
+    model_path = os.path.join(run_dir, "model.keras")
+    with open(model_path, "r+b") as f:
+        f.truncate(os.path.getsize(model_path) // 2)
+    with pytest.raises(ValueError, match="model.keras cannot be read .* damaged or truncated"):
+        load_model(run_dir)
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match="run.json is not valid JSON"):
+        load_model(run_dir)

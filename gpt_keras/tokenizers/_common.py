@@ -104,6 +104,11 @@ class Tokenizer(tf.Module):
         ids = ids.with_row_splits_dtype(tf.int64)
         return self._detokenize_batch(ids.with_flat_values(tf.cast(ids.flat_values, tf.int32)))
 
+    def token_bytes(self):
+        """Every id's own bytes, a list of `vocab_size` `bytes` (raw: a byte-level piece of a
+        multi-byte character is not replaced by U+FFFD, unlike in `detokenize`)."""
+        return [bytes(b) for b in self._token_strings.numpy()[: self.vocab_size]]
+
     def to_json(self):
         """The bytes `save` writes: canonical JSON, so equal vocabularies hash equally."""
         payload = {"kind": self.kind, "version": FORMAT_VERSION, **self._payload()}
