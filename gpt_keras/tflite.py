@@ -284,12 +284,15 @@ class TFLiteGenerator:
     def _calls(self, window, remaining, chunk_size, feeds):
         offset = 0  # absolute position of window[0]
         tail = np.full([1, self._tail_width], -1, np.int32)  # no new text yet
+        min_new_tokens = int(feeds.pop("min_new_tokens"))
         while remaining > 0:
             count = min(remaining, chunk_size or remaining)
             out = self._runner(
                 token_ids=np.asarray([window], np.int32),
                 lengths=np.array([len(window)], np.int32),
-                max_new_tokens=np.int32(count), offset=np.int32(offset), tail=tail, **feeds,
+                max_new_tokens=np.int32(count), offset=np.int32(offset), tail=tail,
+                # Each call counts its new tokens from 0: ask for those still missing.
+                min_new_tokens=np.int32(max(0, min_new_tokens - len(self.token_ids))), **feeds,
             )
             emitted = out["num_new_tokens"][0]
             new = out["new_token_ids"][0, :emitted].tolist()

@@ -10,13 +10,6 @@ import tempfile
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def _as_fds_3_and_4(read, write):
-    """In the child: `read` becomes fd 3 and `write` fd 4 (copied first, in case they are)."""
-    read, write = os.dup(read), os.dup(write)
-    os.dup2(read, 3)
-    os.dup2(write, 4)
-
-
 class Browser:
     """`with Browser() as browser: page = browser.open(url)`; see `Page`."""
 
@@ -25,12 +18,13 @@ class Browser:
         to_browser_read, self._to_browser = os.pipe()
         self._from_browser, from_browser_write = os.pipe()
         # The child's fd 3 reads our commands, its fd 4 writes the replies.
+        # The shell puts the two pipe ends on fds 3 and 4 (`pass_fds` keeps them open for it).
         self._process = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
+            ["sh", "-c", f'exec "$0" "$@" 3<&{to_browser_read} 4>&{from_browser_write}', CHROMIUM,
+             "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
              f"--user-data-dir={self._profile}", "--no-first-run", "about:blank"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            pass_fds=(3, 4), preexec_fn=lambda: _as_fds_3_and_4(to_browser_read,
-                                                                from_browser_write),
+            pass_fds=(to_browser_read, from_browser_write),
         )
         os.close(to_browser_read)
         os.close(from_browser_write)
@@ -113,7 +107,7 @@ class Page:
         """A real mouse click (pressed and released) at the centre of the first match."""
         box = self.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
                             ".getBoundingClientRect(); return [r.x + r.width / 2, "
-                            "r.y + r.height / 2]; }})()")
+                            "r.y + r.height / 2]; })()")
         for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
             self.browser.send("Input.dispatchMouseEvent", self.session, type=kind, x=box[0],
                               y=box[1], button="left", clickCount=1)
