@@ -5,9 +5,19 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+_LAUNCHER = """
+import fcntl, os, sys
+# Copies at fds >= 10 first (a plain dup could land on 3 or 4, and dup2 onto itself would leave
+# the copy close-on-exec), then inheritable copies at 3 and 4.
+read, write = (fcntl.fcntl(int(fd), fcntl.F_DUPFD_CLOEXEC, 10) for fd in sys.argv[1:3])
+os.dup2(read, 3)
+os.dup2(write, 4)
+os.execv(sys.argv[3], sys.argv[3:])
+"""
 
 
 class Browser:
@@ -17,11 +27,11 @@ class Browser:
         self._profile = tempfile.mkdtemp(prefix="chromium-")
         to_browser_read, self._to_browser = os.pipe()
         self._from_browser, from_browser_write = os.pipe()
-        # The child's fd 3 reads our commands, its fd 4 writes the replies.
-        # The shell puts the two pipe ends on fds 3 and 4 (`pass_fds` keeps them open for it).
+        # Chromium reads our commands on its fd 3 and writes replies on its fd 4: a small Python
+        # launcher moves the pipe ends there (a shell cannot name fds above 9), then execs it.
         self._process = subprocess.Popen(
-            ["sh", "-c", f'exec "$0" "$@" 3<&{to_browser_read} 4>&{from_browser_write}', CHROMIUM,
-             "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
+            [sys.executable, "-c", _LAUNCHER, str(to_browser_read), str(from_browser_write),
+             CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
              f"--user-data-dir={self._profile}", "--no-first-run", "about:blank"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             pass_fds=(to_browser_read, from_browser_write),

@@ -77,7 +77,6 @@ def test_steering_flags_give_text_generators_text_and_logprobs(run_dir, capsys):
     args = [run_dir, "--prompt", "ROMEO:", "--max-new-tokens", "30", "--temperature", "0.8",
             "--seed", "2", "--repetition-penalty", "1.3", "--min-new-tokens", "4", "--ban", "1",
             "--ban", "5", "--stop", stop]
-    assert generate(capsys, *args) == "ROMEO:" + expected.text + "\n"
     main(["generate", *args, "--logprobs"])
     out, err = capsys.readouterr()
     assert out == "ROMEO:" + expected.text + "\n"
@@ -135,6 +134,7 @@ def test_generate_on_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert "is not a gpt_keras run directory (no run.json)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluate_prints_all_metrics(run_dir, capsys):
     main(["evaluate", run_dir, "--data", SHAKESPEARE])
     out = capsys.readouterr().out

@@ -88,6 +88,7 @@ def _cli(run_dir, corpus, *extra):
             "--clip-norm", "0.5", "--sample-every", "0", "--dropout", "0", *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_flags", [
     ["--batch-size", "8"],
     ["--batch-size", "4", "--gradient-accumulation-steps", "2"],

@@ -509,6 +509,7 @@ def test_warmup_records_replay_in_the_server_like_process(served, exported, gpt2
     assert served["warmup_records"] == counts and counts[0] > 0
 
 
+@pytest.mark.slow
 def test_export_whose_warmup_fails_is_not_installed(char_run, tmp_path, monkeypatch):
     """A warm-up record the graph rejects (`temperature=-1`) fails the export, as it would fail
     TF Serving's load: no version directory, no temporary directory left."""
@@ -580,6 +581,7 @@ main(["export", sys.argv[1], "--out", sys.argv[2]])
 """
 
 
+@pytest.mark.slow
 def test_killed_export_leaves_no_version_and_rerun_with_force_replaces(char_run, exported,
                                                                        tmp_path):
     base = tmp_path / "models"

@@ -62,6 +62,7 @@ def test_weight_errors_name_the_formats(run):
         with_weights(with_weights(model, "int8"), "bfloat16")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", ["bfloat16", "int8"])
 def test_every_engine_decodes_the_same_greedy_text(run, weights, tmp_path, capsys):
     """In-process (plain graph, and XLA for int8), the exported SavedModel (its export checks

@@ -3,9 +3,12 @@
 import os
 import re
 
+import pytest
+
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 
 
+@pytest.mark.slow
 def test_readme_python_examples_run(tmp_path, monkeypatch):
     with open(README, encoding="utf-8") as f:
         blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)

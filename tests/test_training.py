@@ -263,6 +263,7 @@ def _cli(run_dir, corpus, *extra):
             "--sample-every", "0", *extra]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_on_the_same_trajectory(corpus, tmp_path):
     """A real SIGKILL after the checkpoint of step 15; the same command then finishes the run on
     exactly the loss trajectory and weights of an uninterrupted run (dropout on, so the RNG state
