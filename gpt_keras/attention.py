@@ -106,9 +106,11 @@ def plot_attention(maps, layer=None, head=None, cmap="viridis"):
     rows, columns = (1, 1) if layer is not None else (num_layers, num_heads)
     labels = _drawable(maps.labels)
     fonts = _installed_fonts()
-    cell = max(2.0, 0.22 * length) if layer is None else max(4.0, 0.35 * length)
-    size = 6 if layer is None else 9
-    with plt.rc_context({"font.family": fonts, "font.size": size}):
+    # Inches per heat map: grow with the text, within bounds; labels sized to fit their rows.
+    cell = min(max(2.0, 0.1 * length), 5.0) if layer is None else min(max(4.0, 0.25 * length),
+                                                                       14.0)
+    size = max(3.0, min(9.0, 0.8 * cell * 72 / length))
+    with plt.rc_context({"font.family": fonts, "font.size": size, "axes.titlesize": 9}):
         figure, axes = plt.subplots(rows, columns, figsize=(cell * columns + 1.5, cell * rows),
                                     squeeze=False, constrained_layout=True)
         image = None
