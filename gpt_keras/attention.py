@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from gpt_keras.tokenizers import raw_token_bytes
+
 __all__ = ["AttentionMaps", "attention_maps", "plot_attention", "token_labels",
            "write_attention_page", "write_attention_report"]
 
@@ -56,16 +58,9 @@ def attention_maps(model, tokenizer, text):
 
 
 def token_labels(tokenizer, ids):
-    """One label per token id (see the module docstring): from the tokenizer's raw
-    `token_bytes()` if it has them, else from `detokenize`."""
-    if hasattr(tokenizer, "token_bytes"):
-        table = tokenizer.token_bytes()
-        return [_readable(table[token]) for token in ids]
-    labels = []
-    for token in ids:
-        data = tokenizer.detokenize(np.array([token], np.int32))
-        labels.append(_readable(bytes(data.numpy() if hasattr(data, "numpy") else data)))
-    return labels
+    """One label per token id (see the module docstring), from its raw bytes
+    (`tokenizers.raw_token_bytes`)."""
+    return [_readable(data) for data in raw_token_bytes(tokenizer, ids)]
 
 
 def _readable(data):

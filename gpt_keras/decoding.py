@@ -60,6 +60,7 @@ import tensorflow as tf
 
 from gpt_keras.layers.multi_head_attention import in_place_cache_writes
 from gpt_keras.sampling import sample
+from gpt_keras.tokenizers import raw_token_bytes
 
 __all__ = [
     "MAX_STOP_BYTES", "MAX_STOP_STRINGS", "RULES", "check_arguments", "check_in_graph",
@@ -221,17 +222,8 @@ def check_stop_strings(stop_strings):
 
 def token_byte_table(tokenizer, vocab_size):
     """Every token id's bytes, for stop strings in the graph: `(bytes uint8 [V, L], lengths int32
-    [V])`, L the longest token's byte count. From `tokenizer.token_bytes()` (gpt_keras'
-    tokenizers: raw bytes), else from one `detokenize` call per id; ids beyond the tokenizer's
-    vocabulary (a padded model vocabulary) have no bytes."""
-    if hasattr(tokenizer, "token_bytes"):
-        texts = tokenizer.token_bytes()
-    else:
-        texts = []
-        for i in range(vocab_size):
-            text = tokenizer.detokenize(tf.constant([i], tf.int32))
-            texts.append(bytes(text.numpy() if hasattr(text, "numpy") else text))
-    texts = (list(texts) + [b""] * vocab_size)[:vocab_size]
+    [V])`, L the longest token's byte count (`tokenizers.raw_token_bytes`)."""
+    texts = raw_token_bytes(tokenizer, range(vocab_size))
     lengths = np.array([len(t) for t in texts], np.int32)
     table = np.zeros([vocab_size, max(1, lengths.max())], np.uint8)
     for i, text in enumerate(texts):
@@ -463,16 +455,17 @@ def start(model, prompt, lengths, knobs, max_new_tokens, cache_length, out_width
                       offset, batch_size, tail)
 
 
-def tail_width(knobs):
+def tail_width(longest_token_bytes):
     """K of `state["tail"]`: a stop string ending in a new token's bytes lies in the last K."""
-    return MAX_STOP_BYTES - 1 + (knobs["token_bytes"].shape[1] or tf.shape(knobs["token_bytes"])[1])
+    return MAX_STOP_BYTES - 1 + longest_token_bytes
 
 
 def _start(model, prompt, lengths, knobs, max_new_tokens, cache_length, out_width, offset,
            batch_size, tail):
     batch = batch_size or tf.shape(prompt)[0]
     if tail is None:
-        tail = tf.fill([batch, tail_width(knobs)], -1)
+        table = knobs["token_bytes"]
+        tail = tf.fill([batch, tail_width(table.shape[1] or tf.shape(table)[1])], -1)
     width = cache_length + 1
     tokens = tf.pad(prompt, [[0, 0], [0, width - tf.shape(prompt)[1]]])  # [B, W]
     if isinstance(width, int):  # a static width (a reshape, not ensure_shape: TFLite builtin)

@@ -263,12 +263,11 @@ class TFLiteGenerator:
             [prompt_ids], None, max_new_tokens, chunk_size, vocab_size
         )
         checked = decoding.check_knobs(vocab_size, **knobs)
-        seed = checked["seed"]
         feeds = {
             "temperature": np.float32(checked["temperature"]),
             "top_k": np.int32(checked["top_k"]),
             "top_p": np.float32(checked["top_p"]),
-            "seed": np.array([seed >> 31, seed & 0x7FFFFFFF], np.int32),
+            "seed": decoding.seed_pair(tf.constant(checked["seed"], tf.int64)).numpy(),
             "stop_token_ids": np.array(checked["stop_token_ids"] or [-1], np.int32),
             "repetition_penalty": np.float32(checked["repetition_penalty"]),
             "min_new_tokens": np.int32(checked["min_new_tokens"]),
@@ -331,7 +330,7 @@ def _device_endpoints(model, token_bytes=None):
     context, vocab_size = config.context_length, config.vocab_size
     if token_bytes is None:
         token_bytes = (np.zeros([vocab_size, 1], np.uint8), np.zeros([vocab_size], np.int32))
-    tail_width = decoding.MAX_STOP_BYTES - 1 + token_bytes[0].shape[1]
+    tail_width = decoding.tail_width(token_bytes[0].shape[1])
 
     def logits(token_ids):
         return {"logits": model(token_ids, training=False)}
