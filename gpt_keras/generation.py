@@ -27,16 +27,18 @@ import numbers
 import weakref
 from typing import NamedTuple
 
+import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
-from gpt_keras import decoding, scoring
+from gpt_keras import backends, decoding, scoring
 from gpt_keras.config import num_parameters
 
 __all__ = [
     "AUTO_XLA_MAX_PARAMETERS", "Completion", "IncrementalText", "Score", "Stream",
     "TextGenerator", "bucket",
-    "generate", "resolve_jit_compile", "stream", "tracing_count",
+    "generate", "generate_eager", "resolve_jit_compile", "stream", "tracing_count",
 ]
 
 # Cache and prefill lengths are rounded up (see `bucket`) to at least this, so that nearby
@@ -184,6 +186,64 @@ def stream(
     )
 
 
+def generate_eager(model, prompt_ids, max_new_tokens, *, temperature=0.0, top_k=None,
+                   seed=None):
+    """Greedy or top-k sampling with the KV cache on any Keras backend (TensorFlow, JAX,
+    PyTorch): a Python loop of eager `model.call_with_cache` calls, a prefill and then one call
+    per new token, nothing compiled. `generate` is the compiled TensorFlow loop with every other
+    feature (ragged prompts, stop tokens, top-p, steering, the sliding window).
+
+    Args:
+        model: a built `GPT`.
+        prompt_ids: int `[B, T]`, T ≥ 1, every row a whole prompt (no padding), with
+            `T + max_new_tokens - 1 <= context_length`.
+        max_new_tokens: how many ids to generate per row (≥ 1).
+        temperature: ≥ 0; 0 is greedy (the argmax of each step's logits), otherwise samples from
+            `softmax(logits / temperature)`.
+        top_k: None or 0 (no cut), or sample only among the `top_k` most likely tokens (logits
+            tied with the `top_k`-th are kept, as in `generate`).
+        seed: None or an int: the same seed gives the same tokens on the same backend
+            (`keras.random`; the backends draw different numbers).
+
+    Returns:
+        int32 NumPy `[B, max_new_tokens]`.
+    """
+    checked = decoding.check_knobs(model.config.vocab_size, temperature=temperature,
+                                   top_k=top_k, seed=seed)
+    max_new_tokens = decoding.check_int("max_new_tokens", max_new_tokens, minimum=1)
+    prompt_ids = np.asarray(prompt_ids)
+    if prompt_ids.ndim != 2 or prompt_ids.shape[1] < 1 or prompt_ids.dtype.kind not in "iu":
+        raise ValueError("`prompt_ids` must be integer ids `[batch, time]` with time ≥ 1. "
+                         f"Received: shape {prompt_ids.shape}, dtype {prompt_ids.dtype}")
+    batch_size, length = prompt_ids.shape
+    cache_length = length + max_new_tokens - 1  # the last new token is never fed back
+    if cache_length > model.config.context_length:
+        raise ValueError(
+            f"The prompt ({length} tokens) and max_new_tokens={max_new_tokens} need "
+            f"{cache_length} positions, more than context_length={model.config.context_length}. "
+            "Shorten the prompt or generate fewer tokens (`generate` on TensorFlow slides the "
+            "window instead)."
+        )
+    seeds = keras.random.SeedGenerator(checked["seed"] % (1 << 31))
+
+    def next_ids(logits):  # [B, V] float32 → int32 [B, 1]
+        if checked["temperature"] == 0:
+            return ops.expand_dims(ops.cast(ops.argmax(logits, axis=-1), "int32"), -1)
+        logits = logits / checked["temperature"]
+        if checked["top_k"]:
+            kth = ops.top_k(logits, checked["top_k"], sorted=True)[0][:, -1:]  # [B, 1]
+            logits = ops.where(logits >= kth, logits, float("-inf"))
+        return ops.cast(keras.random.categorical(logits, 1, seed=seeds), "int32")
+
+    cache = model.init_cache(batch_size, cache_length)
+    logits, cache = model.call_with_cache(prompt_ids.astype("int32"), cache, 0)
+    new_ids = [next_ids(logits[:, -1])]
+    for position in range(length, cache_length):
+        logits, cache = model.call_with_cache(new_ids[-1], cache, position)
+        new_ids.append(next_ids(logits[:, -1]))
+    return ops.convert_to_numpy(ops.concatenate(new_ids, axis=1))
+
+
 def tracing_count(model):
     """How many times the generation functions of `model` have been traced (all buckets)."""
     return sum(fn.experimental_get_tracing_count() for fn in _COMPILED.get(model, {}).values())
@@ -242,6 +302,7 @@ _SCORE_FUNCTIONS = weakref.WeakKeyDictionary()
 
 def _score_function(model):
     """`scoring.token_log_probs` as one graph per model for any batch and length."""
+    backends.require_tensorflow("TextGenerator.score", backends.USE_GENERATE_EAGER)
     if model not in _SCORE_FUNCTIONS:
         if not model.built:  # variables cannot be created inside the traced function
             model.build()
@@ -461,6 +522,8 @@ class _Driver:
 
     def __init__(self, model, prompts, max_new_tokens, knob_arguments, lengths, sliding_window,
                  cache_length, jit_compile, chunk_size):
+        backends.require_tensorflow("gpt_keras.generation's compiled decoding loop (generate, "
+                                    "stream, TextGenerator)", backends.USE_GENERATE_EAGER)
         config = model.config
         self.model = model
         context = config.context_length

@@ -4,9 +4,9 @@ import dataclasses
 import math
 
 import keras
-import tensorflow as tf
 from keras import ops
 
+from gpt_keras.backends import host_values
 from gpt_keras.config import POSITION_EMBEDDINGS, GPTConfig
 from gpt_keras.layers._initializers import fresh
 from gpt_keras.layers.multi_head_attention import zero_cache
@@ -22,12 +22,6 @@ from gpt_keras.layers import (
 _INIT_STDDEV = 0.02
 # Base of the rotary embedding's wavelengths (RoFormer, GPT-NeoX, LLaMA).
 _ROTARY_MAX_WAVELENGTH = 10000
-
-
-def _is_concrete(tensor):
-    """True for values whose contents can be read now (eager tensors, NumPy arrays), False for
-    symbolic tensors inside `tf.function`/`fit` or Keras functional graphs."""
-    return tf.executing_eagerly() and not isinstance(tensor, keras.KerasTensor)
 
 
 @keras.saving.register_keras_serializable(package="gpt_keras")
@@ -48,9 +42,13 @@ class GPT(keras.Model):
       `[B, L, 2, H, S, K]` (see `init_cache`); returns `(logits, updated_cache)`.
 
     In eager calls, token ids outside `[0, V)` and sequences longer than the context (or than the
-    cache) raise `ValueError`. Inside `tf.function`/`fit`, a too-long sequence with a static shape
-    still raises at trace time; ids are not checked there (TensorFlow's embedding lookup raises
-    `InvalidArgumentError` on CPU and returns zeros on GPU), so validate data before training.
+    cache) raise `ValueError`. Inside `tf.function`/`fit` (or `jax.jit`), a too-long sequence with
+    a static shape still raises at trace time; ids are not checked there (TensorFlow's embedding
+    lookup raises `InvalidArgumentError` on CPU and returns zeros on GPU), so validate data before
+    training. On JAX and PyTorch, ids are checked when they are on the CPU (read in place); on an
+    accelerator they are not, which would copy them to the host at every call.
+
+    The model runs on every Keras 3 backend (TensorFlow, JAX, PyTorch); `gpt_keras.backends`.
 
     With `position_embedding="sinusoidal"`, token embeddings are scaled by `sqrt(D)` before the
     encoding is added (Vaswani et al.); with `"learned"` they are added as in GPT-2; with
@@ -216,8 +214,9 @@ class GPT(keras.Model):
         `return_hidden_states=True` `(hidden states [B, T, D], updated caches)` (pass the rows
         you need to `project_logits`). A decoding loop that carries the list does not slice and
         re-stack the whole cache at every step (-30% per decoded token, BENCHMARKS.md)."""
-        if _is_concrete(cache_index):
-            start = int(cache_index)
+        start = host_values(cache_index)
+        if start is not None:
+            start = int(start)
             if start < 0:
                 raise ValueError(f"`cache_index` must be >= 0. Received: cache_index={start}")
             limit = min(caches[0].shape[3], self.config.context_length) - start
@@ -302,7 +301,8 @@ class GPT(keras.Model):
 
     def _check_inputs(self, token_ids, limit, limit_name):
         """Raises `ValueError` for sequences longer than `limit` (when the length is known) and,
-        in eager calls, for token ids outside `[0, vocab_size)`."""
+        when the ids can be read without a trace or a device copy (`backends.host_values`),
+        for token ids outside `[0, vocab_size)`."""
         length = token_ids.shape[-1] if len(token_ids.shape) else None
         if len(token_ids.shape) != 2:
             raise ValueError(
@@ -313,8 +313,8 @@ class GPT(keras.Model):
                 f"The sequence has {length} tokens, more than {limit_name}={limit}. "
                 "Pass at most that many tokens (keep the last ones for generation)."
             )
-        if _is_concrete(token_ids) and ops.size(token_ids) > 0:
-            ids = ops.convert_to_numpy(token_ids)
+        ids = host_values(token_ids)
+        if ids is not None and ids.size > 0:
             low, high = ids.min(), ids.max()
             if low < 0 or high >= self.config.vocab_size:
                 bad = low if low < 0 else high

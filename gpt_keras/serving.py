@@ -57,7 +57,7 @@ import numpy as np
 import tensorflow as tf
 
 import gpt_keras
-from gpt_keras import checkpoints, decoding, generation, scoring, warmup
+from gpt_keras import backends, checkpoints, decoding, generation, scoring, warmup
 from gpt_keras.precision import weight_format
 
 SIGNATURES = ("serving_default", "generate", "logits", "score", "tokenize", "detokenize")
@@ -78,6 +78,7 @@ def export_saved_model(run_dir, base_dir, version=None, force=False, weights="fl
     """Exports the model and tokenizer of the run in `run_dir` as `base_dir/<version>/` (see
     `export_model`), with its weights in format `weights` (`gpt_keras.precision`), and returns
     that path."""
+    backends.require_tensorflow("SavedModel export", backends.EXPORT_ELSEWHERE)
     from gpt_keras.precision import with_weights
     from gpt_keras.tokenizers import load_tokenizer
     from gpt_keras.training import load_model, read_run_config
@@ -103,6 +104,7 @@ def export_model(model, tokenizer, base_dir, version=None, force=False, source=N
     in. Temporary directories left by killed exports on this host are removed. `source` (e.g.
     the run directory) is recorded in the manifest.
     """
+    backends.require_tensorflow("SavedModel export", backends.EXPORT_ELSEWHERE)
     vocab_size = model.config.vocab_size
     end_of_text = tokenizer.end_of_text_id
     if tokenizer.vocab_size > vocab_size or not 0 <= end_of_text < vocab_size:

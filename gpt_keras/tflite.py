@@ -48,7 +48,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gpt_keras import decoding, generation
+from gpt_keras import backends, decoding, generation
 from gpt_keras.config import GPTConfig
 
 LOGITS_SIGNATURE = "logits"
@@ -74,6 +74,7 @@ def convert_to_tflite(model, quantize=None, token_bytes=None):
     `quantize`: None (float32), "float16" (weights stored in float16) or "int8" (dynamic range:
     int8 weights, float activations). `token_bytes`: the tokenizer's
     `decoding.token_byte_table`, stored in the file for stop strings (None: they never match)."""
+    backends.require_tensorflow("TFLite export", backends.EXPORT_ELSEWHERE)
     _check_quantize(quantize)
     with tempfile.TemporaryDirectory() as directory:
         _write_archive(model, directory, _device_endpoints(model, token_bytes))
@@ -100,6 +101,7 @@ def export_tflite(run_dir, out_dir, quantize=None, force=False, weights="float32
     that, the file runs in the LiteRT interpreter and its logits are compared with Keras'
     (float32: at most `FLOAT32_TOLERANCE` apart, else `RuntimeError`; quantized files record the
     difference in the manifest)."""
+    backends.require_tensorflow("TFLite export", backends.EXPORT_ELSEWHERE)
     from gpt_keras.tokenizers import load_tokenizer
     from gpt_keras.training import load_model
 

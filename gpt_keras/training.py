@@ -17,6 +17,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from gpt_keras import backends
 from gpt_keras import callbacks as run_callbacks
 from gpt_keras import checkpoints, data, distribute
 from gpt_keras.config import (  # noqa: F401 (TrainConfig: public here too)
@@ -245,6 +246,7 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
     deletes the temporaries of killed writers and completes a run killed after its newest
     checkpoint (`callbacks.finish_checkpoint`).
     """
+    backends.require_tensorflow("gpt_keras.training.train", backends.USE_FIT)
     say = print if verbose else _silent
     strategy = distribute.make_strategy(replicas)  # splits the CPU: before TF runs any op
     if train_config.batch_size % strategy.num_replicas_in_sync:
@@ -530,6 +532,7 @@ def evaluate(run_dir, data_paths=None, batch_size=32, progress=None):
     """Loss (nats/token), perplexity and bits per char/byte of the run's model over all
     non-overlapping context windows of its validation split, or of the text files `data_paths`.
     `progress(batches_done, batches)` is called after each batch."""
+    backends.require_tensorflow("gpt_keras.training.evaluate", backends.USE_FIT)
     model = load_model(run_dir)
     if data_paths is None:
         token_file = _validation_split(run_dir)

@@ -7,6 +7,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from gpt_keras import backends
 from gpt_keras.layers._initializers import fresh
 from gpt_keras.layers.rotary_embedding import RotaryEmbedding
 
@@ -19,8 +20,8 @@ def write_cache(cache, update, index):
     """Writes `update` `[..., T, K]` into `cache` `[..., S, K]` (same leading dimensions) at
     slots `index .. index+T-1` of the second-to-last axis; returns the new cache.
 
-    - Inside an XLA-compiled function (`jit_compile=True`) this is a dynamic-update-slice, which
-      XLA performs in place.
+    - Inside an XLA-compiled function (`jit_compile=True`), and on the JAX and PyTorch backends,
+      this is `keras.ops.slice_update` (a dynamic-update-slice, which XLA performs in place).
     - In other graphs, within `in_place_cache_writes()` (the decoding core, whose caches no one
       else holds), an `InplaceUpdate` of the written rows: O(T) work instead of a copy of the
       whole cache per step, a core op that TF Serving runs with XLA disabled. It changes the
@@ -30,14 +31,15 @@ def write_cache(cache, update, index):
       without XLA nor TFLite can run).
 
     A write that does not fit (`index < 0` or `index + T > S`) raises `InvalidArgumentError`;
-    under XLA, which cannot raise at run time, it writes NaN (so the logits are NaN) rather
-    than clamping a valid-looking write into other slots.
+    under XLA (and on the other backends), which cannot raise at run time, it writes NaN (so the
+    logits are NaN) rather than clamping a valid-looking write into other slots. (`GPT` checks
+    a concrete `cache_index` before calling, with a `ValueError`.)
     """
     index = ops.convert_to_tensor(index, dtype="int32")
     length = ops.shape(cache)[-2]
     new_length = ops.shape(update)[-2]
     fits = ops.logical_and(index >= 0, index + new_length <= length)
-    if _in_xla_compilation():
+    if not backends.is_tensorflow() or _in_xla_compilation():
         # XLA clamps the start of a dynamic-update-slice so that the update fits, and cannot
         # raise at run time: a write that does not fit writes NaN instead, which every later
         # attention read (all S slots enter its einsums) turns into NaN outputs.
@@ -80,7 +82,8 @@ def zero_cache(shape, dtype):
 
 
 def _writes_in_place():
-    """True while tracing a graph inside `in_place_cache_writes()` (never for eager calls)."""
+    """True while tracing a TensorFlow graph inside `in_place_cache_writes()` (never for eager
+    calls)."""
     return getattr(_WRITES, "in_place", False) and not tf.executing_eagerly()
 
 

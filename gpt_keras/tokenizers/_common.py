@@ -11,6 +11,8 @@ import tempfile
 
 import tensorflow as tf
 
+from gpt_keras import backends
+
 FILE_NAME = "tokenizer.json"  # the one file `save(directory)` writes
 FORMAT_VERSION = 1
 END_OF_TEXT = "<|endoftext|>"  # GPT-2's document separator; never produced from input text
@@ -68,6 +70,7 @@ class Tokenizer(tf.Module):
 
     def tokenize(self, strings):
         """Scalar string → int32 `[n]`; `[B]` strings → int32 `tf.RaggedTensor` `[B, None]`."""
+        backends.require_tensorflow("gpt_keras' in-graph tokenizers", backends.TOKENIZE_ELSEWHERE)
         strings = tf.convert_to_tensor(strings, dtype=tf.string)
         if strings.shape.rank == 0:
             return self._tokenize_batch(tf.expand_dims(strings, 0))[0]
@@ -84,6 +87,7 @@ class Tokenizer(tf.Module):
         Ids outside `[0, vocab_size)` (e.g. from a model whose vocabulary was padded) decode to
         U+FFFD; `end_of_text_id` decodes to `<|endoftext|>`.
         """
+        backends.require_tensorflow("gpt_keras' in-graph tokenizers", backends.TOKENIZE_ELSEWHERE)
         if isinstance(ids, (list, tuple)):
             ids = tf.ragged.constant(ids)
         if not isinstance(ids, tf.RaggedTensor):

@@ -1,0 +1,77 @@
+"""What differs between Keras backends, in one place.
+
+`GPT`, its layers and `generation.generate_eager` run on every Keras 3 backend (TensorFlow, JAX,
+PyTorch). The rest of gpt_keras (training runs, `tf.data` pipelines, the in-graph tokenizers,
+the compiled decoding loop, SavedModel and TFLite export) is TensorFlow code and calls
+`require_tensorflow` first. Backend-specific calls in the portable code go through the helpers
+here.
+"""
+
+import numbers
+
+import keras
+import numpy as np
+
+
+# What to do instead, on JAX or PyTorch, for each TensorFlow-only feature.
+USE_FIT = ("Use `model.compile(...)` with `model.fit(...)`/`model.evaluate(...)` directly "
+           "(README, 'Other backends').")
+USE_GENERATE_EAGER = ("Use `gpt_keras.generation.generate_eager(model, prompt_ids, "
+                      "max_new_tokens, temperature=..., top_k=...)` (greedy or top-k sampling "
+                      "with the KV cache).")
+EXPORT_ELSEWHERE = ("Save the model with `model.save('model.keras')` and export it from a "
+                    "process with KERAS_BACKEND=tensorflow.")
+TOKENIZE_ELSEWHERE = ("Tokenize in a process with KERAS_BACKEND=tensorflow (e.g. write the ids "
+                      "to a file), or use any Python tokenizer and pass the model token ids.")
+
+
+def is_tensorflow():
+    """True when Keras runs on TensorFlow (`KERAS_BACKEND=tensorflow`, the default)."""
+    return keras.backend.backend() == "tensorflow"
+
+
+def require_tensorflow(feature, alternative):
+    """Raises `RuntimeError` unless Keras runs on TensorFlow. `feature` names what needs it
+    ("gpt_keras.training"), `alternative` says what to do on the other backends."""
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise RuntimeError(
+            f"{feature} needs the TensorFlow backend (KERAS_BACKEND=tensorflow); Keras is "
+            f"running on {backend}. {alternative}"
+        )
+
+
+def host_values(value):
+    """`value` as a NumPy array when its contents can be read now without copying it off an
+    accelerator, else None.
+
+    Read: Python numbers and lists, NumPy arrays, eager TensorFlow tensors (as before other
+    backends existed: TensorFlow's embedding lookup returns zeros for bad ids on GPU, so those
+    are worth a copy), and eager JAX/PyTorch arrays on the CPU (a view, no copy). Not read:
+    symbolic tensors and tracers (inside `fit`/`predict`, `tf.function`, `jax.jit`,
+    `torch.compile`), and JAX/PyTorch arrays on an accelerator, which reading would copy to the
+    host at every call.
+    """
+    if isinstance(value, (np.ndarray, np.generic, numbers.Number, list, tuple)):
+        return np.asarray(value)
+    if isinstance(value, keras.KerasTensor):
+        return None
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if isinstance(value, tf.Tensor) and tf.executing_eagerly():
+            return value.numpy()
+    elif backend == "jax":
+        import jax
+
+        if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
+            if all(device.platform == "cpu" for device in value.devices()):
+                return np.asarray(value)
+    elif backend == "torch":
+        import torch
+
+        if (isinstance(value, torch.Tensor) and value.device.type == "cpu"
+                and not torch.compiler.is_compiling()):
+            return value.detach().numpy()
+    return None
