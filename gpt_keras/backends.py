@@ -8,6 +8,7 @@ here.
 """
 
 import numbers
+import sys
 
 import keras
 import numpy as np
@@ -56,6 +57,8 @@ def host_values(value):
         return np.asarray(value)
     if isinstance(value, keras.KerasTensor):
         return None
+    # JAX and PyTorch are no dependencies of gpt_keras: a process whose Keras runs on one of
+    # them has imported it, so it is taken from `sys.modules`.
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
@@ -63,14 +66,12 @@ def host_values(value):
         if isinstance(value, tf.Tensor) and tf.executing_eagerly():
             return value.numpy()
     elif backend == "jax":
-        import jax
-
+        jax = sys.modules["jax"]
         if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
             if all(device.platform == "cpu" for device in value.devices()):
                 return np.asarray(value)
     elif backend == "torch":
-        import torch
-
+        torch = sys.modules["torch"]
         if (isinstance(value, torch.Tensor) and value.device.type == "cpu"
                 and not torch.compiler.is_compiling()):
             return value.detach().numpy()

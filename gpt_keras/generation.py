@@ -216,11 +216,11 @@ def generate_eager(model, prompt_ids, max_new_tokens, *, temperature=0.0, top_k=
         raise ValueError("`prompt_ids` must be integer ids `[batch, time]` with time ≥ 1. "
                          f"Received: shape {prompt_ids.shape}, dtype {prompt_ids.dtype}")
     batch_size, length = prompt_ids.shape
-    cache_length = length + max_new_tokens - 1  # the last new token is never fed back
-    if cache_length > model.config.context_length:
+    last_position = length + max_new_tokens - 1  # the last new token is never fed back
+    if last_position > model.config.context_length:
         raise ValueError(
             f"The prompt ({length} tokens) and max_new_tokens={max_new_tokens} need "
-            f"{cache_length} positions, more than context_length={model.config.context_length}. "
+            f"{last_position} positions, more than context_length={model.config.context_length}. "
             "Shorten the prompt or generate fewer tokens (`generate` on TensorFlow slides the "
             "window instead)."
         )
@@ -235,10 +235,11 @@ def generate_eager(model, prompt_ids, max_new_tokens, *, temperature=0.0, top_k=
             logits = ops.where(logits >= kth, logits, float("-inf"))
         return ops.cast(keras.random.categorical(logits, 1, seed=seeds), "int32")
 
-    cache = model.init_cache(batch_size, cache_length)
+    # A full-length cache: every step has the same shapes, whatever the prompt's length.
+    cache = model.init_cache(batch_size)
     logits, cache = model.call_with_cache(prompt_ids.astype("int32"), cache, 0)
     new_ids = [next_ids(logits[:, -1])]
-    for position in range(length, cache_length):
+    for position in range(length, last_position):
         logits, cache = model.call_with_cache(new_ids[-1], cache, position)
         new_ids.append(next_ids(logits[:, -1]))
     return ops.convert_to_numpy(ops.concatenate(new_ids, axis=1))
