@@ -90,13 +90,18 @@ def test_cache_writes_equal_numpy_on_every_path():
 
 
 def test_fit_lowers_the_loss_and_predict_equals_call():
+    """`fit` on NumPy arrays and on a `tf.data` dataset (the README's quickstart; Keras feeds
+    it to every backend)."""
+    import tensorflow as tf
+
     model = tiny_model(position_embedding="rotary")
     ids = random_ids((4, 17))
     inputs, targets = ids[:, :-1], ids[:, 1:]
     model.compile(optimizer=keras.optimizers.Adam(1e-2),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    history = model.fit(inputs, targets, batch_size=4, epochs=8, verbose=0)
-    losses = history.history["loss"]
+    losses = model.fit(inputs, targets, batch_size=4, epochs=4, verbose=0).history["loss"]
+    dataset = tf.data.Dataset.from_tensors((inputs, targets)).repeat(4)
+    losses += model.fit(dataset, epochs=1, verbose=0).history["loss"]
     assert losses[0] > 3.5  # about ln(64) at initialisation
     assert losses[-1] < losses[0] - 1.0
     np.testing.assert_allclose(model.predict(inputs, verbose=0), numpy(model(inputs)),
