@@ -14,9 +14,14 @@ XLA; JAX → `jax.jit` (XLA); PyTorch → eager (no `torch.compile`). TensorFlow
 `jit_compile=True` (what `gpt-keras train` uses) is measured beside them. Every process first
 runs a one-step `fit` (tracing and compiling: "first step") and a warm-up `fit`, then waits; the
 parent lets one process at a time run one `fit` of `--steps` steps per round, in an order that
-rotates every round, so no two compete for the CPU. Step times are start-to-start from an
-`on_train_batch_begin` callback, without each `fit`'s first step; the process's CPU time and the
-wall time of the same span are reported too (CPU / wall > 1 means more than one busy core). The
+rotates every round, so no two compete for the CPU. Step time: from an
+`on_train_batch_begin` callback at the second step to the return of `fit` (JAX dispatches
+steps asynchronously; `fit` returns when they are done), divided by `--steps - 1`; the process's
+CPU time and the wall time of whole `fit` calls are reported too (CPU / wall > 1 means more than
+one busy core). PyTorch runs twice: with its default intra-op threads (one per core) and with
+one thread (`torch.set_num_threads(1)`): on a loaded machine its spinning OpenMP threads wait
+for each other at every op (a 4-step `fit` took 51 s with 2 threads and 1.8 s with 1 at load
+11 on 2 cores). The
 load average is read before every round: the machine is shared, so compare ratios (per-round
 ratios to TensorFlow, median over rounds), not absolute figures.
 """
@@ -31,22 +36,26 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {  # name → (KERAS_BACKEND, jit_compile)
-    "tensorflow": ("tensorflow", "auto"),
-    "tensorflow-xla": ("tensorflow", True),
-    "jax": ("jax", "auto"),
-    "torch": ("torch", "auto"),
+CONFIGS = {  # name → (KERAS_BACKEND, jit_compile, PyTorch intra-op threads: None = its default)
+    "tensorflow": ("tensorflow", "auto", None),
+    "tensorflow-xla": ("tensorflow", True, None),
+    "jax": ("jax", "auto", None),
+    "torch": ("torch", "auto", None),
+    "torch-1-thread": ("torch", "auto", 1),
 }
 BATCH, CONTEXT, VOCAB = 12, 64, 65
 READY = "@@ready"
 
 
-def child(jit_compile, steps):
+def child(jit_compile, threads, steps):
     """Builds and warms up the model, then runs one `fit` of `steps` steps per line on stdin."""
     import keras
     import numpy as np
 
     from gpt_keras import GPT
+
+    if threads:
+        sys.modules["torch"].set_num_threads(threads)
 
     keras.utils.set_random_seed(0)
     model = GPT.from_preset("shakespeare-char", vocab_size=VOCAB)
@@ -55,7 +64,7 @@ def child(jit_compile, steps):
                   jit_compile=jit_compile)
     tokens = np.random.default_rng(0).integers(0, VOCAB, (steps * BATCH, CONTEXT + 1))
     inputs, targets = tokens[:, :-1].astype("int32"), tokens[:, 1:].astype("int32")
-    starts = []
+    starts, end = [], []
     clock = keras.callbacks.LambdaCallback(
         on_train_batch_begin=lambda batch, logs: starts.append(time.perf_counter()))
 
@@ -64,6 +73,7 @@ def child(jit_compile, steps):
         wall, cpu = time.perf_counter(), time.process_time()
         model.fit(inputs[: n * BATCH], targets[: n * BATCH], batch_size=BATCH, epochs=1,
                   verbose=0, shuffle=False, callbacks=[clock])
+        end[:] = [time.perf_counter()]
         return time.perf_counter() - wall, time.process_time() - cpu
 
     first_step, _ = run(1)
@@ -73,9 +83,10 @@ def child(jit_compile, steps):
           flush=True)
     for _ in sys.stdin:
         wall, cpu = run(steps)
-        steps_s = [b - a for a, b in zip(starts[1:], starts[2:])]  # without the first step
-        print(json.dumps({"step_s": statistics.median(steps_s), "wall": wall, "cpu": cpu}),
-              flush=True)
+        # From the second step's start to the end of `fit` (JAX dispatches steps asynchronously;
+        # `fit` returns once the last one is done).
+        step_s = (end[0] - starts[1]) / (steps - 1)
+        print(json.dumps({"step_s": step_s, "wall": wall, "cpu": cpu}), flush=True)
 
 
 def main():
@@ -84,11 +95,12 @@ def main():
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
     processes, started = {}, {}
-    for name, (backend, jit_compile) in CONFIGS.items():
+    for name, (backend, jit_compile, threads) in CONFIGS.items():
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3",
                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         processes[name] = subprocess.Popen(
-            [sys.executable, __file__, "--child", json.dumps(jit_compile), str(args.steps)],
+            [sys.executable, __file__, "--child", json.dumps(jit_compile), str(threads or 0),
+             str(args.steps)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         started[name] = _read(processes[name])  # one at a time: compiles do not overlap
     names = list(CONFIGS)
@@ -141,8 +153,8 @@ def _report(started, rounds, args):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
         sys.path.insert(0, str(ROOT))
-        child(json.loads(sys.argv[2]), int(sys.argv[3]))
+        child(json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
     else:
         main()

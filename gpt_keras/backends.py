@@ -46,26 +46,28 @@ def host_values(value):
     """`value` as a NumPy array when its contents can be read now without copying it off an
     accelerator, else None.
 
-    Read: Python numbers and lists, NumPy arrays, eager TensorFlow tensors (as before other
-    backends existed: TensorFlow's embedding lookup returns zeros for bad ids on GPU, so those
-    are worth a copy), and eager JAX/PyTorch arrays on the CPU (a view, no copy). Not read:
-    symbolic tensors and tracers (inside `fit`/`predict`, `tf.function`, `jax.jit`,
-    `torch.compile`), and JAX/PyTorch arrays on an accelerator, which reading would copy to the
-    host at every call.
+    Read: Python numbers and lists, NumPy arrays, eager TensorFlow tensors (TensorFlow's
+    embedding lookup returns zeros for bad ids on GPU, so those are worth a copy), and eager
+    JAX/PyTorch arrays on the CPU (a view, no copy). Not read: symbolic tensors and tracers
+    (inside `fit`/`predict`, `jax.jit`, `torch.compile`), anything while a TensorFlow graph is
+    traced (`tf.function`, whose shapes may be unknown), and JAX/PyTorch arrays on an
+    accelerator, which reading would copy to the host at every call.
     """
-    if isinstance(value, (np.ndarray, np.generic, numbers.Number, list, tuple)):
-        return np.asarray(value)
     if isinstance(value, keras.KerasTensor):
         return None
-    # JAX and PyTorch are no dependencies of gpt_keras: a process whose Keras runs on one of
-    # them has imported it, so it is taken from `sys.modules`.
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        if isinstance(value, tf.Tensor) and tf.executing_eagerly():
+        if not tf.executing_eagerly():
+            return None
+        if isinstance(value, tf.Tensor):
             return value.numpy()
-    elif backend == "jax":
+    if isinstance(value, (np.ndarray, np.generic, numbers.Number, list, tuple)):
+        return np.asarray(value)
+    # JAX and PyTorch are no dependencies of gpt_keras: a process whose Keras runs on one of
+    # them has imported it, so it is taken from `sys.modules`.
+    if backend == "jax":
         jax = sys.modules["jax"]
         if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
             if all(device.platform == "cpu" for device in value.devices()):

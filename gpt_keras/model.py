@@ -48,7 +48,9 @@ class GPT(keras.Model):
     training. On JAX and PyTorch, ids are checked when they are on the CPU (read in place); on an
     accelerator they are not, which would copy them to the host at every call.
 
-    The model runs on every Keras 3 backend (TensorFlow, JAX, PyTorch); `gpt_keras.backends`.
+    The model and its layers run on every Keras 3 backend (TensorFlow, JAX, PyTorch); what is
+    TensorFlow-only (compiled decoding, tokenizers, training runs, export) is listed in the
+    README, "Other backends".
 
     With `position_embedding="sinusoidal"`, token embeddings are scaled by `sqrt(D)` before the
     encoding is added (Vaswani et al.); with `"learned"` they are added as in GPT-2; with
