@@ -63,7 +63,7 @@ TRAIN_HELP = {
     "sample_every": "steps between printed text samples (also at the last step; 0: never)",
     "sample_tokens": "tokens per printed sample",
     "freeze_blocks": "fine-tuning: keep the first K transformer blocks fixed",
-    "xla": "compile the training step with XLA",
+    "xla": "compile the training step with XLA (auto: yes, except bfloat16 without a GPU)",
 }
 MODEL_FLAGS = {
     "context_length": (int, "tokens the model sees at once"),
@@ -139,7 +139,7 @@ def default_corpus(cache_dir=None):
 
 
 def _add_train_arguments(parser):
-    from gpt_keras.config import PRESETS, TOKENIZERS, TrainConfig
+    from gpt_keras.config import POSITION_EMBEDDINGS, PRESETS, TOKENIZERS, XLA_SETTINGS, TrainConfig
 
     parser.add_argument("--data", nargs="+", metavar="PATH",
                         help="text files, globs or directories (default: Tiny Shakespeare)")
@@ -164,6 +164,9 @@ def _add_train_arguments(parser):
         parser.add_argument("--" + field.replace("_", "-"),
                             type=NON_NEGATIVE if kind is float else POSITIVE_INT, default=None,
                             help=f"{text} (default: the preset's)")
+    parser.add_argument("--position-embedding", choices=POSITION_EMBEDDINGS, default=None,
+                        help="sinusoidal: the Transformer paper's fixed encoding; learned: GPT-2's "
+                        "table; rotary: RoPE (default: the preset's)")
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -172,7 +175,7 @@ def _add_train_arguments(parser):
             parser.add_argument(flag, choices=["float16", "bfloat16"], default=None,
                                 help=TRAIN_HELP[field.name])
         elif field.name == "xla":
-            parser.add_argument(flag, choices=["on", "off"], default=default,
+            parser.add_argument(flag, choices=XLA_SETTINGS, default=default,
                                 help=f"{TRAIN_HELP[field.name]} (default {default})")
         else:
             kind = POSITIVE_INT if isinstance(default, int) or default is None else NON_NEGATIVE
@@ -188,7 +191,7 @@ def _train(args):
     from gpt_keras import checkpoints
     from gpt_keras.config import GPTConfig, TrainConfig
 
-    overrides = {field: getattr(args, field) for field in MODEL_FLAGS
+    overrides = {field: getattr(args, field) for field in (*MODEL_FLAGS, "position_embedding")
                  if getattr(args, field) is not None}
     model_config = GPTConfig.from_preset(args.preset, **overrides)
     train_config = TrainConfig(**{f.name: getattr(args, f.name)

@@ -88,6 +88,7 @@ def num_parameters(config):
 
 MIXED_PRECISION = {None: "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
 TOKENIZERS = ("char", "bpe")
+XLA_SETTINGS = ("auto", "on", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +122,11 @@ class TrainConfig:
     sample_every: int = 250  # steps between printed text samples, and the last step (0: never)
     sample_tokens: int = 200  # tokens per sample
     freeze_blocks: int = 0  # fine-tuning: keep the first k transformer blocks fixed
-    # "on": compile training steps with XLA (1.4x tokens/s on CPU, BENCHMARKS.md); "off": plain
-    # TensorFlow graphs. A string, not a bool, so that `--xla off` works on the command line.
-    xla: str = "on"
+    # "on": compile training steps with XLA; "off": plain TensorFlow graphs (oneDNN kernels on
+    # CPU); "auto": XLA except for bfloat16 on a machine without a GPU, where XLA's CPU matmul
+    # ignores the CPU's bfloat16 units and oneDNN's uses them (`training.uses_xla`;
+    # BENCHMARKS.md, "Training throughput"). A string, so that `--xla off` works on the command line.
+    xla: str = "auto"
 
     def __post_init__(self):
         positive = ["batch_size", "max_steps", "log_every", "eval_every", "eval_batches",
@@ -139,8 +142,8 @@ class TrainConfig:
                 "mixed_precision must be None, 'float16' or 'bfloat16'. "
                 f"Received: mixed_precision={self.mixed_precision!r}"
             )
-        if self.xla not in ("on", "off"):
-            raise ValueError(f"xla must be 'on' or 'off'. Received: xla={self.xla!r}")
+        if self.xla not in XLA_SETTINGS:
+            raise ValueError(f"xla must be 'auto', 'on' or 'off'. Received: xla={self.xla!r}")
         if not 0 < self.min_learning_rate <= self.learning_rate:
             raise ValueError(
                 "Need 0 < min_learning_rate <= learning_rate. Received: "
