@@ -335,18 +335,29 @@ def _convert(args):
     _import_tensorflow_quietly()
     from gpt_keras.checkpoints import atomic_write
     from gpt_keras.hf import load_gpt2, save_gpt2
+    from gpt_keras.keras_hub_import import KERAS_HUB, load_keras_hub_gpt2, source_format
     from gpt_keras.tokenizers import GPT2Tokenizer, load_tokenizer
     from gpt_keras.training import create_run, load_model
 
     if args.to == "gpt_keras":
-        model = load_gpt2(args.source)
-        tokenizer = GPT2Tokenizer.from_directory(args.vocab or args.source)
+        kind = args.source_format or source_format(args.source)
+        if kind == KERAS_HUB:
+            model, tokenizer = load_keras_hub_gpt2(args.source)
+            if args.vocab:
+                tokenizer = GPT2Tokenizer.from_directory(args.vocab)
+            elif tokenizer is None:
+                raise ValueError(f"{args.source} holds no tokenizer (a GPT2Backbone saves none): "
+                                 "pass --vocab DIR with its encoder.json + vocab.bpe.")
+        else:
+            model = load_gpt2(args.source)
+            tokenizer = GPT2Tokenizer.from_directory(args.vocab or args.source)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(
                 f"The tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's vocabulary "
                 f"has {model.config.vocab_size}; pass the --vocab files of this checkpoint."
             )
-        create_run(args.destination, model, tokenizer, {"huggingface": os.path.abspath(args.source)})
+        create_run(args.destination, model, tokenizer,
+                   {kind.replace("-", "_"): os.path.abspath(args.source)})
         print(f"Run directory {args.destination}: try `gpt-keras generate {args.destination} "
               "--prompt TEXT`.")
         return
@@ -545,10 +556,15 @@ def build_parser():
                                   help="the head drawn at full size (default 0)")
     attention_parser.set_defaults(handler=_attention, command_parser=attention_parser)
     convert_parser = commands.add_parser(
-        "convert", help="Hugging Face GPT-2 checkpoint -> run directory, or back (--to hf)",
-        epilog="example: gpt-keras convert hf/gpt2 runs/gpt2",
+        "convert", help="Hugging Face or keras-hub GPT-2 -> run directory, or back (--to hf)",
+        epilog="examples: gpt-keras convert hf/gpt2 runs/gpt2; "
+        "gpt-keras convert my_gpt2_preset runs/mine (keras-hub save_to_preset or .keras)",
     )
-    convert_parser.add_argument("source", help="HF_DIR (default) or RUN_DIR (with --to hf)")
+    convert_parser.add_argument("source", help="HF_DIR, a keras-hub preset directory or .keras "
+                                "file (default), or RUN_DIR (with --to hf)")
+    convert_parser.add_argument("--from", dest="source_format",
+                                choices=["huggingface", "keras-hub"], default=None,
+                                help="what SOURCE is (default: told from its files)")
     convert_parser.add_argument("destination", help="RUN_DIR (default) or HF_DIR (with --to hf)")
     convert_parser.add_argument("--to", choices=["gpt_keras", "hf"], default="gpt_keras",
                                 help="direction of the conversion (default gpt_keras)")
