@@ -361,6 +361,9 @@ def _convert(args):
         print(f"Run directory {args.destination}: try `gpt-keras generate {args.destination} "
               "--prompt TEXT`.")
         return
+    if args.source_format:
+        raise ValueError("--from names the kind of a source converted to gpt_keras; with --to hf "
+                         "the source is a run directory.")
     tokenizer = load_tokenizer(os.path.join(args.source, "tokenizer"))
     directory = save_gpt2(load_model(args.source), args.destination,
                           end_of_text_id=tokenizer.end_of_text_id)
@@ -569,7 +572,8 @@ def build_parser():
     convert_parser.add_argument("--to", choices=["gpt_keras", "hf"], default="gpt_keras",
                                 help="direction of the conversion (default gpt_keras)")
     convert_parser.add_argument("--vocab", help="directory with encoder.json + vocab.bpe (or "
-                                "vocab.json + merges.txt) when HF_DIR has none")
+                                "vocab.json + merges.txt) when SOURCE has none (a keras-hub "
+                                "GPT2Backbone never has)")
     convert_parser.set_defaults(handler=_convert, command_parser=convert_parser)
     export_parser = commands.add_parser(
         "export", help="a run -> a verified TF Serving SavedModel version (or TFLite)",

@@ -32,14 +32,15 @@ CONTEXT = 24
 CONFIG = GPTConfig(vocab_size=50257, context_length=CONTEXT, num_layers=2, num_heads=2,
                    hidden_dim=32, mlp_dim=48, dropout=0.1, position_embedding="learned",
                    tie_embeddings=True, layer_norm_epsilon=1e-5)
-# The issue's bound; float32 differences here are ~1e-6 on logits of magnitude ~10.
+# The issue's bound; float32 rounding differences are ~1e-6 on these logits (magnitude ~10).
 LOGITS_TOLERANCE = 1e-4
 SOURCES = ["backbone preset", "causal_lm preset", "backbone .keras", "causal_lm .keras"]
 TEXTS = [
     "Hello world", "To be, or not to be, that is the question:", "  leading spaces",
     "trailing   ", "a  b   c\n\n\nd\t\te", "ab\r\n\r\ncd", "x\n  y", "",
     " ", "\n", "I'm you're it's we'll they've I'd HELLO'S", "don't DON'T",
-    "héllo wörld 中文 日本語 🙂👍🏽", "Ünïcödé", "year 2018 and 1234567, 3.14 $$$ !!!",
+    "héllo wörld 中文 日本語 🙂👍🏽", "Ünïcödé",
+    "year 2018 and 1234567, 3.14 $$$ !!!",
     "<|endoftext|>", "before<|endoftext|>after", "x <|endoftext|> y",
     "<|endoftext|><|endoftext|>", "...!! a, b; c",
     # keras-hub's eager (Python) path splits these two unlike GPT-2 (" ", "'t", "is" and
@@ -127,20 +128,20 @@ def test_tokenizer_ids_equal_keras_hub(saved, converted):
     path departs from GPT-2's split; identical text back from the ids."""
     causal_lm, _ = saved
     source = causal_lm.preprocessor.tokenizer
+    in_graph = [row.numpy().tolist()
+                for row in tf.data.Dataset.from_tensor_slices(TEXTS).map(source)]
     for name in ("causal_lm preset", "causal_lm .keras"):
         tokenizer = converted[name][1]
         assert isinstance(tokenizer, GPT2Tokenizer) and tokenizer.special_tokens_in_text
         assert tokenizer.vocabulary == dict(source.vocabulary)
-        in_graph = [row.numpy().tolist()
-                    for row in tf.data.Dataset.from_tensor_slices(TEXTS).map(source)]
-        ours = tokenizer.tokenize(TEXTS).to_list()
-        assert ours == in_graph
-        for text, ids in zip(TEXTS, ours):
-            if text not in KERAS_HUB_EAGER_DIFFERS:
-                assert np.asarray(source(text)).tolist() == ids, text
-            assert tokenizer.detokenize(np.array(ids, np.int32)).numpy().decode() == text
-            assert source.detokenize(ids) == text
-    assert ours[TEXTS.index("before<|endoftext|>after")][1] == 50256
+        assert tokenizer.tokenize(TEXTS).to_list() == in_graph
+    tokenizer = converted["causal_lm preset"][1]
+    for text, ids in zip(TEXTS, in_graph):
+        if text not in KERAS_HUB_EAGER_DIFFERS:
+            assert np.asarray(source(text)).tolist() == ids, text
+        assert tokenizer.detokenize(np.array(ids, np.int32)).numpy().decode() == text
+        assert source.detokenize(ids) == text
+    assert in_graph[TEXTS.index("before<|endoftext|>after")][1] == 50256
 
 
 @pytest.mark.slow  # the export's checks in a fresh process: ~35 s of CPU
@@ -321,3 +322,8 @@ def test_source_format_and_its_errors(saved, tmp_path, capsys):
     main(["convert", str(both), str(tmp_path / "run"), "--from", "keras-hub", "--vocab",
           GPT2_VOCAB])
     assert read_run_config(str(tmp_path / "run"))["source"] == {"keras_hub": str(both)}
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # --to hf reads a run directory, whatever --from says
+        main(["convert", str(tmp_path / "run"), str(tmp_path / "hf2"), "--to", "hf", "--from",
+              "keras-hub"])
+    assert "--from names the kind of a source converted to gpt_keras" in capsys.readouterr().err
