@@ -347,7 +347,8 @@ def _convert(args):
                 tokenizer = GPT2Tokenizer.from_directory(args.vocab)
             elif tokenizer is None:
                 raise ValueError(f"{args.source} holds no tokenizer (a GPT2Backbone saves none): "
-                                 "pass --vocab DIR with its encoder.json + vocab.bpe.")
+                                 "pass --vocab DIR with the encoder.json + vocab.bpe it was "
+                                 "trained with.")
         else:
             model = load_gpt2(args.source)
             tokenizer = GPT2Tokenizer.from_directory(args.vocab or args.source)

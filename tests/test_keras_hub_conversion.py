@@ -242,6 +242,8 @@ MALFORMED = {
                                          lambda v: v.update(class_name="GPT2Classifier")),
                               r"task.json holds a GPT2Classifier; gpt_keras converts a keras-hub "
                               r"GPT2Backbone or GPT2CausalLM"),
+    "task weights": (_write("task.weights.h5", b""),
+                     r"has task.weights.h5: its task has weights of its own"),
     "prefix space": (_edit_json("tokenizer.json", _set("config", add_prefix_space=True)),
                      r"add_prefix_space=True, which gpt_keras' GPT2Tokenizer does not do"),
 }
@@ -286,6 +288,19 @@ def test_quantized_and_diverged_models_are_refused(tmp_path):
     diverged.save_to_preset(str(tmp_path / "nan"))
     with pytest.raises(ValueError, match=r"ln_f.weight .* hold NaN or infinity"):
         load_keras_hub_gpt2(str(tmp_path / "nan"))
+
+
+def test_half_precision_weights_are_widened(tmp_path):
+    """A backbone kept in bfloat16 converts to float32 variables holding the same values."""
+    backbone = new_backbone(vocabulary_size=64, dtype="bfloat16")
+    randomize_weights(backbone, seed=5, scale=0.3)
+    backbone.save_to_preset(str(tmp_path / "bfloat16"))
+    model, _ = load_keras_hub_gpt2(str(tmp_path / "bfloat16"))
+    assert model.token_embedding.embeddings.dtype == "float32"
+    stored = keras.ops.convert_to_numpy(backbone.token_embedding.embeddings)
+    assert stored.dtype.name == "bfloat16"
+    np.testing.assert_array_equal(model.token_embedding.embeddings.numpy(),
+                                  stored.astype(np.float32))
 
 
 def test_missing_keras_hub_names_the_extra(saved, monkeypatch):
