@@ -32,7 +32,8 @@ CONTEXT = 24
 CONFIG = GPTConfig(vocab_size=50257, context_length=CONTEXT, num_layers=2, num_heads=2,
                    hidden_dim=32, mlp_dim=48, dropout=0.1, position_embedding="learned",
                    tie_embeddings=True, layer_norm_epsilon=1e-5)
-# The issue's bound; float32 rounding differences are ~1e-6 on these logits (magnitude ~10).
+# The issue's bound. On logits of magnitude ~10 the two float32 forward passes agreed exactly on
+# the 2-core AVX2 CPU; the bound leaves room for other kernels' rounding (~1e-6 relative).
 LOGITS_TOLERANCE = 1e-4
 SOURCES = ["backbone preset", "causal_lm preset", "backbone .keras", "causal_lm .keras"]
 TEXTS = [
