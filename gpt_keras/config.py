@@ -42,19 +42,21 @@ class GPTConfig:
 
 
 PRESETS = {
-    # A few thousand parameters: for tests and smoke runs.
+    # A few thousand parameters: for tests and smoke runs (the paper's sinusoidal positions,
+    # `GPT`'s default).
     "tiny": GPTConfig(
         vocab_size=64, context_length=16, num_layers=2, num_heads=2, hidden_dim=32
     ),
     # nanoGPT's CPU "baby" Shakespeare model (config/train_shakespeare_char.py, CPU settings),
-    # with rotary positions: after nanoGPT's 2000-step CPU run, validation loss 1.783 (3 seeds,
-    # 1.781-1.784) against 1.882 with GPT-2's learned table and 1.933 with sinusoidal positions
-    # (benchmarks/train_shakespeare.py).
+    # with rotary positions, the best of the three: after nanoGPT's 2000-step CPU run, validation
+    # loss 1.781 (3 seeds, 1.778-1.786) against 1.881 with GPT-2's learned table and 1.885 with
+    # the paper's sinusoidal encoding (BENCHMARKS.md, "Position embeddings").
     "shakespeare-char": GPTConfig(
         vocab_size=65, context_length=64, num_layers=4, num_heads=4, hidden_dim=128,
         position_embedding="rotary",
     ),
-    # The shape of OpenAI's GPT-2 small (124M parameters).
+    # The shape of OpenAI's GPT-2 small (124M parameters), with its learned position table so
+    # that GPT-2 checkpoints load into it.
     "gpt2-small": GPTConfig(
         vocab_size=50257,
         context_length=1024,

@@ -23,7 +23,7 @@ from gpt_keras import checkpoints, data, distribute
 from gpt_keras.config import (  # noqa: F401 (TrainConfig: public here too)
     CADENCE_FIELDS, MIXED_PRECISION, TOKENIZERS, GPTConfig, TrainConfig,
 )
-from gpt_keras.model import GPT
+from gpt_keras.model import GPT, OldSinusoidalModelError
 from gpt_keras.tokenizers import ByteLevelBPETokenizer, CharTokenizer, load_tokenizer
 
 def decay_groups(model):
@@ -142,6 +142,8 @@ def load_model(directory):
     if os.path.isfile(model_path):
         try:
             return keras.saving.load_model(model_path, compile=False)
+        except OldSinusoidalModelError as error:
+            raise ValueError(f"{model_path}: {error}") from None
         except (OSError, ValueError, zipfile.BadZipFile) as error:
             raise ValueError(f"{model_path} cannot be read ({type(error).__name__}: "
                              f"{str(error).splitlines()[0] if str(error) else ''}): it is damaged "
