@@ -88,6 +88,8 @@ def num_parameters(config):
 
 MIXED_PRECISION = {None: "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
 TOKENIZERS = ("char", "bpe")
+# `--format` of training data: plain text, or JSONL prompt → completion pairs (`gpt_keras.sft`).
+DATA_FORMATS = ("text", "prompt-completion")
 
 
 @dataclasses.dataclass(frozen=True)
