@@ -282,14 +282,16 @@ def _example_module():
 
 @pytest.mark.slow
 def test_fine_tuning_on_the_bundled_sums_raises_exact_match(tmp_path):
-    """examples/make_qa_pairs.py's sums: a tiny model trained on them answers held-out sums
-    it never saw; a freshly initialised one answers none."""
+    """examples/make_qa_pairs.py's sums (400 pairs, 40 held out): a tiny model trained on them
+    for 300 steps answers held-out sums it never saw (measured: 20 of 40, completion loss 0.47
+    against 2.6 untrained; asserted: at least 10, and a loss below a third); a freshly
+    initialised one answers none."""
     qa = _example_module()
     path = str(tmp_path / "sums.jsonl")
-    qa.write_jsonl(path, qa.sum_pairs(max_operand=10, seed=0))
-    config = TrainConfig(batch_size=32, max_steps=200, learning_rate=1e-2,
-                         min_learning_rate=1e-3, warmup_steps=20, eval_every=200,
-                         checkpoint_every=200, sample_every=0)
+    qa.write_jsonl(path, qa.sum_pairs(max_operand=20, seed=0))
+    config = TrainConfig(batch_size=32, max_steps=300, learning_rate=1e-2,
+                         min_learning_rate=1e-3, warmup_steps=20, eval_every=300,
+                         checkpoint_every=300, sample_every=0)
     model_config = TINY.replace(hidden_dim=64, num_heads=4)
     run = train(str(tmp_path / "run"), [path], model_config, config, verbose=False,
                 data_format="prompt-completion")
@@ -300,5 +302,5 @@ def test_fine_tuning_on_the_bundled_sums_raises_exact_match(tmp_path):
     before = sft.evaluate_pairs(untrained, run.token_file, held_out)
     after = sft.evaluate_pairs(load_model(run.directory), run.token_file, held_out)
     assert before["exact_match"] == 0.0
-    assert after["exact_match"] >= 0.5, after
-    assert after["completion_loss"] < before["completion_loss"] / 4
+    assert after["exact_match"] >= 0.25, after
+    assert after["completion_loss"] < before["completion_loss"] / 3, (before, after)
