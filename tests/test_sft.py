@@ -304,3 +304,23 @@ def test_fine_tuning_on_the_bundled_sums_raises_exact_match(tmp_path):
     assert before["exact_match"] == 0.0
     assert after["exact_match"] >= 0.25, after
     assert after["completion_loss"] < before["completion_loss"] / 3, (before, after)
+
+
+@pytest.mark.slow
+def test_two_replicas_match_one(tmp_path):
+    """Pairs trained with 2 logical CPU replicas and accumulation 2 give the losses and weights
+    of one replica (tolerances of test_distributed: the replicas only reorder float32 sums)."""
+    import sys
+
+    from tests.test_distributed import _assert_close, _assert_same_losses, _final_variables, _run
+
+    pairs = [(f"{a}+{b}=", str(a + b)) for a in range(10) for b in range(10)]
+    path = _write_pairs(tmp_path / "sums.jsonl", pairs, fields=("q", "a"))
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    command = [sys.executable, "-m", "gpt_keras.cli",
+               *_train_command(one, path, "--max-steps", "6", "--dropout", "0",
+                               "--clip-norm", "0.5")]
+    _run(command)
+    _run([two if arg == one else arg for arg in command] + ["--replicas", "2"])
+    _assert_same_losses(one, two)
+    _assert_close(_final_variables(one), _final_variables(two))
