@@ -233,7 +233,7 @@ def _train_command(run_dir, pairs_path, *extra):
             "32", "--batch-size", "8", "--gradient-accumulation-steps", "2", "--warmup-steps",
             "2", "--learning-rate", "1e-2", "--eval-every", "3", "--checkpoint-every", "3",
             "--sample-every", "0", "--dropout", "0.1", "--prompt-field", "q",
-            "--completion-field", "a", *extra]
+            "--completion-field", "a", "--xla", "off", *extra]
 
 
 @pytest.mark.slow
@@ -309,7 +309,8 @@ def test_fine_tuning_on_the_bundled_sums_raises_exact_match(tmp_path):
 @pytest.mark.slow
 def test_two_replicas_match_one(tmp_path):
     """Pairs trained with 2 logical CPU replicas and accumulation 2 give the losses and weights
-    of one replica (tolerances of test_distributed: the replicas only reorder float32 sums)."""
+    of one replica (tolerances of test_distributed: the replicas only reorder float32 sums); with
+    XLA, so the weighted loss runs in each replica's compiled pass."""
     import sys
 
     from tests.test_distributed import _assert_close, _assert_same_losses, _final_variables, _run
@@ -319,7 +320,7 @@ def test_two_replicas_match_one(tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     command = [sys.executable, "-m", "gpt_keras.cli",
                *_train_command(one, path, "--max-steps", "6", "--dropout", "0",
-                               "--clip-norm", "0.5")]
+                               "--clip-norm", "0.5", "--xla", "on")]
     _run(command)
     _run([two if arg == one else arg for arg in command] + ["--replicas", "2"])
     _assert_same_losses(one, two)
