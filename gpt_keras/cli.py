@@ -15,7 +15,7 @@ import re
 import sys
 import warnings
 
-from gpt_keras.config import DATA_FORMATS, WEIGHT_FORMATS
+from gpt_keras.config import DATA_FORMATS, PAIR_FIELDS, WEIGHT_FORMATS
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads: keep the CLI quiet
 
@@ -157,7 +157,10 @@ def _fields(args):
     """`(prompt field, completion field)` from the flags, or None where neither is given."""
     if args.prompt_field is None and args.completion_field is None:
         return None
-    return (args.prompt_field or "prompt", args.completion_field or "completion")
+    if args.data_format == "text":
+        raise ValueError("--prompt-field and --completion-field name the fields of "
+                         "--format prompt-completion; leave them out for text.")
+    return (args.prompt_field or PAIR_FIELDS[0], args.completion_field or PAIR_FIELDS[1])
 
 
 def _add_train_arguments(parser):
@@ -237,7 +240,7 @@ def _train(args):
             replicas=args.replicas,
             init_from=args.init_from,
             data_format=args.data_format,
-            fields=_fields(args) or ("prompt", "completion"),
+            fields=_fields(args) or PAIR_FIELDS,
         )
     except KeyboardInterrupt:
         steps = checkpoints.step_checkpoints(os.path.join(args.run_dir, "checkpoints"))

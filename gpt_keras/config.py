@@ -90,6 +90,7 @@ MIXED_PRECISION = {None: "float32", "float16": "mixed_float16", "bfloat16": "mix
 TOKENIZERS = ("char", "bpe")
 # `--format` of training data: plain text, or JSONL prompt → completion pairs (`gpt_keras.sft`).
 DATA_FORMATS = ("text", "prompt-completion")
+PAIR_FIELDS = ("prompt", "completion")  # default JSON fields of prompt-completion pairs
 
 
 @dataclasses.dataclass(frozen=True)

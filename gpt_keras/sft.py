@@ -46,12 +46,13 @@ import json
 import os
 import tempfile
 
+import keras
 import numpy as np
 import tensorflow as tf
 
-from gpt_keras import checkpoints, data
+from gpt_keras import checkpoints, data, generation
+from gpt_keras.config import PAIR_FIELDS as FIELDS  # default field names
 
-FIELDS = ("prompt", "completion")  # default field names
 TOKENS_FILE = "pairs.bin"  # prompt + completion ids of every example, one after another
 INDEX_FILE = "pairs-index.bin"  # int64 [N, 5]: start, prompt tokens, completion tokens,
 INDEX_COLUMNS = 5  # completion characters, completion UTF-8 bytes
@@ -159,6 +160,7 @@ class PairFile:
 
 
 def is_prepared(directory):
+    """Whether `directory` holds prepared pairs (`prepare_pairs`)."""
     return os.path.isfile(os.path.join(directory, META_FILE))
 
 
@@ -203,9 +205,8 @@ def prepare_pairs(train_files, tokenizer, directory, context_length, fields=FIEL
         else:
             num_train = min(int(total * (1 - validation_fraction)), total - 1)
             if num_train < 1:
-                raise ValueError(f"{len(train_files) and train_files[0]}: {total} pair(s) are "
-                                 "too few to hold out validation pairs; use more pairs or "
-                                 "pass --validation-data.")
+                raise ValueError(f"{total} pair(s) are too few to hold out validation pairs; "
+                                 "use more pairs or pass --validation-data.")
         index = np.fromfile(os.path.join(temporary, INDEX_FILE), np.int64).reshape(-1, 5)
         held_out = index[num_train:]
         pair_file = PairFile(
@@ -334,7 +335,8 @@ def validation_dataset(pair_file, context_length, global_batch_size):
     scale = np.float32(global_batch_size * count * context_length / pair_file.num_validation)
 
     def batch_at(batch):
-        examples = pair_file.num_train + np.arange(global_batch_size) + int(batch) * global_batch_size
+        examples = pair_file.num_train + int(batch) * global_batch_size + np.arange(
+            global_batch_size)
         examples[examples >= pair_file.num_train + pair_file.num_validation_examples] = -1
         inputs, targets, weights = example_rows(pair_file, examples, context_length, tokens, index)
         return inputs, targets, weights * scale
@@ -351,10 +353,6 @@ def evaluate_pairs(model, pair_file, examples, batch_size=32, progress=None):
     An answer matches when greedy decoding from the prompt gives exactly the completion's tokens
     followed by the end-of-text token (a row may decode at most that many tokens; decoding stops
     at the end-of-text id). `progress(batches_done, batches)` is called after each batch."""
-    import keras
-
-    from gpt_keras import generation
-
     context = model.config.context_length
     tokens, index = pair_file.tokens(), pair_file.index()
     eot = pair_file.end_of_text_id

@@ -9,7 +9,6 @@ import json
 import os
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 
