@@ -64,7 +64,7 @@ TRAIN_HELP = {
     "sample_every": "steps between printed text samples (also at the last step; 0: never)",
     "sample_tokens": "tokens per printed sample",
     "freeze_blocks": "fine-tuning: keep the first K transformer blocks fixed",
-    "xla": "compile the training step with XLA",
+    "xla": "compile the training step with XLA (auto: yes, except bfloat16 without a GPU)",
 }
 MODEL_FLAGS = {
     "context_length": (int, "tokens the model sees at once"),
@@ -164,7 +164,7 @@ def _fields(args):
 
 
 def _add_train_arguments(parser):
-    from gpt_keras.config import PRESETS, TOKENIZERS, TrainConfig
+    from gpt_keras.config import POSITION_EMBEDDINGS, PRESETS, TOKENIZERS, XLA_SETTINGS, TrainConfig
 
     parser.add_argument("--data", nargs="+", metavar="PATH",
                         help="text files, globs or directories (default: Tiny Shakespeare)")
@@ -190,6 +190,9 @@ def _add_train_arguments(parser):
         parser.add_argument("--" + field.replace("_", "-"),
                             type=NON_NEGATIVE if kind is float else POSITIVE_INT, default=None,
                             help=f"{text} (default: the preset's)")
+    parser.add_argument("--position-embedding", choices=POSITION_EMBEDDINGS, default=None,
+                        help="sinusoidal: the Transformer paper's fixed encoding; learned: GPT-2's "
+                        "table; rotary: RoPE (default: the preset's)")
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -198,7 +201,7 @@ def _add_train_arguments(parser):
             parser.add_argument(flag, choices=["float16", "bfloat16"], default=None,
                                 help=TRAIN_HELP[field.name])
         elif field.name == "xla":
-            parser.add_argument(flag, choices=["on", "off"], default=default,
+            parser.add_argument(flag, choices=XLA_SETTINGS, default=default,
                                 help=f"{TRAIN_HELP[field.name]} (default {default})")
         else:
             kind = POSITIVE_INT if isinstance(default, int) or default is None else NON_NEGATIVE
@@ -214,7 +217,7 @@ def _train(args):
     from gpt_keras import checkpoints
     from gpt_keras.config import GPTConfig, TrainConfig
 
-    overrides = {field: getattr(args, field) for field in MODEL_FLAGS
+    overrides = {field: getattr(args, field) for field in (*MODEL_FLAGS, "position_embedding")
                  if getattr(args, field) is not None}
     model_config = GPTConfig.from_preset(args.preset, **overrides)
     train_config = TrainConfig(**{f.name: getattr(args, f.name)
@@ -372,21 +375,36 @@ def _convert(args):
     _import_tensorflow_quietly()
     from gpt_keras.checkpoints import atomic_write
     from gpt_keras.hf import load_gpt2, save_gpt2
+    from gpt_keras.keras_hub_import import KERAS_HUB, load_keras_hub_gpt2, source_format
     from gpt_keras.tokenizers import GPT2Tokenizer, load_tokenizer
     from gpt_keras.training import create_run, load_model
 
     if args.to == "gpt_keras":
-        model = load_gpt2(args.source)
-        tokenizer = GPT2Tokenizer.from_directory(args.vocab or args.source)
+        kind = args.source_format or source_format(args.source)
+        if kind == KERAS_HUB:
+            model, tokenizer = load_keras_hub_gpt2(args.source)
+            if args.vocab:
+                tokenizer = GPT2Tokenizer.from_directory(args.vocab)
+            elif tokenizer is None:
+                raise ValueError(f"{args.source} holds no tokenizer (a GPT2Backbone saves none): "
+                                 "pass --vocab DIR with the encoder.json + vocab.bpe it was "
+                                 "trained with.")
+        else:
+            model = load_gpt2(args.source)
+            tokenizer = GPT2Tokenizer.from_directory(args.vocab or args.source)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(
                 f"The tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's vocabulary "
                 f"has {model.config.vocab_size}; pass the --vocab files of this checkpoint."
             )
-        create_run(args.destination, model, tokenizer, {"huggingface": os.path.abspath(args.source)})
+        create_run(args.destination, model, tokenizer,
+                   {kind.replace("-", "_"): os.path.abspath(args.source)})
         print(f"Run directory {args.destination}: try `gpt-keras generate {args.destination} "
               "--prompt TEXT`.")
         return
+    if args.source_format:
+        raise ValueError("--from names the kind of a source converted to gpt_keras; with --to hf "
+                         "the source is a run directory.")
     tokenizer = load_tokenizer(os.path.join(args.source, "tokenizer"))
     directory = save_gpt2(load_model(args.source), args.destination,
                           end_of_text_id=tokenizer.end_of_text_id)
@@ -584,15 +602,21 @@ def build_parser():
                                   help="the head drawn at full size (default 0)")
     attention_parser.set_defaults(handler=_attention, command_parser=attention_parser)
     convert_parser = commands.add_parser(
-        "convert", help="Hugging Face GPT-2 checkpoint -> run directory, or back (--to hf)",
-        epilog="example: gpt-keras convert hf/gpt2 runs/gpt2",
+        "convert", help="Hugging Face or keras-hub GPT-2 -> run directory, or back (--to hf)",
+        epilog="examples: gpt-keras convert hf/gpt2 runs/gpt2; "
+        "gpt-keras convert my_gpt2_preset runs/mine (keras-hub save_to_preset or .keras)",
     )
-    convert_parser.add_argument("source", help="HF_DIR (default) or RUN_DIR (with --to hf)")
+    convert_parser.add_argument("source", help="HF_DIR, a keras-hub preset directory or .keras "
+                                "file (default), or RUN_DIR (with --to hf)")
+    convert_parser.add_argument("--from", dest="source_format",
+                                choices=["huggingface", "keras-hub"], default=None,
+                                help="what SOURCE is (default: told from its files)")
     convert_parser.add_argument("destination", help="RUN_DIR (default) or HF_DIR (with --to hf)")
     convert_parser.add_argument("--to", choices=["gpt_keras", "hf"], default="gpt_keras",
                                 help="direction of the conversion (default gpt_keras)")
     convert_parser.add_argument("--vocab", help="directory with encoder.json + vocab.bpe (or "
-                                "vocab.json + merges.txt) when HF_DIR has none")
+                                "vocab.json + merges.txt) when SOURCE has none (a keras-hub "
+                                "GPT2Backbone never has)")
     convert_parser.set_defaults(handler=_convert, command_parser=convert_parser)
     export_parser = commands.add_parser(
         "export", help="a run -> a verified TF Serving SavedModel version (or TFLite)",

@@ -91,6 +91,7 @@ TOKENIZERS = ("char", "bpe")
 # `--format` of training data: plain text, or JSONL prompt → completion pairs (`gpt_keras.sft`).
 DATA_FORMATS = ("text", "prompt-completion")
 PAIR_FIELDS = ("prompt", "completion")  # default JSON fields of prompt-completion pairs
+XLA_SETTINGS = ("auto", "on", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,9 +125,11 @@ class TrainConfig:
     sample_every: int = 250  # steps between printed text samples, and the last step (0: never)
     sample_tokens: int = 200  # tokens per sample
     freeze_blocks: int = 0  # fine-tuning: keep the first k transformer blocks fixed
-    # "on": compile training steps with XLA (1.4x tokens/s on CPU, BENCHMARKS.md); "off": plain
-    # TensorFlow graphs. A string, not a bool, so that `--xla off` works on the command line.
-    xla: str = "on"
+    # "on": compile training steps with XLA; "off": plain TensorFlow graphs (oneDNN kernels on
+    # CPU); "auto": XLA except for bfloat16 on a machine without a GPU, where XLA's CPU matmul
+    # ignores the CPU's bfloat16 units and oneDNN's uses them (`training.uses_xla`;
+    # BENCHMARKS.md, "Training throughput"). A string, so that `--xla off` works on the command line.
+    xla: str = "auto"
 
     def __post_init__(self):
         positive = ["batch_size", "max_steps", "log_every", "eval_every", "eval_batches",
@@ -142,8 +145,8 @@ class TrainConfig:
                 "mixed_precision must be None, 'float16' or 'bfloat16'. "
                 f"Received: mixed_precision={self.mixed_precision!r}"
             )
-        if self.xla not in ("on", "off"):
-            raise ValueError(f"xla must be 'on' or 'off'. Received: xla={self.xla!r}")
+        if self.xla not in XLA_SETTINGS:
+            raise ValueError(f"xla must be 'auto', 'on' or 'off'. Received: xla={self.xla!r}")
         if not 0 < self.min_learning_rate <= self.learning_rate:
             raise ValueError(
                 "Need 0 < min_learning_rate <= learning_rate. Received: "

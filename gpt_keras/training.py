@@ -15,6 +15,7 @@ from typing import Optional
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
 from gpt_keras import callbacks as run_callbacks
@@ -420,6 +421,15 @@ def _read_prepared(run, strategy, pairs=None):
     return tokenizer
 
 
+def uses_xla(config):
+    """Whether `config` (a `TrainConfig`) trains with XLA: `xla="auto"` means yes, except under
+    bfloat16 on a machine without a GPU, where the plain graph's oneDNN matmuls run on the CPU's
+    bfloat16 units (AMX, AVX-512 BF16) and XLA's do not (BENCHMARKS.md, "Training throughput")."""
+    if config.xla != "auto":
+        return config.xla == "on"
+    return config.mixed_precision != "bfloat16" or bool(tf.config.list_physical_devices("GPU"))
+
+
 def text_sampler(tokenizer, config):
     """The default `sample(model) -> str` of a run: `sample_tokens` tokens after an end-of-text
     token (unconditional), temperature 0.8, top-k 200 (nanoGPT's sampling defaults), fixed seed."""
@@ -462,7 +472,7 @@ def _fit(run, strategy, tokenizer, sample, verbose, initial_weights=None, extra_
         # so its optimizer applies every update it gets and counts updates.
         model.compile(optimizer=build_optimizer(model, config),
                       gradient_accumulation_steps=config.gradient_accumulation_steps,
-                      jit_compile=config.xla == "on")
+                      jit_compile=uses_xla(config))
         optimizer = model.optimizer  # a LossScaleOptimizer under mixed_float16
         optimizer.build(model.trainable_variables)
     newest, state = checkpoints.load_newest(run.checkpoint_dir, model, optimizer)
@@ -503,7 +513,7 @@ def _fit(run, strategy, tokenizer, sample, verbose, initial_weights=None, extra_
         epochs = config.max_steps // steps
         validate = [e for e in range(start_step // steps + 1, epochs + 1)
                     if e * steps % config.eval_every == 0 or e == epochs]  # 1-based epochs
-        say(f"Compiling the training step{' with XLA' if config.xla == 'on' else ''} "
+        say(f"Compiling the training step{' with XLA' if uses_xla(config) else ''} "
             "(the first step takes a while)...", flush=True)
         training_data, validation_data = _datasets(run, start_step)
         model.fit(
