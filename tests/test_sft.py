@@ -267,6 +267,12 @@ def test_command_line_resume_evaluate_and_a_changed_format(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(as_text)
     assert exit_info.value.code == 2
+    assert ("--prompt-field and --completion-field name the fields of --format "
+            "prompt-completion") in capsys.readouterr().err
+    field_flags = {"--prompt-field", "q", "--completion-field", "a"}
+    with pytest.raises(SystemExit) as exit_info:
+        main([arg for arg in as_text if arg not in field_flags])
+    assert exit_info.value.code == 2
     assert "holds a run with other settings (--prompt-field/--completion-field, --format)" in (
         capsys.readouterr().err)
 
