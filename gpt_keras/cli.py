@@ -15,7 +15,7 @@ import re
 import sys
 import warnings
 
-from gpt_keras.config import WEIGHT_FORMATS
+from gpt_keras.config import DATA_FORMATS, PAIR_FIELDS, WEIGHT_FORMATS
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads: keep the CLI quiet
 
@@ -32,6 +32,7 @@ EXAMPLES = """examples:
   gpt-keras train --run-dir runs/shakespeare --max-steps 1000  # the same run, trained further
   gpt-keras train --data notes/ --tokenizer bpe --run-dir runs/notes
   gpt-keras evaluate runs/shakespeare                          # on the run's validation split
+  gpt-keras train --format prompt-completion --data pairs.jsonl --run-dir runs/sft
   gpt-keras generate runs/shakespeare --prompt "ROMEO:" --max-new-tokens 200
   gpt-keras export runs/shakespeare --out models/shakespeare   # TF Serving SavedModel
   gpt-keras export runs/shakespeare --format tflite --out exports/shakespeare
@@ -76,7 +77,8 @@ MODEL_FLAGS = {
 MESSAGE_ALIASES = {
     "tokenizer.kind": "--tokenizer", "tokenizer.vocab_size": "--vocab-size",
     "data.train": "--data", "data.validation": "--validation-data",
-    "source.init_from": "--init-from",
+    "source.init_from": "--init-from", "data.format": "--format",
+    "data.fields": "--prompt-field/--completion-field",
 }
 
 
@@ -138,6 +140,29 @@ def default_corpus(cache_dir=None):
     return path
 
 
+def _add_format_arguments(parser, default):
+    """`--format` and the field-name flags of prompt-completion pairs (`gpt_keras.sft`)."""
+    parser.add_argument("--format", dest="data_format", choices=DATA_FORMATS, default=default,
+                        help="text: plain text files; prompt-completion: JSONL pairs, the loss "
+                        "on the completion tokens only (default: "
+                        + (default or "the run's own") + ")")
+    parser.add_argument("--prompt-field", default=None, metavar="NAME",
+                        help="JSON field of the prompt (prompt-completion; default prompt)")
+    parser.add_argument("--completion-field", default=None, metavar="NAME",
+                        help="JSON field of the completion (prompt-completion; default "
+                        "completion)")
+
+
+def _fields(args):
+    """`(prompt field, completion field)` from the flags, or None where neither is given."""
+    if args.prompt_field is None and args.completion_field is None:
+        return None
+    if args.data_format == "text":
+        raise ValueError("--prompt-field and --completion-field name the fields of "
+                         "--format prompt-completion; leave them out for text.")
+    return (args.prompt_field or PAIR_FIELDS[0], args.completion_field or PAIR_FIELDS[1])
+
+
 def _add_train_arguments(parser):
     from gpt_keras.config import POSITION_EMBEDDINGS, PRESETS, TOKENIZERS, XLA_SETTINGS, TrainConfig
 
@@ -145,6 +170,7 @@ def _add_train_arguments(parser):
                         help="text files, globs or directories (default: Tiny Shakespeare)")
     parser.add_argument("--validation-data", nargs="+", metavar="PATH",
                         help="separate validation text (default: the last 10%% of --data)")
+    _add_format_arguments(parser, "text")
     parser.add_argument("--run-dir", required=True, help="where the run lives; re-run the same "
                         "command to resume it")
     parser.add_argument("--preset", default="shakespeare-char", choices=sorted(PRESETS),
@@ -199,6 +225,9 @@ def _train(args):
     vocab_size = args.vocab_size
     if args.tokenizer == "bpe" and vocab_size is None:
         vocab_size = 4096
+    if args.data_format == "prompt-completion" and not args.data:
+        raise ValueError("--format prompt-completion needs --data PAIRS.jsonl (JSON lines with "
+                         "prompt and completion fields).")
     _import_tensorflow_quietly()
     from gpt_keras.training import train
 
@@ -213,6 +242,8 @@ def _train(args):
             validation_paths=args.validation_data,
             replicas=args.replicas,
             init_from=args.init_from,
+            data_format=args.data_format,
+            fields=_fields(args) or PAIR_FIELDS,
         )
     except KeyboardInterrupt:
         steps = checkpoints.step_checkpoints(os.path.join(args.run_dir, "checkpoints"))
@@ -241,7 +272,13 @@ def _evaluate(args):
     else:
         print(f"Scoring the validation split of {args.run_dir}...", flush=True)
     result = evaluate(args.run_dir, args.data, batch_size=args.batch_size,
-                      progress=_Progress("  batch"))
+                      progress=_Progress("  batch"), data_format=args.data_format,
+                      fields=_fields(args))
+    if "exact_match" in result:
+        print(f"pairs {result['examples']}  completion tokens {result['completion_tokens']}  "
+              f"completion loss {result['completion_loss']:.4f}  exact match "
+              f"{result['exact_match']:.4f}")
+        return
     print(f"tokens {result['tokens']}  loss {result['val_loss']:.4f}  "
           f"perplexity {result['val_perplexity']:.3f}  "
           f"bits/char {result['val_bits_per_char']:.4f}  "
@@ -497,7 +534,9 @@ def build_parser():
     )
     evaluate_parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
     evaluate_parser.add_argument("--data", nargs="+", metavar="PATH",
-                                 help="text to score (default: the run's validation split)")
+                                 help="text (or JSONL pairs) to score (default: the run's "
+                                 "validation split)")
+    _add_format_arguments(evaluate_parser, None)
     evaluate_parser.add_argument("--batch-size", type=POSITIVE_INT, default=32,
                                  help="windows scored at once (default 32)")
     evaluate_parser.set_defaults(handler=_evaluate, command_parser=evaluate_parser)

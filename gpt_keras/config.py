@@ -90,6 +90,9 @@ def num_parameters(config):
 
 MIXED_PRECISION = {None: "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
 TOKENIZERS = ("char", "bpe")
+# `--format` of training data: plain text, or JSONL prompt → completion pairs (`gpt_keras.sft`).
+DATA_FORMATS = ("text", "prompt-completion")
+PAIR_FIELDS = ("prompt", "completion")  # default JSON fields of prompt-completion pairs
 XLA_SETTINGS = ("auto", "on", "off")
 
 
