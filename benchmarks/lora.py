@@ -20,7 +20,9 @@ Method: every configuration runs in its own process (`--worker CONFIG`), so that
 is its own; the processes of a round run one after another, the order flipping every round, and
 the load average (1 minute) is recorded before each. In a process: one step to trace and compile
 (reported as "first step"), two warm-up steps, then `--steps` timed `train_on_batch` calls
-(each returns the loss as a number, so the step has finished); the median is reported. Peak
+(each returns the loss as a number, so the step has finished); the median wall time is reported,
+and the median CPU time (all threads, `time.process_time`), which other processes on a shared
+machine disturb less: it is the work a step costs. Peak
 memory is the process's peak resident set (`ru_maxrss`), which includes TensorFlow's own
 footprint and the XLA compilation; "RSS after" is the resident set after the last step.
 
@@ -88,15 +90,17 @@ def worker(args):
     first = time.perf_counter() - started
     for _ in range(2):
         model.train_on_batch(*next(batches))
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.steps):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         model.train_on_batch(*next(batches))
         times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - cpu_started)
     print(json.dumps({
         "config": args.worker, "trainable": trainable,
         "optimizer_scalars": sum(int(keras.ops.size(v)) for v in model.optimizer.variables),
         "first_step_s": first, "step_s": statistics.median(times),
+        "cpu_step_s": statistics.median(cpu_times),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_after_mib": resident_mib(),
     }), flush=True)
@@ -133,16 +137,17 @@ def main():
     print(f"\nGPT-2 small shape, batch {args.batch_size} x {args.context} tokens, rank "
           f"{args.rank}, XLA; medians over {args.rounds} processes each")
     print("| fine-tuning | trainable parameters | optimizer state (scalars) | step (s) | "
-          "tokens/s | first step (s) | peak RSS (MiB) | RSS after (MiB) | load |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+          "tokens/s | CPU s/step | first step (s) | peak RSS (MiB) | RSS after (MiB) | load |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, rows in results.items():
         step = statistics.median(r["step_s"] for r in rows)
+        cpu = statistics.median(r["cpu_step_s"] for r in rows)
         label = "full" if name == "full" else f"LoRA r={args.rank}, {name}"
         speed = f" ({statistics.median(f['step_s'] for f in full) / step:.2f}x)" if (
             full and name != "full") else ""
         loads = ", ".join(f"{r['load']:.1f}" for r in rows)
         print(f"| {label} | {rows[0]['trainable']:,} | {rows[0]['optimizer_scalars']:,} | "
-              f"{step:.3f}{speed} | {tokens / step:,.0f} | "
+              f"{step:.3f}{speed} | {tokens / step:,.0f} | {cpu:.2f} | "
               f"{statistics.median(r['first_step_s'] for r in rows):.1f} | "
               f"{statistics.median(r['peak_rss_mib'] for r in rows):,.0f} | "
               f"{statistics.median(r['rss_after_mib'] for r in rows):,.0f} | "
