@@ -27,7 +27,8 @@ memory is the process's peak resident set (`ru_maxrss`), which includes TensorFl
 footprint and the XLA compilation; "RSS after" is the resident set after the last step.
 
 To measure the loss reached on real data, replace `random_batches` with batches of a tokenized
-corpus (e.g. `data.training_dataset(token_file, context, batch_size, seed)`) and report the mean loss of the last steps.
+corpus (e.g. `data.training_dataset(token_file, context, batch_size, seed)`) and report the mean
+loss of the last steps.
 """
 
 import argparse

@@ -12,10 +12,11 @@ and `B [r, D_out]` (zeros, so training starts from the base model) as float32 va
 - `frozen_weights(model)`: the base weights of an adapted model, which a LoRA run's checkpoints
   leave out (`checkpoints.model_variables`): the run re-reads them from its `--init-from`.
 
-Only `Dense` layers are adapted. The token embedding is not: `GPT.project_logits` reads
-`token_embedding.embeddings` for the tied output projection, and an embedding adapter would be
-trained through both uses, which LoRA on embeddings does not usually intend; the untied
-`lm_head` is not a target either (GPT-2 has none).
+Only `Dense` layers are adapted. Keras' `Embedding.enable_lora` would work too (its `embeddings`
+property adds the adapter, and `GPT.project_logits` reads that property for the tied output
+projection), but it forms the whole merged `[V, D]` table every step and adapts the input and
+the output projection as one; it is not offered. The untied `lm_head` is not a target either
+(GPT-2 has none).
 """
 
 import dataclasses
@@ -79,7 +80,8 @@ def adapted_layers(model):
 
 def adapter_variables(model):
     """The adapter matrices `A, B` of every adapted layer, in order."""
-    return [v for layer in adapted_layers(model) for v in (layer.lora_kernel_a, layer.lora_kernel_b)]
+    return [v for layer in adapted_layers(model)
+            for v in (layer.lora_kernel_a, layer.lora_kernel_b)]
 
 
 def frozen_weights(model):

@@ -236,8 +236,8 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
     `model_config.vocab_size` is replaced by the tokenizer's. With `init_from` (see
     `load_source`), the model's config, weights and tokenizer come from there instead (fine-tuning;
     `train_config.freeze_blocks` keeps the first blocks fixed; `train_config.lora_rank` trains
-    LoRA adapters only, see `gpt_keras.lora`, and `model.keras` holds the merged model). Every
-    setting is checked before anything is written. Re-running after an interruption continues from the newest checkpoint
+    LoRA adapters only, merged in `model.keras`: `gpt_keras.lora`). Every setting is checked before
+    anything is written. Re-running after an interruption continues from the newest checkpoint
     with the same step, learning rate, optimizer state, data position and dropout RNG. A resumed
     run may change the settings of `CADENCE_FIELDS`: a larger `max_steps` trains further (after
     `decay_steps` the learning rate stays at `min_learning_rate`); other changes raise

@@ -175,7 +175,8 @@ def test_lora_run_checkpoints_adapters_and_saves_the_merged_model(lora_run, base
                                atol=merge_tolerance(model, tokens))
     # The adapters trained: the model is no longer the base.
     assert np.max(np.abs(np.asarray(final(tokens)) - np.asarray(load_model(base_run)(tokens)))) > 0
-    settings = json.load(open(os.path.join(lora_run, "run.json")))
+    with open(os.path.join(lora_run, "run.json"), encoding="utf-8") as f:
+        settings = json.load(f)
     assert settings["train"]["lora_rank"] == 2 and settings["source"]["init_from"] == base_run
 
 
