@@ -15,7 +15,7 @@ import re
 import sys
 import warnings
 
-from gpt_keras.config import WEIGHT_FORMATS
+from gpt_keras.config import DATA_FORMATS, PAIR_FIELDS, WEIGHT_FORMATS
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads: keep the CLI quiet
 
@@ -32,6 +32,7 @@ EXAMPLES = """examples:
   gpt-keras train --run-dir runs/shakespeare --max-steps 1000  # the same run, trained further
   gpt-keras train --data notes/ --tokenizer bpe --run-dir runs/notes
   gpt-keras evaluate runs/shakespeare                          # on the run's validation split
+  gpt-keras train --format prompt-completion --data pairs.jsonl --run-dir runs/sft
   gpt-keras generate runs/shakespeare --prompt "ROMEO:" --max-new-tokens 200
   gpt-keras export runs/shakespeare --out models/shakespeare   # TF Serving SavedModel
   gpt-keras export runs/shakespeare --format tflite --out exports/shakespeare
@@ -63,7 +64,7 @@ TRAIN_HELP = {
     "sample_every": "steps between printed text samples (also at the last step; 0: never)",
     "sample_tokens": "tokens per printed sample",
     "freeze_blocks": "fine-tuning: keep the first K transformer blocks fixed",
-    "xla": "compile the training step with XLA",
+    "xla": "compile the training step with XLA (auto: yes, except bfloat16 without a GPU)",
     "lora_rank": "fine-tuning with --init-from: train rank-R LoRA adapters only (0: all weights)",
     "lora_alpha": "LoRA scale alpha/rank (default: alpha = rank)",
     "lora_targets": "layers LoRA adapts: attention, mlp or attention,mlp",
@@ -79,7 +80,8 @@ MODEL_FLAGS = {
 MESSAGE_ALIASES = {
     "tokenizer.kind": "--tokenizer", "tokenizer.vocab_size": "--vocab-size",
     "data.train": "--data", "data.validation": "--validation-data",
-    "source.init_from": "--init-from",
+    "source.init_from": "--init-from", "data.format": "--format",
+    "data.fields": "--prompt-field/--completion-field",
 }
 
 
@@ -141,13 +143,37 @@ def default_corpus(cache_dir=None):
     return path
 
 
+def _add_format_arguments(parser, default):
+    """`--format` and the field-name flags of prompt-completion pairs (`gpt_keras.sft`)."""
+    parser.add_argument("--format", dest="data_format", choices=DATA_FORMATS, default=default,
+                        help="text: plain text files; prompt-completion: JSONL pairs, the loss "
+                        "on the completion tokens only (default: "
+                        + (default or "the run's own") + ")")
+    parser.add_argument("--prompt-field", default=None, metavar="NAME",
+                        help="JSON field of the prompt (prompt-completion; default prompt)")
+    parser.add_argument("--completion-field", default=None, metavar="NAME",
+                        help="JSON field of the completion (prompt-completion; default "
+                        "completion)")
+
+
+def _fields(args):
+    """`(prompt field, completion field)` from the flags, or None where neither is given."""
+    if args.prompt_field is None and args.completion_field is None:
+        return None
+    if args.data_format == "text":
+        raise ValueError("--prompt-field and --completion-field name the fields of "
+                         "--format prompt-completion; leave them out for text.")
+    return (args.prompt_field or PAIR_FIELDS[0], args.completion_field or PAIR_FIELDS[1])
+
+
 def _add_train_arguments(parser):
-    from gpt_keras.config import PRESETS, TOKENIZERS, TrainConfig
+    from gpt_keras.config import POSITION_EMBEDDINGS, PRESETS, TOKENIZERS, XLA_SETTINGS, TrainConfig
 
     parser.add_argument("--data", nargs="+", metavar="PATH",
                         help="text files, globs or directories (default: Tiny Shakespeare)")
     parser.add_argument("--validation-data", nargs="+", metavar="PATH",
                         help="separate validation text (default: the last 10%% of --data)")
+    _add_format_arguments(parser, "text")
     parser.add_argument("--run-dir", required=True, help="where the run lives; re-run the same "
                         "command to resume it")
     parser.add_argument("--preset", default="shakespeare-char", choices=sorted(PRESETS),
@@ -167,6 +193,9 @@ def _add_train_arguments(parser):
         parser.add_argument("--" + field.replace("_", "-"),
                             type=NON_NEGATIVE if kind is float else POSITIVE_INT, default=None,
                             help=f"{text} (default: the preset's)")
+    parser.add_argument("--position-embedding", choices=POSITION_EMBEDDINGS, default=None,
+                        help="sinusoidal: the Transformer paper's fixed encoding; learned: GPT-2's "
+                        "table; rotary: RoPE (default: the preset's)")
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -175,7 +204,7 @@ def _add_train_arguments(parser):
             parser.add_argument(flag, choices=["float16", "bfloat16"], default=None,
                                 help=TRAIN_HELP[field.name])
         elif field.name == "xla":
-            parser.add_argument(flag, choices=["on", "off"], default=default,
+            parser.add_argument(flag, choices=XLA_SETTINGS, default=default,
                                 help=f"{TRAIN_HELP[field.name]} (default {default})")
         else:
             kind = POSITIVE_INT if isinstance(default, int) or default is None else NON_NEGATIVE
@@ -193,7 +222,7 @@ def _train(args):
     from gpt_keras import checkpoints
     from gpt_keras.config import GPTConfig, TrainConfig
 
-    overrides = {field: getattr(args, field) for field in MODEL_FLAGS
+    overrides = {field: getattr(args, field) for field in (*MODEL_FLAGS, "position_embedding")
                  if getattr(args, field) is not None}
     model_config = GPTConfig.from_preset(args.preset, **overrides)
     train_config = TrainConfig(**{f.name: getattr(args, f.name)
@@ -201,6 +230,9 @@ def _train(args):
     vocab_size = args.vocab_size
     if args.tokenizer == "bpe" and vocab_size is None:
         vocab_size = 4096
+    if args.data_format == "prompt-completion" and not args.data:
+        raise ValueError("--format prompt-completion needs --data PAIRS.jsonl (JSON lines with "
+                         "prompt and completion fields).")
     _import_tensorflow_quietly()
     from gpt_keras.training import train
 
@@ -215,6 +247,8 @@ def _train(args):
             validation_paths=args.validation_data,
             replicas=args.replicas,
             init_from=args.init_from,
+            data_format=args.data_format,
+            fields=_fields(args) or PAIR_FIELDS,
         )
     except KeyboardInterrupt:
         steps = checkpoints.step_checkpoints(os.path.join(args.run_dir, "checkpoints"))
@@ -243,7 +277,13 @@ def _evaluate(args):
     else:
         print(f"Scoring the validation split of {args.run_dir}...", flush=True)
     result = evaluate(args.run_dir, args.data, batch_size=args.batch_size,
-                      progress=_Progress("  batch"))
+                      progress=_Progress("  batch"), data_format=args.data_format,
+                      fields=_fields(args))
+    if "exact_match" in result:
+        print(f"pairs {result['examples']}  completion tokens {result['completion_tokens']}  "
+              f"completion loss {result['completion_loss']:.4f}  exact match "
+              f"{result['exact_match']:.4f}")
+        return
     print(f"tokens {result['tokens']}  loss {result['val_loss']:.4f}  "
           f"perplexity {result['val_perplexity']:.3f}  "
           f"bits/char {result['val_bits_per_char']:.4f}  "
@@ -340,21 +380,36 @@ def _convert(args):
     _import_tensorflow_quietly()
     from gpt_keras.checkpoints import atomic_write
     from gpt_keras.hf import load_gpt2, save_gpt2
+    from gpt_keras.keras_hub_import import KERAS_HUB, load_keras_hub_gpt2, source_format
     from gpt_keras.tokenizers import GPT2Tokenizer, load_tokenizer
     from gpt_keras.training import create_run, load_model
 
     if args.to == "gpt_keras":
-        model = load_gpt2(args.source)
-        tokenizer = GPT2Tokenizer.from_directory(args.vocab or args.source)
+        kind = args.source_format or source_format(args.source)
+        if kind == KERAS_HUB:
+            model, tokenizer = load_keras_hub_gpt2(args.source)
+            if args.vocab:
+                tokenizer = GPT2Tokenizer.from_directory(args.vocab)
+            elif tokenizer is None:
+                raise ValueError(f"{args.source} holds no tokenizer (a GPT2Backbone saves none): "
+                                 "pass --vocab DIR with the encoder.json + vocab.bpe it was "
+                                 "trained with.")
+        else:
+            model = load_gpt2(args.source)
+            tokenizer = GPT2Tokenizer.from_directory(args.vocab or args.source)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(
                 f"The tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's vocabulary "
                 f"has {model.config.vocab_size}; pass the --vocab files of this checkpoint."
             )
-        create_run(args.destination, model, tokenizer, {"huggingface": os.path.abspath(args.source)})
+        create_run(args.destination, model, tokenizer,
+                   {kind.replace("-", "_"): os.path.abspath(args.source)})
         print(f"Run directory {args.destination}: try `gpt-keras generate {args.destination} "
               "--prompt TEXT`.")
         return
+    if args.source_format:
+        raise ValueError("--from names the kind of a source converted to gpt_keras; with --to hf "
+                         "the source is a run directory.")
     tokenizer = load_tokenizer(os.path.join(args.source, "tokenizer"))
     directory = save_gpt2(load_model(args.source), args.destination,
                           end_of_text_id=tokenizer.end_of_text_id)
@@ -484,7 +539,9 @@ def build_parser():
     )
     evaluate_parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
     evaluate_parser.add_argument("--data", nargs="+", metavar="PATH",
-                                 help="text to score (default: the run's validation split)")
+                                 help="text (or JSONL pairs) to score (default: the run's "
+                                 "validation split)")
+    _add_format_arguments(evaluate_parser, None)
     evaluate_parser.add_argument("--batch-size", type=POSITIVE_INT, default=32,
                                  help="windows scored at once (default 32)")
     evaluate_parser.set_defaults(handler=_evaluate, command_parser=evaluate_parser)
@@ -550,15 +607,21 @@ def build_parser():
                                   help="the head drawn at full size (default 0)")
     attention_parser.set_defaults(handler=_attention, command_parser=attention_parser)
     convert_parser = commands.add_parser(
-        "convert", help="Hugging Face GPT-2 checkpoint -> run directory, or back (--to hf)",
-        epilog="example: gpt-keras convert hf/gpt2 runs/gpt2",
+        "convert", help="Hugging Face or keras-hub GPT-2 -> run directory, or back (--to hf)",
+        epilog="examples: gpt-keras convert hf/gpt2 runs/gpt2; "
+        "gpt-keras convert my_gpt2_preset runs/mine (keras-hub save_to_preset or .keras)",
     )
-    convert_parser.add_argument("source", help="HF_DIR (default) or RUN_DIR (with --to hf)")
+    convert_parser.add_argument("source", help="HF_DIR, a keras-hub preset directory or .keras "
+                                "file (default), or RUN_DIR (with --to hf)")
+    convert_parser.add_argument("--from", dest="source_format",
+                                choices=["huggingface", "keras-hub"], default=None,
+                                help="what SOURCE is (default: told from its files)")
     convert_parser.add_argument("destination", help="RUN_DIR (default) or HF_DIR (with --to hf)")
     convert_parser.add_argument("--to", choices=["gpt_keras", "hf"], default="gpt_keras",
                                 help="direction of the conversion (default gpt_keras)")
     convert_parser.add_argument("--vocab", help="directory with encoder.json + vocab.bpe (or "
-                                "vocab.json + merges.txt) when HF_DIR has none")
+                                "vocab.json + merges.txt) when SOURCE has none (a keras-hub "
+                                "GPT2Backbone never has)")
     convert_parser.set_defaults(handler=_convert, command_parser=convert_parser)
     export_parser = commands.add_parser(
         "export", help="a run -> a verified TF Serving SavedModel version (or TFLite)",

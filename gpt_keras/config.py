@@ -44,19 +44,21 @@ class GPTConfig:
 
 
 PRESETS = {
-    # A few thousand parameters: for tests and smoke runs.
+    # A few thousand parameters: for tests and smoke runs (the paper's sinusoidal positions,
+    # `GPT`'s default).
     "tiny": GPTConfig(
         vocab_size=64, context_length=16, num_layers=2, num_heads=2, hidden_dim=32
     ),
     # nanoGPT's CPU "baby" Shakespeare model (config/train_shakespeare_char.py, CPU settings),
-    # with rotary positions: after nanoGPT's 2000-step CPU run, validation loss 1.783 (3 seeds,
-    # 1.781-1.784) against 1.882 with GPT-2's learned table and 1.933 with sinusoidal positions
-    # (benchmarks/train_shakespeare.py).
+    # with rotary positions, the best of the three: after nanoGPT's 2000-step CPU run, validation
+    # loss 1.781 (3 seeds, 1.778-1.786) against 1.881 with GPT-2's learned table and 1.885 with
+    # the paper's sinusoidal encoding (BENCHMARKS.md, "Position embeddings").
     "shakespeare-char": GPTConfig(
         vocab_size=65, context_length=64, num_layers=4, num_heads=4, hidden_dim=128,
         position_embedding="rotary",
     ),
-    # The shape of OpenAI's GPT-2 small (124M parameters).
+    # The shape of OpenAI's GPT-2 small (124M parameters), with its learned position table so
+    # that GPT-2 checkpoints load into it.
     "gpt2-small": GPTConfig(
         vocab_size=50257,
         context_length=1024,
@@ -90,6 +92,10 @@ def num_parameters(config):
 
 MIXED_PRECISION = {None: "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
 TOKENIZERS = ("char", "bpe")
+# `--format` of training data: plain text, or JSONL prompt → completion pairs (`gpt_keras.sft`).
+DATA_FORMATS = ("text", "prompt-completion")
+PAIR_FIELDS = ("prompt", "completion")  # default JSON fields of prompt-completion pairs
+XLA_SETTINGS = ("auto", "on", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,9 +129,11 @@ class TrainConfig:
     sample_every: int = 250  # steps between printed text samples, and the last step (0: never)
     sample_tokens: int = 200  # tokens per sample
     freeze_blocks: int = 0  # fine-tuning: keep the first k transformer blocks fixed
-    # "on": compile training steps with XLA (1.4x tokens/s on CPU, BENCHMARKS.md); "off": plain
-    # TensorFlow graphs. A string, not a bool, so that `--xla off` works on the command line.
-    xla: str = "on"
+    # "on": compile training steps with XLA; "off": plain TensorFlow graphs (oneDNN kernels on
+    # CPU); "auto": XLA except for bfloat16 on a machine without a GPU, where XLA's CPU matmul
+    # ignores the CPU's bfloat16 units and oneDNN's uses them (`training.uses_xla`;
+    # BENCHMARKS.md, "Training throughput"). A string, so that `--xla off` works on the command line.
+    xla: str = "auto"
     # LoRA fine-tuning (`gpt_keras.lora`; needs --init-from): rank r of the adapters (0: off, all
     # weights train); scale alpha/r (None: alpha = r, Keras' default); comma-separated groups of
     # adapted layers ("attention": query/key/value + output projections, "mlp": both MLP layers)
@@ -151,8 +159,8 @@ class TrainConfig:
                 "mixed_precision must be None, 'float16' or 'bfloat16'. "
                 f"Received: mixed_precision={self.mixed_precision!r}"
             )
-        if self.xla not in ("on", "off"):
-            raise ValueError(f"xla must be 'on' or 'off'. Received: xla={self.xla!r}")
+        if self.xla not in XLA_SETTINGS:
+            raise ValueError(f"xla must be 'auto', 'on' or 'off'. Received: xla={self.xla!r}")
         if not 0 < self.min_learning_rate <= self.learning_rate:
             raise ValueError(
                 "Need 0 < min_learning_rate <= learning_rate. Received: "

@@ -251,7 +251,7 @@ def training_dataset(token_file, context_length, global_batch_size, seed, start_
         windows = tokens[starts[:, None] + window].astype(np.int32)  # [B, T + 1]
         return windows[:, :-1], windows[:, 1:]
 
-    return _batches(tf.data.Dataset.range(start_step, start_step + num_steps), batch_at,
+    return batches(tf.data.Dataset.range(start_step, start_step + num_steps), batch_at,
                     global_batch_size, context_length)
 
 
@@ -270,15 +270,17 @@ def validation_dataset(token_file, context_length, global_batch_size, seed, num_
         windows = tokens[starts[:, None] + window].astype(np.int32)
         return windows[:, :-1], windows[:, 1:]
 
-    return _batches(tf.data.Dataset.range(num_batches), batch_at, global_batch_size, context_length)
+    return batches(tf.data.Dataset.range(num_batches), batch_at, global_batch_size, context_length)
 
 
-def _batches(indices, batch_at, batch_size, context_length):
+def batches(indices, batch_at, batch_size, context_length, dtypes=(tf.int32, tf.int32)):
+    """`tf.data` of `batch_at(index)` for each of `indices`: a tuple of NumPy arrays `[batch_size,
+    context_length]` of `dtypes`, computed in parallel, in order, every worker the same batches."""
     def load(index):
-        inputs, targets = tf.numpy_function(batch_at, [index], (tf.int32, tf.int32), stateful=False)
-        inputs.set_shape((batch_size, context_length))
-        targets.set_shape((batch_size, context_length))
-        return inputs, targets
+        parts = tf.numpy_function(batch_at, [index], dtypes, stateful=False)
+        for part in parts:
+            part.set_shape((batch_size, context_length))
+        return tuple(parts)
 
     dataset = indices.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     options = tf.data.Options()

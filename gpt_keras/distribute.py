@@ -251,8 +251,16 @@ def check_same_on_workers(strategy, what, value):
 
 def stack_pairs(dataset):
     """`(inputs, targets)` batches `[B, T]` → one int32 tensor `[B, 2, T]` per batch (see the
-    module docstring for why; `GlobalBatchSteps` unstacks it)."""
-    return dataset.map(lambda inputs, targets: tf.stack([inputs, targets], axis=1))
+    module docstring for why; `GlobalBatchSteps` unstacks it). `(inputs, targets, weights)`
+    batches (float32 per-token loss weights, `gpt_keras.sft`) → `[B, 3, T]`, the weights bit-cast
+    to int32 (exact: `GlobalBatchSteps` bit-casts them back)."""
+
+    def stack(inputs, targets, weights=None):
+        parts = [inputs, targets] if weights is None else [inputs, targets,
+                                                           tf.bitcast(weights, tf.int32)]
+        return tf.stack(parts, axis=1)
+
+    return dataset.map(stack)
 
 
 def _skip_optimizer_all_reduce(optimizer):
@@ -277,7 +285,11 @@ class GlobalBatchSteps:
 
     Batches are `(inputs, targets)` int `[B, T]` pairs or the `[B, 2, T]` tensors of
     `stack_pairs`; the loss is the mean token cross-entropy of the global batch (logits from
-    `self(inputs)`). Compile with an optimizer and no loss: the loss is computed here, and the one
+    `self(inputs)`). A batch may carry float per-token loss weights `[B, T]` as a third element
+    (`(inputs, targets, weights)`, or the `[B, 3, T]` of `stack_pairs`): each replica's loss is
+    then `mean(weights * token_loss)` over its slice (Keras' sum-over-batch-size reduction), so the
+    weights decide the normalisation (`gpt_keras.sft` scales them so that the update's loss is
+    `sum(w * loss) / sum(w)` over the global batch). Compile with an optimizer and no loss: the loss is computed here, and the one
     metric, `loss`, is the running mean over the steps since the last reset (a Keras epoch),
     identical on every replica.
 
@@ -339,27 +351,34 @@ class GlobalBatchSteps:
 
     @staticmethod
     def _unpack(data):
+        """`(inputs, targets, weights)`; `weights` is None for unweighted batches."""
         if isinstance(data, (tuple, list)):
-            return data[0], data[1]
-        return data[:, 0], data[:, 1]  # stacked by `stack_pairs`: [B, 2, T]
+            return data[0], data[1], data[2] if len(data) > 2 else None
+        # Stacked by `stack_pairs`: [B, 2, T], or [B, 3, T] with bit-cast weights.
+        weights = tf.bitcast(data[:, 2], tf.float32) if data.shape[1] == 3 else None
+        return data[:, 0], data[:, 1], weights
 
-    def _token_loss(self, targets, logits):
-        """Mean cross-entropy over this replica's tokens (float32)."""
+    def _token_loss(self, targets, logits, weights=None):
+        """Mean cross-entropy over this replica's tokens (float32), each token's multiplied by
+        its weight if `weights` `[B, T]` are given."""
         losses = keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True)
-        return keras.ops.mean(keras.ops.cast(losses, "float32"))
+        losses = keras.ops.cast(losses, "float32")
+        if weights is not None:
+            losses = losses * keras.ops.cast(weights, "float32")
+        return keras.ops.mean(losses)
 
-    def _loss_and_gradients(self, inputs, targets):
+    def _loss_and_gradients(self, inputs, targets, weights=None):
         """This replica's mean token loss and the gradients of the (scaled) loss."""
         with tf.GradientTape() as tape:
             logits = self(inputs, training=True)
-            loss = self._token_loss(targets, logits)
+            loss = self._token_loss(targets, logits, weights)
             scaled_loss = self.optimizer.scale_loss(loss)  # loss scaling under mixed_float16
         return loss, tape.gradient(scaled_loss, self.trainable_variables)
 
     def train_step(self, data):
-        inputs, targets = self._unpack(data)
+        inputs, targets, weights = self._unpack(data)
         loss_and_gradients = self._compiled_gradients or self._loss_and_gradients
-        loss, gradients = loss_and_gradients(inputs, targets)
+        loss, gradients = loss_and_gradients(inputs, targets, weights)
         # Equal slices per replica: the mean of the replicas' gradients (and losses) is the
         # gradient (and loss) of the global batch. One all-reduce over all workers.
         replica = tf.distribute.get_replica_context()
@@ -398,8 +417,8 @@ class GlobalBatchSteps:
         update(self._micro_step, lambda v: v.assign_add(1), group=False)
 
     def test_step(self, data):
-        inputs, targets = self._unpack(data)
-        loss = self._token_loss(targets, self(inputs, training=False))
+        inputs, targets, weights = self._unpack(data)
+        loss = self._token_loss(targets, self(inputs, training=False), weights)
         replica = tf.distribute.get_replica_context()
         if replica.num_replicas_in_sync > 1:
             loss = replica.all_reduce(tf.distribute.ReduceOp.MEAN, loss)

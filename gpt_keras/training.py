@@ -15,14 +15,15 @@ from typing import Optional
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
 from gpt_keras import callbacks as run_callbacks
-from gpt_keras import checkpoints, data, distribute, lora
+from gpt_keras import checkpoints, data, distribute, lora, sft
 from gpt_keras.config import (  # noqa: F401 (TrainConfig: public here too)
-    CADENCE_FIELDS, MIXED_PRECISION, TOKENIZERS, GPTConfig, TrainConfig,
+    CADENCE_FIELDS, DATA_FORMATS, MIXED_PRECISION, TOKENIZERS, GPTConfig, TrainConfig,
 )
-from gpt_keras.model import GPT
+from gpt_keras.model import GPT, OldSinusoidalModelError
 from gpt_keras.tokenizers import ByteLevelBPETokenizer, CharTokenizer, load_tokenizer
 
 def decay_groups(model):
@@ -142,6 +143,8 @@ def load_model(directory):
     if os.path.isfile(model_path):
         try:
             return keras.saving.load_model(model_path, compile=False)
+        except OldSinusoidalModelError as error:
+            raise ValueError(f"{model_path}: {error}") from None
         except (OSError, ValueError, zipfile.BadZipFile) as error:
             raise ValueError(f"{model_path} cannot be read ({type(error).__name__}: "
                              f"{str(error).splitlines()[0] if str(error) else ''}): it is damaged "
@@ -183,8 +186,8 @@ def create_run(run_dir, model, tokenizer, source):
     return run_dir
 
 
-def _train_tokenizer(kind, vocab_size, files):
-    texts = (text for path in files for text in data.read_text(path))
+def _train_tokenizer(kind, vocab_size, texts):
+    """A tokenizer of `kind` trained on `texts`, an iterable of `str` chunks."""
     if kind == "char":
         return CharTokenizer.train(texts)
     if kind == "bpe":
@@ -230,7 +233,7 @@ def _restores_random_states(function):
 @_restores_random_states
 def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
           tokenizer_vocab_size=None, validation_paths=None, replicas=None, sample=None,
-          verbose=True, init_from=None, callbacks=()):
+          verbose=True, init_from=None, callbacks=(), data_format="text", fields=sft.FIELDS):
     """Trains (or resumes) the run in `run_dir` and returns its `Run`.
 
     `model_config.vocab_size` is replaced by the tokenizer's. With `init_from` (see
@@ -246,6 +249,11 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
     a progress bar. `callbacks`: extra Keras callbacks for `fit` (one epoch ends at every step
     where something is logged, validated, sampled or saved), called before the run's own.
 
+    `data_format="prompt-completion"`: supervised fine-tuning on the JSONL pairs of `data_paths`
+    (and `validation_paths`), their fields named by `fields` (`(prompt, completion)`), with the
+    loss on completion tokens only (`gpt_keras.sft`); the format and fields are settings of the
+    run, so a resumed run with others is refused.
+
     Global state: the dtype policy and the Python and NumPy random states are as before the
     call; TensorFlow's and Keras' global seeds are left set to `train_config.seed` (as by
     `keras.utils.set_random_seed`, which makes the initial weights reproducible). A start first
@@ -253,6 +261,9 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
     checkpoint (`callbacks.finish_checkpoint`).
     """
     say = print if verbose else _silent
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format must be one of {DATA_FORMATS}. Received: {data_format!r}")
+    pairs = tuple(fields) if data_format == "prompt-completion" else None
     strategy = distribute.make_strategy(replicas)  # splits the CPU: before TF runs any op
     if train_config.batch_size % strategy.num_replicas_in_sync:
         raise ValueError(
@@ -287,7 +298,8 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
         "model": dataclasses.asdict(model_config),
         "train": dataclasses.asdict(train_config),
         "tokenizer": {"kind": tokenizer, "vocab_size": tokenizer_vocab_size},
-        "data": {"train": train_files, "validation": validation_files},
+        "data": {"train": train_files, "validation": validation_files,
+                 **({"format": data_format, "fields": list(pairs)} if pairs else {})},
     }
     if stored is not None:
         _check_same_settings(run_dir, requested, stored)
@@ -300,7 +312,7 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
         _remove_abandoned_temporaries(run)
         try:
             text_tokenizer = _prepare(run, tokenizer, tokenizer_vocab_size, train_files,
-                                      validation_files, source_tokenizer, say)
+                                      validation_files, source_tokenizer, say, pairs)
             _write_json(run.config_path,
                         {**requested, "model": dataclasses.asdict(run.model_config)})
         except BaseException:
@@ -309,7 +321,7 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
             raise
     distribute.barrier(strategy)  # other workers wait until the chief has prepared the run
     if not chief:
-        text_tokenizer = _read_prepared(run, strategy)
+        text_tokenizer = _read_prepared(run, strategy, pairs)
     initial_weights = None if source_model is None else source_model.get_weights()
     return _fit(run, strategy, text_tokenizer, sample, verbose, initial_weights, callbacks)
 
@@ -360,18 +372,32 @@ def _describe_files(files):
 
 
 def _prepare(run, kind, vocab_size, train_files, validation_files, source_tokenizer=None,
-             say=_silent):
+             say=_silent, pairs=None):
     """Trains (or takes `source_tokenizer`, or loads) the tokenizer and tokenizes the corpus into
     the run directory (or checks that the stored tokens still match the files); sets
-    `run.token_file` and the vocabulary size of `run.model_config`. Returns the tokenizer."""
+    `run.token_file` and the vocabulary size of `run.model_config`. Returns the tokenizer.
+    `pairs`: the `(prompt, completion)` field names of JSONL pairs (`sft.prepare_pairs`; then
+    `run.token_file` is a `sft.PairFile`), or None for text."""
     if os.path.isfile(os.path.join(run.tokenizer_dir, "tokenizer.json")):
         tokenizer = load_tokenizer(run.tokenizer_dir)
     elif source_tokenizer is not None:
         tokenizer = source_tokenizer
     else:
         say(f"Training the {kind} tokenizer...", flush=True)
-        tokenizer = _train_tokenizer(kind, vocab_size, train_files)
-    if os.path.isfile(os.path.join(run.data_dir, data.META_FILE)):
+        texts = (sft.pair_texts(train_files, *pairs) if pairs else
+                 (text for path in train_files for text in data.read_text(path)))
+        tokenizer = _train_tokenizer(kind, vocab_size, texts)
+    if pairs:
+        if sft.is_prepared(run.data_dir):
+            run.token_file = sft.PairFile.load(run.data_dir)
+        else:
+            say(f"Tokenizing the pairs into {run.data_dir}...", flush=True)
+            run.token_file = sft.prepare_pairs(train_files, tokenizer, run.data_dir,
+                                               run.model_config.context_length, pairs,
+                                               validation_files)
+            say(f"  {run.token_file.num_train:,} training and "
+                f"{run.token_file.num_validation_examples:,} validation pairs")
+    elif os.path.isfile(os.path.join(run.data_dir, data.META_FILE)):
         run.token_file = data.TokenFile.load(run.data_dir)
     else:
         say(f"Tokenizing the corpus into {run.data_dir}...", flush=True)
@@ -386,26 +412,38 @@ def _prepare(run, kind, vocab_size, train_files, validation_files, source_tokeni
             "Pass a new --run-dir to train on the new text."
         )
     run.model_config = run.model_config.replace(vocab_size=tokenizer.vocab_size)
-    data.check_windows(run.token_file, run.model_config.context_length)
+    if not pairs:
+        data.check_windows(run.token_file, run.model_config.context_length)
     tokenizer.save(run.tokenizer_dir)
     return tokenizer
 
 
-def _read_prepared(run, strategy):
+def _read_prepared(run, strategy, pairs=None):
     """A non-chief worker's `_prepare`: reads the tokenizer and token file that the chief wrote
     into the run directory (it writes nothing itself); sets `run.token_file` and the vocabulary
     size of `run.model_config`. Returns the tokenizer."""
+    token_file_type = sft.PairFile if pairs else data.TokenFile
+    meta_file = sft.META_FILE if pairs else data.META_FILE
     if not (os.path.isfile(os.path.join(run.tokenizer_dir, "tokenizer.json"))
-            and os.path.isfile(os.path.join(run.data_dir, data.META_FILE))):
+            and os.path.isfile(os.path.join(run.data_dir, meta_file))):
         raise ValueError(
             f"{distribute.worker_name(strategy)} finds no tokenizer or tokens in {run.directory} "
             "after the chief prepared them. Multi-worker training needs --run-dir on a file "
             "system that every worker reads (the chief writes it)."
         )
     tokenizer = load_tokenizer(run.tokenizer_dir)
-    run.token_file = data.TokenFile.load(run.data_dir)
+    run.token_file = token_file_type.load(run.data_dir)
     run.model_config = run.model_config.replace(vocab_size=tokenizer.vocab_size)
     return tokenizer
+
+
+def uses_xla(config):
+    """Whether `config` (a `TrainConfig`) trains with XLA: `xla="auto"` means yes, except under
+    bfloat16 on a machine without a GPU, where the plain graph's oneDNN matmuls run on the CPU's
+    bfloat16 units (AMX, AVX-512 BF16) and XLA's do not (BENCHMARKS.md, "Training throughput")."""
+    if config.xla != "auto":
+        return config.xla == "on"
+    return config.mixed_precision != "bfloat16" or bool(tf.config.list_physical_devices("GPU"))
 
 
 def text_sampler(tokenizer, config):
@@ -452,7 +490,7 @@ def _fit(run, strategy, tokenizer, sample, verbose, initial_weights=None, extra_
         # so its optimizer applies every update it gets and counts updates.
         model.compile(optimizer=build_optimizer(model, config),
                       gradient_accumulation_steps=config.gradient_accumulation_steps,
-                      jit_compile=config.xla == "on")
+                      jit_compile=uses_xla(config))
         optimizer = model.optimizer  # a LossScaleOptimizer under mixed_float16
         optimizer.build(model.trainable_variables)
     newest, state = checkpoints.load_newest(run.checkpoint_dir, model, optimizer)
@@ -493,20 +531,15 @@ def _fit(run, strategy, tokenizer, sample, verbose, initial_weights=None, extra_
         epochs = config.max_steps // steps
         validate = [e for e in range(start_step // steps + 1, epochs + 1)
                     if e * steps % config.eval_every == 0 or e == epochs]  # 1-based epochs
-        say(f"Compiling the training step{' with XLA' if config.xla == 'on' else ''} "
+        say(f"Compiling the training step{' with XLA' if uses_xla(config) else ''} "
             "(the first step takes a while)...", flush=True)
+        training_data, validation_data = _datasets(run, start_step)
         model.fit(
-            distribute.stack_pairs(data.training_dataset(
-                run.token_file, run.model_config.context_length, config.batch_size, config.seed,
-                start_step * micro_steps, (config.max_steps - start_step) * micro_steps,
-            )),
+            distribute.stack_pairs(training_data),
             epochs=epochs,
             initial_epoch=start_step // steps,
             steps_per_epoch=steps * micro_steps,
-            validation_data=distribute.stack_pairs(data.validation_dataset(
-                run.token_file, run.model_config.context_length, config.batch_size, config.seed,
-                config.eval_batches,
-            )),
+            validation_data=distribute.stack_pairs(validation_data),
             validation_freq=validate,
             callbacks=callbacks,
             shuffle=False,  # batches are already drawn at random offsets
@@ -525,6 +558,22 @@ def _fit(run, strategy, tokenizer, sample, verbose, initial_weights=None, extra_
     return run
 
 
+def _datasets(run, start_step):
+    """The `(training, validation)` datasets of `run` from `start_step`: windows of text
+    (`data`), or weighted prompt-completion rows (`sft`) when `run.token_file` is a `PairFile`."""
+    config, context = run.train_config, run.model_config.context_length
+    micro_steps = config.gradient_accumulation_steps
+    first, count = start_step * micro_steps, (config.max_steps - start_step) * micro_steps
+    if isinstance(run.token_file, sft.PairFile):
+        return (sft.training_dataset(run.token_file, context, config.batch_size, config.seed,
+                                     first, count, micro_steps),
+                sft.validation_dataset(run.token_file, context, config.batch_size))
+    return (data.training_dataset(run.token_file, context, config.batch_size, config.seed,
+                                  first, count),
+            data.validation_dataset(run.token_file, context, config.batch_size, config.seed,
+                                    config.eval_batches))
+
+
 def _save_inference_model(model, path):
     """Saves the weights in a fresh, uncompiled float32 `GPT` (no optimizer state; LoRA
     adapters merged, `lora.merge`) to `path`, through a temporary file beside it
@@ -541,11 +590,24 @@ def _save_inference_model(model, path):
         raise
 
 
-def evaluate(run_dir, data_paths=None, batch_size=32, progress=None):
+def evaluate(run_dir, data_paths=None, batch_size=32, progress=None, data_format=None,
+             fields=None):
     """Loss (nats/token), perplexity and bits per char/byte of the run's model over all
     non-overlapping context windows of its validation split, or of the text files `data_paths`.
-    `progress(batches_done, batches)` is called after each batch."""
+    `progress(batches_done, batches)` is called after each batch.
+
+    With `data_format="prompt-completion"` (the default for a run trained on pairs), the
+    completion loss and exact match of greedy answers (`sft.evaluate_pairs`) on the run's
+    held-out pairs, or on the JSONL pairs of `data_paths` with the field names `fields` (default:
+    the run's, else `sft.FIELDS`)."""
+    stored_data = read_run_config(run_dir).get("data") or {}
+    data_format = data_format or stored_data.get("format", "text")
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format must be one of {DATA_FORMATS}. Received: {data_format!r}")
     model = load_model(run_dir)
+    if data_format == "prompt-completion":
+        return _evaluate_pairs(run_dir, model, data_paths, batch_size, progress,
+                               tuple(fields or stored_data.get("fields") or sft.FIELDS))
     if data_paths is None:
         token_file = _validation_split(run_dir)
         return _score(model, token_file, token_file.tokens()[token_file.num_train:], batch_size,
@@ -557,6 +619,26 @@ def evaluate(run_dir, data_paths=None, batch_size=32, progress=None):
             files, tokenizer, os.path.join(scratch, "data"), validation_fraction=1.0
         )
         return _score(model, token_file, token_file.tokens(), batch_size, progress)
+
+
+def _evaluate_pairs(run_dir, model, data_paths, batch_size, progress, fields):
+    """`evaluate` of prompt-completion pairs: the run's held-out pairs, or those of `data_paths`."""
+    if data_paths is None:
+        if not sft.is_prepared(os.path.join(run_dir, "data")):
+            raise ValueError(f"{run_dir} was not trained on prompt-completion pairs here, so it "
+                             "has no held-out pairs; pass --data PAIRS.jsonl.")
+        pair_file = sft.PairFile.load(os.path.join(run_dir, "data"))
+        held_out = np.arange(pair_file.num_train, pair_file.num_train
+                             + pair_file.num_validation_examples)
+        return sft.evaluate_pairs(model, pair_file, held_out, batch_size, progress)
+    tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
+    files = data.resolve_text_files(data_paths)
+    with tempfile.TemporaryDirectory() as scratch:
+        pair_file = sft.prepare_pairs(files, tokenizer, os.path.join(scratch, "data"),
+                                      model.config.context_length, fields,
+                                      validation_fraction=1.0)
+        return sft.evaluate_pairs(model, pair_file, np.arange(pair_file.num_validation_examples),
+                                  batch_size, progress)
 
 
 def _validation_split(run_dir):

@@ -112,9 +112,9 @@ def gpt_logits(model, token_ids, padding_mask=None, scores_out=None):
     elif cfg.position_embedding == "rotary":  # nothing added; attention rotates queries and keys
         x = token_table[token_ids]
         rotary_max_wavelength = 10000.0
-    else:  # the Transformer paper scales token embeddings by sqrt(D) before adding the encoding
-        x = token_table[token_ids] * math.sqrt(cfg.hidden_dim)
-        x = x + sinusoidal_table(range(t), cfg.hidden_dim)[None]
+    else:  # the paper's sqrt(D) * embedding + encoding, divided by sqrt(D)
+        x = token_table[token_ids] + sinusoidal_table(range(t), cfg.hidden_dim)[None] / math.sqrt(
+            cfg.hidden_dim)
     for keras_block in model.blocks:
         x = block(x, block_weights(keras_block), cfg.num_heads, cfg.layer_norm_epsilon, padding_mask,
                   rotary_max_wavelength, scores_out)

@@ -170,6 +170,20 @@ def test_config_round_trip():
     assert GPT(**dataclasses.asdict(model.config)).config == model.config
 
 
+def test_sinusoidal_model_of_the_old_embedding_scale_is_refused():
+    """Configs without `config_version` (gpt_keras 0.1) scaled the token embeddings by sqrt(D) for
+    sinusoidal positions: their weights would give wrong outputs, so loading names the cause.
+    Learned and rotary models are unchanged and still load."""
+    for position_embedding in ("sinusoidal", "learned"):
+        config = tiny_model(position_embedding=position_embedding).get_config()
+        assert config.pop("config_version") == 2
+        if position_embedding == "learned":
+            assert GPT.from_config(config).config.position_embedding == "learned"
+            continue
+        with pytest.raises(ValueError, match="saved by gpt_keras 0.1 with sinusoidal positions"):
+            GPT.from_config(config)
+
+
 @pytest.mark.parametrize("position_embedding", ["learned", "rotary"])
 def test_keras_save_and_load_give_identical_outputs(tmp_path, position_embedding):
     model = tiny_model(position_embedding=position_embedding)

@@ -15,6 +15,7 @@ import tracemalloc
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from gpt_keras import GPT, GPTConfig, checkpoints
 from gpt_keras.callbacks import RunState, StopOnNaN
@@ -24,7 +25,7 @@ from gpt_keras.distribute import TrainingGPT
 from gpt_keras.tokenizers import CharTokenizer
 from gpt_keras.training import (
     Run, TrainConfig, _score, build_optimizer, create_run, decay_groups, evaluate,
-    learning_rate_schedule, load_model, train,
+    learning_rate_schedule, load_model, train, uses_xla,
 )
 from tests.conftest import SHAKESPEARE
 
@@ -206,12 +207,21 @@ def test_gradient_accumulation_equals_one_large_batch():
 
 
 def test_xla_setting_is_checked():
-    with pytest.raises(ValueError, match="xla must be 'on' or 'off'. Received: xla='yes'"):
+    with pytest.raises(ValueError, match="xla must be 'auto', 'on' or 'off'. Received: xla='yes'"):
         TrainConfig(xla="yes")
     with pytest.raises(ValueError, match="jit_compile must be True or False. Received: 'auto'"):
         model = TrainingGPT(**vars(TINY_MODEL))
         model.build()
         model.compile(build_optimizer(model, TrainConfig()), jit_compile="auto")
+
+
+def test_auto_xla_leaves_bfloat16_on_a_cpu_to_onednn():
+    """`xla="auto"`: XLA for float32 and float16; plain graphs for bfloat16 without a GPU."""
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    assert uses_xla(TrainConfig()) and uses_xla(TrainConfig(mixed_precision="float16"))
+    assert uses_xla(TrainConfig(mixed_precision="bfloat16")) == gpu
+    assert uses_xla(TrainConfig(mixed_precision="bfloat16", xla="on"))
+    assert not uses_xla(TrainConfig(xla="off"))
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
