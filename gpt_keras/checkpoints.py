@@ -1,7 +1,8 @@
-"""Training checkpoints: model variables (with dropout RNG state), optimizer variables and the
-run's progress, in one `.npz` file written atomically (temporary file + `os.replace`); and the
-temporaries of atomic writes, named after their writer so that a later start can tell the
-abandoned ones (their writer was killed) from those still being written."""
+"""Training checkpoints: model variables (with dropout RNG state; of a LoRA run, the adapters and
+not the frozen base), optimizer variables and the run's progress, in one `.npz` file written
+atomically (temporary file + `os.replace`); and the temporaries of atomic writes, named after
+their writer so that a later start can tell the abandoned ones (their writer was killed) from
+those still being written."""
 
 import json
 import os
@@ -81,9 +82,21 @@ def atomic_write(path, write):
         raise
 
 
+def model_variables(model):
+    """The variables of `model` that a checkpoint holds: `model.variables` (weights and dropout
+    RNG states) less the frozen base weights of LoRA (`lora.frozen_weights`), which a LoRA run
+    re-reads from its --init-from."""
+    from gpt_keras.lora import frozen_weights  # imports Keras: only when a model is at hand
+
+    frozen = {id(v) for v in frozen_weights(model)}
+    return [v for v in model.variables if id(v) not in frozen]
+
+
 def save(path, model, optimizer, state):
-    """Writes `model.variables`, `optimizer.variables` and the JSON-able `state` dict to `path`."""
-    arrays = {f"model/{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(model.variables)}
+    """Writes `model_variables(model)`, `optimizer.variables` and the JSON-able `state` dict to
+    `path`."""
+    arrays = {f"model/{i:05d}": np.asarray(v.numpy())
+              for i, v in enumerate(model_variables(model))}
     arrays.update(
         {f"optimizer/{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}
     )
@@ -111,13 +124,13 @@ def read_state(path):
 
 
 def load(path, model, optimizer=None):
-    """Assigns the variables saved in `path` to `model` (and `optimizer`, which must be built) and
-    returns the saved state. Raises `ValueError` if the checkpoint does not fit them, and its
-    subclass `DamagedCheckpointError` if the file is truncated or corrupted (then some variables
-    may already be assigned)."""
+    """Assigns the variables saved in `path` to `model` (`model_variables`) and `optimizer`
+    (which must be built), and returns the saved state. Raises `ValueError` if the checkpoint
+    does not fit them, and its subclass `DamagedCheckpointError` if the file is truncated or
+    corrupted (then some variables may already be assigned)."""
     try:
         with np.load(path) as saved:
-            for prefix, variables in [("model", model.variables)] + (
+            for prefix, variables in [("model", model_variables(model))] + (
                 [("optimizer", optimizer.variables)] if optimizer is not None else []
             ):
                 keys = sorted(k for k in saved.files if k.startswith(prefix + "/"))

@@ -65,6 +65,9 @@ TRAIN_HELP = {
     "sample_tokens": "tokens per printed sample",
     "freeze_blocks": "fine-tuning: keep the first K transformer blocks fixed",
     "xla": "compile the training step with XLA (auto: yes, except bfloat16 without a GPU)",
+    "lora_rank": "fine-tuning with --init-from: train rank-R LoRA adapters only (0: all weights)",
+    "lora_alpha": "LoRA scale alpha/rank (default: alpha = rank)",
+    "lora_targets": "layers LoRA adapts: attention, mlp or attention,mlp",
 }
 MODEL_FLAGS = {
     "context_length": (int, "tokens the model sees at once"),
@@ -206,8 +209,10 @@ def _add_train_arguments(parser):
         else:
             kind = POSITIVE_INT if isinstance(default, int) or default is None else NON_NEGATIVE
             if field.name in ("warmup_steps", "sample_every", "sample_tokens", "freeze_blocks",
-                              "seed"):
+                              "seed", "lora_rank"):
                 kind = COUNT
+            if isinstance(default, str):
+                kind = str
             suffix = "" if default is None else f" (default {default})"
             parser.add_argument(flag, type=kind, default=default,
                                 help=TRAIN_HELP[field.name] + suffix)

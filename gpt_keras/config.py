@@ -7,6 +7,8 @@ from typing import Optional
 POSITION_EMBEDDINGS = ("sinusoidal", "learned", "rotary")
 # Formats of `gpt_keras.precision.with_weights` (here so that the CLI needs no TensorFlow).
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
+# Groups of `Dense` layers that LoRA can adapt (`gpt_keras.lora.TARGET_LAYERS`).
+LORA_TARGETS = ("attention", "mlp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +134,12 @@ class TrainConfig:
     # ignores the CPU's bfloat16 units and oneDNN's uses them (`training.uses_xla`;
     # BENCHMARKS.md, "Training throughput"). A string, so that `--xla off` works on the command line.
     xla: str = "auto"
+    # LoRA fine-tuning (`gpt_keras.lora`; needs --init-from): rank r of the adapters (0: off, all
+    # weights train); scale alpha/r (None: alpha = r, Keras' default); comma-separated groups of
+    # adapted layers ("attention": query/key/value + output projections, "mlp": both MLP layers)
+    lora_rank: int = 0
+    lora_alpha: Optional[int] = None
+    lora_targets: str = "attention"
 
     def __post_init__(self):
         positive = ["batch_size", "max_steps", "log_every", "eval_every", "eval_batches",
@@ -140,8 +148,12 @@ class TrainConfig:
             positive.append("decay_steps")
         for name in positive:
             _check_int(name, getattr(self, name), minimum=1)
-        for name in ("warmup_steps", "sample_every", "sample_tokens", "freeze_blocks"):
+        for name in ("warmup_steps", "sample_every", "sample_tokens", "freeze_blocks",
+                     "lora_rank"):
             _check_int(name, getattr(self, name), minimum=0)
+        if self.lora_alpha is not None:
+            _check_int("lora_alpha", self.lora_alpha, minimum=1)
+        parse_lora_targets(self.lora_targets)
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(
                 "mixed_precision must be None, 'float16' or 'bfloat16'. "
@@ -159,6 +171,20 @@ class TrainConfig:
 # Settings that only say when things happen (not what is computed): a resumed run may change them.
 CADENCE_FIELDS = ("max_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                   "sample_every", "sample_tokens")
+
+
+def parse_lora_targets(targets):
+    """The `LORA_TARGETS` groups named by `targets` ("attention,mlp", or a sequence of names),
+    as a tuple without repeats; `ValueError` for an unknown or empty choice."""
+    names = targets.split(",") if isinstance(targets, str) else list(targets)
+    names = [name.strip() for name in names]
+    unknown = [name for name in names if name not in LORA_TARGETS]
+    if unknown or not names:
+        raise ValueError(
+            f"lora_targets must be a comma-separated choice of {', '.join(LORA_TARGETS)}. "
+            f"Received: lora_targets={targets!r}"
+        )
+    return tuple(dict.fromkeys(names))
 
 
 def _check_int(name, value, minimum):

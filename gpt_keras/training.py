@@ -20,7 +20,7 @@ from keras import ops
 
 from gpt_keras import backends
 from gpt_keras import callbacks as run_callbacks
-from gpt_keras import checkpoints, data, distribute, sft
+from gpt_keras import checkpoints, data, distribute, lora, sft
 from gpt_keras.config import (  # noqa: F401 (TrainConfig: public here too)
     CADENCE_FIELDS, DATA_FORMATS, MIXED_PRECISION, TOKENIZERS, GPTConfig, TrainConfig,
 )
@@ -137,7 +137,8 @@ def read_run_config(directory):
 
 def load_model(directory):
     """The trained `GPT` of a run directory: `model.keras` if training finished, else the newest
-    intact checkpoint's weights (see `checkpoints.load_newest`)."""
+    intact checkpoint's weights (see `checkpoints.load_newest`; a LoRA run's adapters are
+    merged into its --init-from base, see `gpt_keras.lora`)."""
     settings = read_run_config(directory)
     model_path = os.path.join(directory, "model.keras")
     if os.path.isfile(model_path):
@@ -152,10 +153,15 @@ def load_model(directory):
                              "restore it.") from None
     model = GPT(**settings["model"])
     model.build()
+    train_settings = settings.get("train") or {}
+    if train_settings.get("lora_rank"):
+        model.set_weights(load_source(settings["source"]["init_from"])[0].get_weights())
+        lora.enable(model, train_settings["lora_rank"], train_settings["lora_alpha"],
+                    train_settings["lora_targets"])
     newest, _ = checkpoints.load_newest(os.path.join(directory, "checkpoints"), model)
     if newest is None:
         raise ValueError(f"{directory} has no trained weights yet (no model.keras, no checkpoint).")
-    return model
+    return lora.merge(model) if train_settings.get("lora_rank") else model
 
 
 def create_run(run_dir, model, tokenizer, source):
@@ -233,7 +239,8 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
 
     `model_config.vocab_size` is replaced by the tokenizer's. With `init_from` (see
     `load_source`), the model's config, weights and tokenizer come from there instead (fine-tuning;
-    `train_config.freeze_blocks` keeps the first blocks fixed). Every setting is checked before
+    `train_config.freeze_blocks` keeps the first blocks fixed; `train_config.lora_rank` trains
+    LoRA adapters only, merged in `model.keras`: `gpt_keras.lora`). Every setting is checked before
     anything is written. Re-running after an interruption continues from the newest checkpoint
     with the same step, learning rate, optimizer state, data position and dropout RNG. A resumed
     run may change the settings of `CADENCE_FIELDS`: a larger `max_steps` trains further (after
@@ -272,6 +279,10 @@ def train(run_dir, data_paths, model_config, train_config, tokenizer="char",
     if init_from is not None:
         source_model, source_tokenizer = load_source(init_from)
         model_config, tokenizer = source_model.config, source_tokenizer.kind
+    if train_config.lora_rank and init_from is None:
+        raise ValueError("--lora-rank adapts a trained model: pass --init-from (a run directory "
+                         "or a Hugging Face GPT-2 directory), or --lora-rank 0 to train all "
+                         "weights.")
     if train_config.freeze_blocks > model_config.num_layers:
         raise ValueError(f"--freeze-blocks {train_config.freeze_blocks} is more than the model's "
                          f"{model_config.num_layers} blocks.")
@@ -337,6 +348,9 @@ def _check_same_settings(run_dir, requested, stored):
                                   "vocab_size": requested["model"]["vocab_size"]}}
     # Runs written before `decay_steps` existed decayed over their max_steps.
     stored["train"] = {"decay_steps": stored["train"].get("max_steps"), **stored["train"]}
+    # Runs written before the LoRA settings existed trained all weights.
+    stored["train"] = {"lora_rank": 0, "lora_alpha": None, "lora_targets": "attention",
+                       **stored["train"]}
     changed = sorted(
         f"{section}.{key}"
         for section in requested
@@ -470,6 +484,8 @@ def _fit(run, strategy, tokenizer, sample, verbose, initial_weights=None, extra_
         model.build()
         if initial_weights is not None:  # fine-tuning; a checkpoint, if any, overrides below
             model.set_weights(initial_weights)
+        if config.lora_rank:  # only the adapters train (and are checkpointed)
+            lora.enable(model, config.lora_rank, config.lora_alpha, config.lora_targets)
         for block in model.blocks[: config.freeze_blocks]:
             block.trainable = False
         # The model computes the loss and accumulates gradients (`distribute.GlobalBatchSteps`),
@@ -561,11 +577,10 @@ def _datasets(run, start_step):
 
 
 def _save_inference_model(model, path):
-    """Saves the weights in a fresh, uncompiled float32 `GPT` (no optimizer state) to `path`,
-    through a temporary file beside it (`checkpoints.temporary_prefix`)."""
-    clean = GPT(**dataclasses.asdict(model.config), dtype="float32")
-    clean.build()
-    clean.set_weights([keras.ops.convert_to_numpy(w) for w in model.weights])
+    """Saves the weights in a fresh, uncompiled float32 `GPT` (no optimizer state; LoRA
+    adapters merged, `lora.merge`) to `path`, through a temporary file beside it
+    (`checkpoints.temporary_prefix`)."""
+    clean = lora.merge(model)
     handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
                                          prefix=checkpoints.temporary_prefix(), suffix=".keras")
     os.close(handle)
