@@ -243,8 +243,12 @@ def test_xla_steps_make_the_updates_of_plain_graphs(accumulation):
         assert int(model.optimizer.iterations.numpy()) == 8 // accumulation
         results.append(model.get_weights())
     assert any(not np.allclose(a, b) for a, b in zip(weights, results[0]))
+    # XLA fuses and reorders float32 sums, so the gradients differ by rounding; Adam's division by
+    # sqrt(v) amplifies that for the few elements whose gradient is near zero. Each update moves
+    # a weight by at most ~lr, so allow 0.1% of the largest total move (8 / accumulation updates).
+    tolerance = 1e-3 * config.learning_rate * (8 // accumulation)
     for a, b in zip(*results):
-        np.testing.assert_allclose(a, b, atol=2e-6)
+        np.testing.assert_allclose(a, b, rtol=0, atol=tolerance)
 
 
 def test_nan_loss_stops_without_checkpointing(corpus, tmp_path):
