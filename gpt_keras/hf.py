@@ -410,7 +410,7 @@ def _expected_shapes(config):
     return shapes
 
 
-def _variables(model):
+def gpt2_variables(model):
     """`{Hugging Face name (no prefix): Keras variable}` of a GPT-2-architecture `GPT`."""
     variables = {
         "wte.weight": model.token_embedding.embeddings,
@@ -537,7 +537,7 @@ def load_gpt2(path, dtype=None, name=None):
         kwargs["dtype"] = dtype
     model = GPT(**dataclasses.asdict(config), **kwargs)
     model.build()
-    for key, variable in _variables(model).items():
+    for key, variable in gpt2_variables(model).items():
         variable.assign(np.asarray(found[key][1], dtype=variable.dtype))
     return model
 
@@ -576,7 +576,7 @@ def save_gpt2(model, directory, end_of_text_id=None, overwrite=False):
     try:
         tensors = {
             _PREFIX + key: np.asarray(variable.numpy(), np.float32)
-            for key, variable in _variables(model).items()
+            for key, variable in gpt2_variables(model).items()
         }
         write_safetensors(os.path.join(temporary, SAFETENSORS_FILE), tensors, {"format": "pt"})
         with open(os.path.join(temporary, CONFIG_FILE), "w", encoding="utf-8") as f:

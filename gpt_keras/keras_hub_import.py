@@ -31,8 +31,9 @@ import keras
 import numpy as np
 
 from gpt_keras.config import GPTConfig
-from gpt_keras.hf import CONFIG_FILE, PYTORCH_FILE, SAFETENSORS_FILE, SAFETENSORS_INDEX_FILE
-from gpt_keras.hf import _variables as gpt2_variables
+from gpt_keras.hf import (
+    CONFIG_FILE, PYTORCH_FILE, SAFETENSORS_FILE, SAFETENSORS_INDEX_FILE, gpt2_variables,
+)
 
 KERAS_HUB = "keras-hub"
 HUGGING_FACE = "huggingface"
