@@ -351,6 +351,10 @@ def _check_same_settings(run_dir, requested, stored):
     # Runs written before the LoRA settings existed trained all weights.
     stored["train"] = {"lora_rank": 0, "lora_alpha": None, "lora_targets": "attention",
                        **stored["train"]}
+    # `xla` is compared by what it resolves to: a run started with "on" (the default before
+    # "auto") resumes under "auto" wherever "auto" means XLA, and the other way round.
+    if _resolved_xla(stored["train"]) == _resolved_xla(requested["train"]):
+        stored["train"] = {**stored["train"], "xla": requested["train"].get("xla")}
     changed = sorted(
         f"{section}.{key}"
         for section in requested
@@ -364,6 +368,12 @@ def _check_same_settings(run_dir, requested, stored):
             "settings to resume it (only --max-steps and the cadence options may change), or "
             "pass a new --run-dir."
         )
+
+
+def _resolved_xla(train_settings):
+    """`uses_xla` of a run.json "train" section."""
+    return uses_xla(TrainConfig(xla=train_settings.get("xla", "on"),
+                                mixed_precision=train_settings.get("mixed_precision")))
 
 
 def _describe_files(files):

@@ -24,8 +24,8 @@ from gpt_keras.data import TokenFile
 from gpt_keras.distribute import TrainingGPT
 from gpt_keras.tokenizers import CharTokenizer
 from gpt_keras.training import (
-    Run, TrainConfig, _score, build_optimizer, create_run, decay_groups, evaluate,
-    learning_rate_schedule, load_model, train, uses_xla,
+    Run, TrainConfig, _check_same_settings, _score, build_optimizer, create_run, decay_groups,
+    evaluate, learning_rate_schedule, load_model, train, uses_xla,
 )
 from tests.conftest import SHAKESPEARE
 
@@ -128,6 +128,23 @@ def test_changed_settings_are_refused(corpus, tmp_path):
                                          r"train.learning_rate\)"):
         train(run_dir, [corpus], TINY_MODEL.replace(num_layers=3),
               config.__class__(**{**vars(config), "learning_rate": 5e-3}), verbose=False)
+
+
+def test_xla_settings_are_compared_by_what_they_resolve_to():
+    """Runs started with `xla="on"` (the default before "auto") resume under "auto" where it
+    means XLA; a change that alters what runs is still refused."""
+    def settings(**train):
+        return {"model": dataclasses.asdict(TINY_MODEL),
+                "train": dataclasses.asdict(TrainConfig(**train))}
+
+    _check_same_settings("run", settings(xla="auto"), settings(xla="on"))
+    _check_same_settings("run", settings(xla="on"), settings(xla="auto"))
+    with pytest.raises(ValueError, match=r"other settings \(train.xla\)"):
+        _check_same_settings("run", settings(xla="off"), settings(xla="on"))
+    if not tf.config.list_physical_devices("GPU"):  # bfloat16 "auto" means no XLA on a CPU
+        with pytest.raises(ValueError, match=r"other settings \(train.xla\)"):
+            _check_same_settings("run", settings(xla="auto", mixed_precision="bfloat16"),
+                                 settings(xla="on", mixed_precision="bfloat16"))
 
 
 def test_weight_decay_groups():
