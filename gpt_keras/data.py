@@ -7,6 +7,7 @@ makes resuming exact (no data-iterator state to save).
 """
 
 import codecs
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -135,6 +136,46 @@ def _tokenized_chunks(files, tokenizer):
             yield tokenizer.tokenize(text).numpy()
 
 
+def token_dtype(tokenizer, validation_fraction):
+    """The smallest unsigned dtype that holds the tokenizer's ids, after checking
+    `validation_fraction` (in (0, 1]) for the preparing functions."""
+    if not 0.0 < validation_fraction <= 1.0:
+        raise ValueError(
+            f"`validation_fraction` must be in (0, 1]. Received: {validation_fraction!r}"
+        )
+    return "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
+
+
+@contextlib.contextmanager
+def prepared_directory(directory):
+    """Yields a temporary directory beside `directory` (`checkpoints.temporary_prefix("tokens")`,
+    which `training.train` removes when its writer was killed) to write prepared data into; it is
+    renamed to `directory` when the block ends (refused if `directory` exists), and removed if
+    the block raises."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    temporary = tempfile.mkdtemp(dir=parent, prefix=checkpoints.temporary_prefix("tokens"))
+    os.chmod(temporary, 0o755)
+    try:
+        yield temporary
+        if os.path.exists(directory):
+            raise ValueError(f"{directory} already exists; refusing to write over it.")
+        os.rename(temporary, directory)
+    except BaseException:
+        for name in os.listdir(temporary):
+            os.unlink(os.path.join(temporary, name))
+        os.rmdir(temporary)
+        raise
+
+
+def write_meta(path, prepared):
+    """Writes the fields of `prepared` (a `TokenFile`-like dataclass) but its `directory` to the
+    JSON file `path`."""
+    meta = {k: v for k, v in dataclasses.asdict(prepared).items() if k != "directory"}
+    with open(path, "w") as f:
+        json.dump(meta, f, indent=2)
+
+
 def prepare_tokens(train_files, tokenizer, directory, validation_files=None,
                    validation_fraction=0.1):
     """Tokenizes the corpus into `directory/tokens.bin` and returns its `TokenFile`.
@@ -146,16 +187,8 @@ def prepare_tokens(train_files, tokenizer, directory, validation_files=None,
     call removes it, and `training.train` removes one whose writer was killed. Memory does not
     grow with the corpus.
     """
-    if not 0.0 < validation_fraction <= 1.0:
-        raise ValueError(
-            f"`validation_fraction` must be in (0, 1]. Received: {validation_fraction!r}"
-        )
-    dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(dir=parent, prefix=checkpoints.temporary_prefix("tokens"))
-    os.chmod(temporary, 0o755)
-    try:
+    dtype = token_dtype(tokenizer, validation_fraction)
+    with prepared_directory(directory) as temporary:
         end_of_text = np.array([tokenizer.end_of_text_id], dtype)
         counts = []
         with open(os.path.join(temporary, TOKENS_FILE), "wb") as out:
@@ -180,17 +213,7 @@ def prepare_tokens(train_files, tokenizer, directory, validation_files=None,
             fingerprint=fingerprint(list(train_files) + list(validation_files or [])),
         )
         del tokens
-        meta = {k: v for k, v in dataclasses.asdict(token_file).items() if k != "directory"}
-        with open(os.path.join(temporary, META_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
-        if os.path.exists(directory):
-            raise ValueError(f"{directory} already exists; refusing to write over it.")
-        os.rename(temporary, directory)
-    except BaseException:
-        for name in os.listdir(temporary):
-            os.unlink(os.path.join(temporary, name))
-        os.rmdir(temporary)
-        raise
+        write_meta(os.path.join(temporary, META_FILE), token_file)
     return token_file
 
 

@@ -44,13 +44,12 @@ Conventions (the README's "Supervised fine-tuning" section says the same):
 import dataclasses
 import json
 import os
-import tempfile
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from gpt_keras import checkpoints, data, generation
+from gpt_keras import data, generation
 from gpt_keras.config import PAIR_FIELDS as FIELDS  # default field names
 
 TOKENS_FILE = "pairs.bin"  # prompt + completion ids of every example, one after another
@@ -171,20 +170,11 @@ def prepare_pairs(train_files, tokenizer, directory, context_length, fields=FIEL
 
     Without `validation_files`, the last `validation_fraction` of the examples (at least one) is
     the validation split; 1.0 makes every example a validation example (for evaluation). Raises
-    `ValueError` (see `read_pairs`) and for an example longer than the context. Written to a
-    temporary directory beside `directory` (`checkpoints.temporary_prefix("tokens")`, which
-    `training.train` removes when its writer was killed) and renamed into place.
+    `ValueError` (see `read_pairs`) and for an example longer than the context. Written
+    through `data.prepared_directory`: renamed into place when complete.
     """
-    if not 0.0 < validation_fraction <= 1.0:
-        raise ValueError(
-            f"`validation_fraction` must be in (0, 1]. Received: {validation_fraction!r}"
-        )
-    dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(dir=parent, prefix=checkpoints.temporary_prefix("tokens"))
-    os.chmod(temporary, 0o755)
-    try:
+    dtype = data.token_dtype(tokenizer, validation_fraction)
+    with data.prepared_directory(directory) as temporary:
         counts, start = [], 0
         with open(os.path.join(temporary, TOKENS_FILE), "wb") as tokens_out, \
                 open(os.path.join(temporary, INDEX_FILE), "wb") as index_out:
@@ -219,17 +209,7 @@ def prepare_pairs(train_files, tokenizer, directory, context_length, fields=FIEL
             fingerprint=data.fingerprint(list(train_files) + list(validation_files or [])),
         )
         del index, held_out
-        meta = {k: v for k, v in dataclasses.asdict(pair_file).items() if k != "directory"}
-        with open(os.path.join(temporary, META_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
-        if os.path.exists(directory):
-            raise ValueError(f"{directory} already exists; refusing to write over it.")
-        os.rename(temporary, directory)
-    except BaseException:
-        for name in os.listdir(temporary):
-            os.unlink(os.path.join(temporary, name))
-        os.rmdir(temporary)
-        raise
+        data.write_meta(os.path.join(temporary, META_FILE), pair_file)
     return pair_file
 
 

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -9,6 +10,15 @@ import pytest  # noqa: E402
 SHARED_DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 SHAKESPEARE = os.path.join(SHARED_DATA, "tinyshakespeare.txt")
 GPT2_VOCAB = os.path.join(SHARED_DATA, "gpt2")  # encoder.json + vocab.bpe
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+
+
+def load_example(name):
+    """The module `examples/{name}.py` (the examples are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Tests for examples/classifier.py: `GPT` as a layer in a functional classifier, trained with
 `fit`, round-tripped through `.keras`."""
 
-import importlib.util
 from pathlib import Path
 
 import keras
@@ -12,19 +11,10 @@ from gpt_keras import GPT
 from gpt_keras.hf import save_gpt2
 from tests import conftest
 
-ROOT = Path(__file__).resolve().parents[1]
 GPT2_VOCAB = Path(conftest.GPT2_VOCAB)
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("classifier_example",
-                                                  ROOT / "examples" / "classifier.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-classifier = load_example()
+classifier = conftest.load_example("classifier")
 
 
 def test_generated_reviews_are_balanced_and_need_word_order():

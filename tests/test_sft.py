@@ -4,10 +4,8 @@ over accumulation micro-batches, errors for bad JSONL, exact match against a mod
 are known, resume through the command line, and learning on the bundled sums."""
 
 import csv
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +15,9 @@ from gpt_keras.cli import main
 from gpt_keras.distribute import TrainingGPT
 from gpt_keras.tokenizers import CharTokenizer
 from gpt_keras.training import TrainConfig, build_optimizer, load_model, train
+from tests import conftest
 
 TINY = GPTConfig.from_preset("tiny")  # vocab 64, context 16, 2 layers, 2 heads, 32 dims
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _write_pairs(path, pairs, fields=("prompt", "completion")):
@@ -277,21 +275,13 @@ def test_command_line_resume_evaluate_and_a_changed_format(tmp_path, capsys):
         capsys.readouterr().err)
 
 
-def _example_module():
-    spec = importlib.util.spec_from_file_location("make_qa_pairs",
-                                                  ROOT / "examples" / "make_qa_pairs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_fine_tuning_on_the_bundled_sums_raises_exact_match(tmp_path):
     """examples/make_qa_pairs.py's sums (400 pairs, 40 held out): a tiny model trained on them
     for 300 steps answers held-out sums it never saw (measured: 20 of 40, completion loss 0.47
     against 2.6 untrained; asserted: at least 10, and a loss below a third); a freshly
     initialised one answers none."""
-    qa = _example_module()
+    qa = conftest.load_example("make_qa_pairs")
     path = str(tmp_path / "sums.jsonl")
     qa.write_jsonl(path, qa.sum_pairs(max_operand=20, seed=0))
     config = TrainConfig(batch_size=32, max_steps=300, learning_rate=1e-2,
