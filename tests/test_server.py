@@ -804,10 +804,13 @@ def test_cli_serves_on_localhost_and_stops_on_interrupt(toy_versions, tmp_path, 
     base = tmp_path / "toy"
     shutil.copytree(toy_versions / "1", base / "1")
     options = ["--enable-batching", "--batching-parameters-file", BATCHING_PARAMETERS]
+    # SIGINT at its default in the child: a pytest-xdist worker may ignore SIGINT, and an ignored
+    # signal stays ignored across exec (Python then installs no KeyboardInterrupt handler).
     process = subprocess.Popen(
         [sys.executable, "-m", "gpt_keras.cli", "serve", str(base), "--port", "0",
          "--poll-seconds", "0", *(options if batching else [])],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = process.stdout.readline()
         assert line.startswith(f"Serving toy (version 1) from {base} at http://127.0.0.1:"), line
