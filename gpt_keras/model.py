@@ -9,7 +9,7 @@ from keras import ops
 from gpt_keras.backends import host_values
 from gpt_keras.config import POSITION_EMBEDDINGS, GPTConfig
 from gpt_keras.layers._initializers import fresh
-from gpt_keras.layers.multi_head_attention import zero_cache
+from gpt_keras.layers.multi_head_attention import causal_mask, zero_cache
 from gpt_keras.layers import (
     LearnedPositionalEmbedding,
     SinusoidalPositionalEncoding,
@@ -272,14 +272,18 @@ class GPT(keras.Model):
                 positions = positions * ops.cast(self.config.hidden_dim**-0.5, x.dtype)
             x = x + positions
         x = self.embedding_dropout(x, training=training)
+        # One mask for every layer: [B|1, 1, T, S] (S = T without a cache).
+        length = ops.shape(token_ids)[1]
+        keys = length if cache is None else (cache[0].shape[3] or ops.shape(cache[0])[3])
+        mask = causal_mask(length, keys, start, padding_mask)
         updated_caches, scores = [], []
         for i, block in enumerate(self.blocks):
             if cache is None and not return_attention_scores:
-                x = block(x, padding_mask=padding_mask, training=training)
+                x = block(x, attention_mask=mask, training=training)
                 continue
             x, *extras = block(
                 x,
-                padding_mask=padding_mask,
+                attention_mask=mask,
                 cache=None if cache is None else cache[i],
                 cache_index=cache_index,
                 training=training,

@@ -107,6 +107,36 @@ def test_cached_steps_equal_full_pass_and_fill_the_cache():
     np.testing.assert_allclose(cache[:, 0, :, :T], keys, atol=1e-6)
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("hidden_dim", [12, 768])  # single queries elementwise up to 512
+def test_single_query_steps_match_numpy_with_padding_and_scores(policy, hidden_dim):
+    """Decoding steps (one query per row) under every policy, with a padding hole and the
+    scores: the full pass's rows, from the NumPy reference."""
+    layer = MultiHeadAttention(3 if hidden_dim == 12 else 12, kernel_initializer=INIT,
+                               bias_initializer=INIT, dtype=policy)
+    layer.build((None, None, hidden_dim))
+    x = np.random.default_rng(11).normal(size=(B, 5, hidden_dim)).astype("float32") / 4
+    padding = np.ones((B, 5), "int32")
+    padding[1, 1] = 0
+    scores = []
+    expected = ref.attention(x.astype(np.float64), *(np.asarray(w.numpy(), np.float64) for w in (
+        layer.query_key_value.kernel, layer.query_key_value.bias, layer.output_dense.kernel,
+        layer.output_dense.bias)), layer.num_heads, padding, scores_out=scores)
+    cache = np.zeros((B, 2, layer.num_heads, 5, layer.head_dim), "float32")
+    for t in range(5):
+        out, cache, step_scores = layer(x[:, t : t + 1], cache=cache, cache_index=t,
+                                        padding_mask=padding, return_attention_scores=True)
+        # float32: a dot product of D terms rounds by up to ~D·eps of its magnitude.
+        tolerance = np.abs(expected).max() * (
+            4 * hidden_dim * np.finfo(np.float32).eps if policy == "float32" else 0.05)
+        np.testing.assert_allclose(np.asarray(out, "float32")[:, 0], expected[:, t],
+                                   atol=tolerance)
+        np.testing.assert_allclose(step_scores[:, :, 0, : t + 1], scores[0][:, :, t, : t + 1],
+                                   atol=4 * hidden_dim * np.finfo(np.float32).eps
+                                   if policy == "float32" else 0.02)
+        np.testing.assert_array_equal(step_scores[:, :, 0, t + 1 :], 0)
+
+
 def test_rotary_cached_steps_equal_full_pass_and_cache_rotated_keys():
     layer = MultiHeadAttention(2, kernel_initializer=INIT, bias_initializer=INIT,
                                rotary_max_wavelength=10000)

@@ -14,6 +14,8 @@ from gpt_keras.layers.rotary_embedding import RotaryEmbedding
 # Added to masked attention logits (in float32). Finite, so a fully masked row (a left-padding
 # query) softmaxes to a uniform row instead of NaN.
 _MASKED_LOGIT = -1e9
+# Up to this hidden size, attention for a single query is computed elementwise (see `call`).
+_ELEMENTWISE_MAX_DIM = 512
 
 
 def write_cache(cache, update, index):
@@ -130,6 +132,9 @@ class MultiHeadAttention(keras.layers.Layer):
     - `inputs` `[B, T, D]` → `[B, T, D]`.
     - `padding_mask` (optional): `[B, T]` without a cache, `[B, S]` over the cache with one;
       1/True marks real tokens. Masked keys receive no attention.
+    - `attention_mask` (optional, instead of `padding_mask`): the boolean `[B or 1, 1, T, S]` mask
+      of which keys each query sees, e.g. `causal_mask(...)` computed once for all the layers of
+      a model (a decoding step in a graph without XLA then runs its ops once, not per layer).
     - `cache` (optional) `[B, 2, H, S, K]` (keys, values; heads first, so that attention reads
       it without a transpose) and `cache_index`, a scalar int: the new
       keys/values are written at positions `cache_index .. cache_index + T - 1`, queries attend to
@@ -229,41 +234,70 @@ class MultiHeadAttention(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, padding_mask=None, cache=None, cache_index=None, training=None,
-             return_attention_scores=False):
-        batch_size, length = ops.shape(inputs)[0], ops.shape(inputs)[1]
-        heads_shape = (batch_size, length, self.num_heads, self.head_dim)
-        query, key, value = ops.split(self.query_key_value(inputs), 3, axis=-1)  # 3 × [B, T, D]
-        query, key, value = (ops.reshape(x, heads_shape) for x in (query, key, value))  # [B, T, H, K]
+             return_attention_scores=False, attention_mask=None):
+        if attention_mask is not None and padding_mask is not None:
+            raise ValueError("Pass `padding_mask` or `attention_mask` (which includes the "
+                             "padding), not both.")
+        # Written for few ops in graphs without XLA, where a decoding step is dispatch-bound
+        # (BENCHMARKS.md, "Generation"): 2-D [B·T, D] projections (a 3-D `Dense` call is a
+        # `tensordot` with ~10 ops of reshapes), splits instead of slices, -1 for the batch.
+        length = ops.shape(inputs)[1]  # an int when static (a decoding step: 1)
+        qkv = self.query_key_value(ops.reshape(inputs, (-1, self.hidden_dim)))  # [B·T, 3D]
+        qkv = ops.reshape(qkv, (-1, length, 3, self.num_heads, self.head_dim))
 
         query_start = 0
         if cache is not None:
             if cache_index is None:
                 raise ValueError("`cache_index` is required when a `cache` is given.")
             query_start = ops.convert_to_tensor(cache_index, dtype="int32")
-        if self.rotary_embedding is not None:
-            query = self.rotary_embedding(query, start_index=query_start)
-            key = self.rotary_embedding(key, start_index=query_start)
-        # [B, H, T, K] each
-        query, key, value = (ops.transpose(x, (0, 2, 1, 3)) for x in (query, key, value))
+        if self.rotary_embedding is not None:  # queries and keys in one rotation
+            query_key, value = ops.split(qkv, [2], axis=2)
+            query_key = self.rotary_embedding(query_key, start_index=query_start)
+            qkv = ops.concatenate([query_key, value], axis=2)
+        if isinstance(length, int) and length == 1:  # moving a size-1 axis is a reshape
+            qkv = ops.reshape(qkv, (-1, 3, self.num_heads, 1, self.head_dim))  # [B, 3, H, T, K]
+        else:  # (and oneDNN's transpose costs a thread hand-off per decoding step)
+            qkv = ops.transpose(qkv, (0, 2, 3, 1, 4))
+        query, key_value = ops.split(qkv, [1], axis=1)
+        query = ops.squeeze(query, axis=1)  # [B, H, T, K]
         if cache is not None:
-            cache = write_cache(cache, ops.stack([key, value], axis=1), query_start)
-            key, value = cache[:, 0], cache[:, 1]  # [B, H, S, K]
+            key_value = write_cache(cache, key_value, query_start)  # [B, 2, H, S, K]
+            cache = key_value
+        key, value = ops.unstack(key_value, 2, axis=1)  # [B, H, S, K] each
 
-        mask = causal_mask(length, ops.shape(key)[2], query_start, padding_mask)  # [B|1, 1, T, S]
+        mask = attention_mask  # [B|1, 1, T, S]
+        if mask is None:
+            mask = causal_mask(length, ops.shape(key)[2], query_start, padding_mask)
         scale = 1.0 / float(self.head_dim) ** 0.5
         # Keys first: XLA then reads the cache as stored, without transposing it (-10% per
         # decoded token on the shakespeare-char shape).
         if self.compute_dtype == "float16":
             # float16's largest value is 65504: Q·Kᵀ could overflow to inf (and softmax to NaN).
             key, query = ops.cast(key, "float32"), ops.cast(query, "float32")
-        logits = ops.einsum("bhsk,bhtk->bhts", key, query)  # [B, H, T, S]
-        logits = ops.cast(logits, "float32") * scale
-        logits = ops.where(mask, logits, _MASKED_LOGIT)
-        scores = ops.softmax(logits, axis=-1)  # [B, H, T, S] float32
-        probabilities = ops.cast(scores, self.compute_dtype)
-        probabilities = self.attention_dropout(probabilities, training=training)
-        attended = ops.einsum("bhts,bhsk->bthk", probabilities, value)  # [B, T, H, K]
-        outputs = self.output_dense(ops.reshape(attended, (batch_size, length, self.hidden_dim)))
+        if isinstance(length, int) and length == 1 and self.hidden_dim <= _ELEMENTWISE_MAX_DIM:
+            # One query per row (a decoding step) of a small model: products and sums in float32.
+            # oneDNN splits einsum and softmax over the threads even at this size, and the
+            # hand-off costs more than the work (attention of a decoding step in a plain graph:
+            # 27 vs 173 µs at 4 heads × 32, 112 vs 290 at 6 × 64; even at 12 × 64, slower at
+            # batch 8: BENCHMARKS.md, "Generation").
+            logits = ops.sum(ops.cast(key, "float32") * ops.cast(query, "float32"), axis=-1)
+            logits = ops.where(mask, ops.expand_dims(logits, 2) * scale, _MASKED_LOGIT)
+            exponentials = ops.exp(logits - ops.max(logits, axis=-1, keepdims=True))
+            scores = exponentials / ops.sum(exponentials, axis=-1, keepdims=True)  # [B, H, 1, S]
+            probabilities = self.attention_dropout(scores, training=training)  # compute dtype
+            weights = ops.expand_dims(ops.squeeze(ops.cast(probabilities, "float32"), 2), -1)
+            attended = ops.sum(weights * ops.cast(value, "float32"), axis=2)  # [B, H, K]
+            attended = ops.cast(attended, self.compute_dtype)  # = [B, T, H, K] for T = 1
+        else:
+            logits = ops.einsum("bhsk,bhtk->bhts", key, query)  # [B, H, T, S]
+            logits = ops.cast(logits, "float32") * scale
+            logits = ops.where(mask, logits, _MASKED_LOGIT)
+            scores = ops.softmax(logits, axis=-1)  # [B, H, T, S] float32
+            probabilities = ops.cast(scores, self.compute_dtype)
+            probabilities = self.attention_dropout(probabilities, training=training)
+            attended = ops.einsum("bhts,bhsk->bthk", probabilities, value)  # [B, T, H, K]
+        outputs = self.output_dense(ops.reshape(attended, (-1, self.hidden_dim)))  # [B·T, D]
+        outputs = ops.reshape(outputs, (-1, length, self.hidden_dim))
         results = (outputs,) if cache is None else (outputs, cache)
         if return_attention_scores:
             results += (scores,)

@@ -18,8 +18,9 @@ class RotaryEmbedding(keras.layers.Layer):
     `p - s` only, so attention sees relative positions; nothing is added to the residual stream.
     Identical to `keras_hub.layers.RotaryEmbedding` with its defaults.
 
-    Shapes: `inputs` `[B, T, H, K]` (K even); `start_index` a scalar or `[B]` int, the position
-    of the first of the T tokens; returns `[B, T, H, K]` in the inputs' dtype. The angles are
+    Shapes: `inputs` `[B, T, ..., K]` (K even; e.g. `[B, T, H, K]`, or `[B, T, 2, H, K]` for
+    queries and keys rotated together); `start_index` a scalar or `[B]` int, the position of the
+    first of the T tokens; returns the inputs' shape and dtype. The angles are
     computed in float32. A decoding step at position `p` (`T = 1`, `start_index = p`) gets exactly
     the rotation of row `p` of a full pass.
 
@@ -46,9 +47,9 @@ class RotaryEmbedding(keras.layers.Layer):
         exponents = ops.cast(ops.arange(half, dtype="int32"), "float32") * (2.0 / dim)
         inverse_frequencies = ops.exp(-exponents * math.log(self.max_wavelength))  # [K/2]
         angles = ops.expand_dims(positions, -1) * inverse_frequencies  # [..., T, K/2]
-        # [1 or B, T, 1, K/2]: broadcast over the batch (scalar start) and the heads. reshape,
-        # not `[None]` indexing: a new-axis StridedSlice is not a TFLite builtin.
-        angles = ops.reshape(angles, (-1, shape[1], 1, half))
+        # [1 or B, T, 1, ..., K/2]: broadcast over the batch (scalar start) and the axes between
+        # T and K. reshape, not `[None]` indexing: a new-axis StridedSlice is not a TFLite builtin.
+        angles = ops.reshape(angles, (-1, shape[1]) + (1,) * (len(shape) - 3) + (half,))
         cos = ops.cos(angles)
         sin = ops.sin(angles)
         x1, x2 = ops.split(ops.cast(inputs, "float32"), 2, axis=-1)  # 2 × [B, T, H, K/2]

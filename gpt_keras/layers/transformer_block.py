@@ -13,8 +13,8 @@ class TransformerBlock(keras.layers.Layer):
     followed by dropout. The MLP is `Dense(mlp_dim)` → tanh-approximated GELU (GPT-2's "gelu_new")
     → `Dense(D)`.
 
-    Shapes: `inputs` `[B, T, D]` → `[B, T, D]`. `padding_mask`, `cache` `[B, 2, H, S, K]` and
-    `cache_index` are passed to `MultiHeadAttention` (see there); with a cache the call returns
+    Shapes: `inputs` `[B, T, D]` → `[B, T, D]`. `padding_mask` or `attention_mask`, `cache`
+    `[B, 2, H, S, K]` and `cache_index` are passed to `MultiHeadAttention` (see there); with a cache the call returns
     `(outputs, updated_cache)`, and `return_attention_scores=True` appends the attention
     probabilities `[B, H, T, S]` to what it returns.
 
@@ -101,10 +101,11 @@ class TransformerBlock(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, padding_mask=None, cache=None, cache_index=None, training=None,
-             return_attention_scores=False):
+             return_attention_scores=False, attention_mask=None):
         attended = self.attention(
             self.attention_norm(inputs),
             padding_mask=padding_mask,
+            attention_mask=attention_mask,
             cache=cache,
             cache_index=cache_index,
             training=training,
@@ -114,8 +115,11 @@ class TransformerBlock(keras.layers.Layer):
             attended = (attended,)
         attended, *extras = attended  # extras: the updated cache and/or the attention scores
         x = inputs + self.residual_dropout(attended, training=training)
-        hidden = ops.gelu(self.mlp_in(self.mlp_norm(x)), approximate=True)  # [B, T, mlp_dim]
-        x = x + self.residual_dropout(self.mlp_out(hidden), training=training)
+        # 2-D [B·T, ·] matmuls, as in `MultiHeadAttention` (no `tensordot` reshapes).
+        hidden = self.mlp_in(ops.reshape(self.mlp_norm(x), (-1, x.shape[-1])))
+        hidden = ops.gelu(hidden, approximate=True)  # [B·T, mlp_dim]
+        outputs = ops.reshape(self.mlp_out(hidden), (-1, ops.shape(x)[1], x.shape[-1]))
+        x = x + self.residual_dropout(outputs, training=training)
         return (x, *extras) if extras else x
 
     def compute_output_shape(self, input_shape):
