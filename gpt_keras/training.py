@@ -504,7 +504,6 @@ def _fit(run, strategy, tokenizer, sample, verbose, initial_weights=None, extra_
                       gradient_accumulation_steps=config.gradient_accumulation_steps,
                       jit_compile=uses_xla(config))
         optimizer = model.optimizer  # a LossScaleOptimizer under mixed_float16
-        optimizer.build(model.trainable_variables)
     newest, state = checkpoints.load_newest(run.checkpoint_dir, model, optimizer)
     if chief and newest is not None:
         run_callbacks.finish_checkpoint(run, newest, state)  # a kill may have cut it short

@@ -21,7 +21,7 @@ from gpt_keras import GPT, GPTConfig, checkpoints
 from gpt_keras.callbacks import RunState, StopOnNaN
 from gpt_keras.cli import main
 from gpt_keras.data import TokenFile
-from gpt_keras.distribute import TrainingGPT
+from gpt_keras.distribute import TrainingGPT, stack_pairs
 from gpt_keras.tokenizers import CharTokenizer
 from gpt_keras.training import (
     Run, TrainConfig, _check_same_settings, _score, build_optimizer, create_run, decay_groups,
@@ -266,6 +266,35 @@ def test_xla_steps_make_the_updates_of_plain_graphs(accumulation):
     tolerance = 1e-3 * config.learning_rate * (8 // accumulation)
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_training_step_is_traced_once(jit_compile):
+    """`compile` builds the optimizer: built inside the first traced step, its variables made
+    `tf.function` trace the whole step a second time (seconds of the first step)."""
+    traces = []
+
+    class Counting(TrainingGPT):
+        def train_step(self, data):
+            traces.append(1)
+            return super().train_step(data)
+
+    model = Counting(**vars(TINY_MODEL))
+    model.build()
+    model.compile(build_optimizer(model, TrainConfig()), jit_compile=jit_compile)
+    assert model.optimizer.built
+    ids = np.random.default_rng(0).integers(0, 64, (4, 17)).astype("int32")
+    dataset = stack_pairs(tf.data.Dataset.from_tensors((ids[:, :-1], ids[:, 1:])).repeat())
+    model.fit(dataset, steps_per_epoch=2, epochs=2, verbose=0)
+    assert len(traces) == 1 and int(model.optimizer.iterations.numpy()) == 4
+
+
+def test_fit_datasets_do_not_autotune():
+    """`stack_pairs` turns tf.data's autotuning off: deleting an autotuned iterator waits out its
+    tuning thread's sleep (up to a minute), so `fit` returned seconds after its last step."""
+    pairs = tf.data.Dataset.from_tensors((np.zeros((2, 4), "int32"),) * 2)
+    assert pairs.options().autotune.enabled is not False
+    assert stack_pairs(pairs).options().autotune.enabled is False
 
 
 def test_nan_loss_stops_without_checkpointing(corpus, tmp_path):
