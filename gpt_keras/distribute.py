@@ -257,8 +257,8 @@ def stack_pairs(dataset):
 
     tf.data's autotuning is turned off (AUTOTUNE parallelism then means one call per core, which
     autotuning picks for these pipelines anyway): in TF 2.21 deleting an iterator waits for the
-    rest of its autotuning thread's sleep, which doubles up to a minute, so `fit` returned late
-    (measured: 1.8 s after a 5 s fit, 3 s after a 20 s one)."""
+    rest of its autotuning thread's sleep, which doubles up to a minute, so `fit` often returned
+    late (measured: 1.7-1.8 s after a 5 s fit, 1.7-3 s after a 20 s one)."""
 
     def stack(inputs, targets, weights=None):
         parts = [inputs, targets] if weights is None else [inputs, targets,
