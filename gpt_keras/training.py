@@ -75,10 +75,38 @@ def learning_rate_schedule(config):
     )
 
 
+class AdamW(keras.optimizers.AdamW):
+    """Keras' AdamW with the arithmetic of its `update_step` and weight decay, in fewer graph ops:
+    each variable's Adam update is one fused op (`ResourceApplyAdam`), and its decay uses the
+    step's learning rate instead of evaluating the schedule again. Keras' ~50 ops per variable were
+    60% of the training step's graph, and the first step traces and XLA-lowers every one of them.
+    Same variables in the same order: checkpoints are unchanged."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        dtype = variable.dtype
+        learning_rate = ops.cast(learning_rate, dtype)
+        if self._use_weight_decay(variable):
+            variable.assign_sub(variable * (learning_rate * self.weight_decay))
+        step = ops.cast(self.iterations + 1, dtype)
+        constant = functools.partial(tf.constant, dtype=dtype)
+        index = self._get_variable_index(variable)
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle, m=self._momentums[index].value.handle,
+            v=self._velocities[index].value.handle,
+            beta1_power=ops.power(constant(self.beta_1), step),
+            beta2_power=ops.power(constant(self.beta_2), step),
+            lr=learning_rate, beta1=constant(self.beta_1), beta2=constant(self.beta_2),
+            epsilon=constant(self.epsilon), grad=ops.cast(gradient, dtype),
+        )
+
+    def _apply_weight_decay(self, variables):
+        """Nothing: `update_step` decays each variable (Keras calls this before the updates)."""
+
+
 def build_optimizer(model, config):
     """AdamW with the schedule and clipping of `config`, decay groups applied. (Gradient
     accumulation is the model's job: see `distribute.GlobalBatchSteps`.)"""
-    optimizer = keras.optimizers.AdamW(
+    optimizer = AdamW(
         learning_rate=learning_rate_schedule(config),
         weight_decay=config.weight_decay,
         beta_1=config.beta_1,
@@ -504,7 +532,6 @@ def _fit(run, strategy, tokenizer, sample, verbose, initial_weights=None, extra_
                       gradient_accumulation_steps=config.gradient_accumulation_steps,
                       jit_compile=uses_xla(config))
         optimizer = model.optimizer  # a LossScaleOptimizer under mixed_float16
-        optimizer.build(model.trainable_variables)
     newest, state = checkpoints.load_newest(run.checkpoint_dir, model, optimizer)
     if chief and newest is not None:
         run_callbacks.finish_checkpoint(run, newest, state)  # a kill may have cut it short

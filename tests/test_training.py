@@ -21,7 +21,7 @@ from gpt_keras import GPT, GPTConfig, checkpoints
 from gpt_keras.callbacks import RunState, StopOnNaN
 from gpt_keras.cli import main
 from gpt_keras.data import TokenFile
-from gpt_keras.distribute import TrainingGPT
+from gpt_keras.distribute import TrainingGPT, stack_pairs
 from gpt_keras.tokenizers import CharTokenizer
 from gpt_keras.training import (
     Run, TrainConfig, _check_same_settings, _score, build_optimizer, create_run, decay_groups,
@@ -266,6 +266,63 @@ def test_xla_steps_make_the_updates_of_plain_graphs(accumulation):
     tolerance = 1e-3 * config.learning_rate * (8 // accumulation)
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_fused_adamw_updates_like_keras_adamw(jit_compile):
+    """`build_optimizer`'s `AdamW` (one fused op per variable, decay inside `update_step`) makes
+    Keras' AdamW updates: 3 steps with the warmup schedule, weight decay on the matrices only
+    and global-norm clipping, compared weights and moments."""
+    ids = np.random.default_rng(2).integers(0, 64, (8, 17)).astype("int32")
+    config = TrainConfig(warmup_steps=2, learning_rate=1e-2, clip_norm=0.5, weight_decay=0.5)
+    weights, results = None, []
+    for fused in (True, False):
+        model = TrainingGPT(**vars(TINY_MODEL))
+        model.build()
+        weights = weights or model.get_weights()
+        model.set_weights(weights)
+        optimizer = build_optimizer(model, config)
+        if not fused:
+            optimizer = keras.optimizers.AdamW.from_config(optimizer.get_config())
+            optimizer.exclude_from_weight_decay(var_list=decay_groups(model)[1])
+        model.compile(optimizer, jit_compile=jit_compile)
+        model.fit(ids[:, :-1], ids[:, 1:], batch_size=4, epochs=1, shuffle=False, verbose=0)
+        model.fit(ids[:4, :-1], ids[:4, 1:], batch_size=4, epochs=1, shuffle=False, verbose=0)
+        assert int(model.optimizer.iterations.numpy()) == 3
+        results.append([v.numpy() for v in model.variables + model.optimizer.variables])
+    assert type(build_optimizer(model, config)).update_step is not keras.optimizers.AdamW.update_step
+    assert any(not np.allclose(a, b) for a, b in zip(weights, results[0]))
+    for fused, keras_adamw in zip(*results):
+        np.testing.assert_allclose(fused, keras_adamw, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_training_step_is_traced_once(jit_compile):
+    """`compile` builds the optimizer: built inside the first traced step, its variables made
+    `tf.function` trace the whole step a second time (seconds of the first step)."""
+    traces = []
+
+    class Counting(TrainingGPT):
+        def train_step(self, data):
+            traces.append(1)
+            return super().train_step(data)
+
+    model = Counting(**vars(TINY_MODEL))
+    model.build()
+    model.compile(build_optimizer(model, TrainConfig()), jit_compile=jit_compile)
+    assert model.optimizer.built
+    ids = np.random.default_rng(0).integers(0, 64, (4, 17)).astype("int32")
+    dataset = stack_pairs(tf.data.Dataset.from_tensors((ids[:, :-1], ids[:, 1:])).repeat())
+    model.fit(dataset, steps_per_epoch=2, epochs=2, verbose=0)
+    assert len(traces) == 1 and int(model.optimizer.iterations.numpy()) == 4
+
+
+def test_fit_datasets_do_not_autotune():
+    """`stack_pairs` turns tf.data's autotuning off: deleting an autotuned iterator waits out its
+    tuning thread's sleep (up to a minute), so `fit` returned seconds after its last step."""
+    pairs = tf.data.Dataset.from_tensors((np.zeros((2, 4), "int32"),) * 2)
+    assert pairs.options().autotune.enabled is not False
+    assert stack_pairs(pairs).options().autotune.enabled is False
 
 
 def test_nan_loss_stops_without_checkpointing(corpus, tmp_path):
