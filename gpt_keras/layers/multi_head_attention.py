@@ -239,10 +239,11 @@ class MultiHeadAttention(keras.layers.Layer):
             raise ValueError("Pass `padding_mask` or `attention_mask` (which includes the "
                              "padding), not both.")
         # Written for few ops in graphs without XLA, where a decoding step is dispatch-bound
-        # (BENCHMARKS.md, "Generation"): 2-D [B·T, D] projections (a 3-D `Dense` call is a
-        # `tensordot` with ~10 ops of reshapes), splits instead of slices, -1 for the batch.
+        # (BENCHMARKS.md, "Generation"): splits instead of slices, -1 for the batch. (The
+        # projections stay 3-D: on 2-D inputs Grappler fuses MatMul and bias into oneDNN's
+        # fused kernel, 22% slower for GPT-2's matrix-vector products.)
         length = ops.shape(inputs)[1]  # an int when static (a decoding step: 1)
-        qkv = self.query_key_value(ops.reshape(inputs, (-1, self.hidden_dim)))  # [B·T, 3D]
+        qkv = self.query_key_value(inputs)  # [B, T, 3D]
         qkv = ops.reshape(qkv, (-1, length, 3, self.num_heads, self.head_dim))
 
         query_start = 0
@@ -274,12 +275,13 @@ class MultiHeadAttention(keras.layers.Layer):
         if self.compute_dtype == "float16":
             # float16's largest value is 65504: Q·Kᵀ could overflow to inf (and softmax to NaN).
             key, query = ops.cast(key, "float32"), ops.cast(query, "float32")
-        if isinstance(length, int) and length == 1 and self.hidden_dim <= _ELEMENTWISE_MAX_DIM:
-            # One query per row (a decoding step) of a small model: products and sums in float32.
-            # oneDNN splits einsum and softmax over the threads even at this size, and the
-            # hand-off costs more than the work (attention of a decoding step in a plain graph:
-            # 27 vs 173 µs at 4 heads × 32, 112 vs 290 at 6 × 64; even at 12 × 64, slower at
-            # batch 8: BENCHMARKS.md, "Generation").
+        if (isinstance(length, int) and length == 1 and self.hidden_dim <= _ELEMENTWISE_MAX_DIM
+                and backends.is_tensorflow() and not _in_xla_compilation()):
+            # One query per row (a decoding step) of a small model in a TensorFlow graph without
+            # XLA: products and sums in float32. oneDNN splits einsum and softmax over the
+            # threads even at this size, and the hand-off costs more than the work (attention of
+            # a decoding step: 27 vs 173 µs at 4 heads × 32, 112 vs 290 at 6 × 64; at 12 × 64 no
+            # gain at batch 1 and slower at batch 8).
             logits = ops.sum(ops.cast(key, "float32") * ops.cast(query, "float32"), axis=-1)
             logits = ops.where(mask, ops.expand_dims(logits, 2) * scale, _MASKED_LOGIT)
             exponentials = ops.exp(logits - ops.max(logits, axis=-1, keepdims=True))
@@ -296,8 +298,7 @@ class MultiHeadAttention(keras.layers.Layer):
             probabilities = ops.cast(scores, self.compute_dtype)
             probabilities = self.attention_dropout(probabilities, training=training)
             attended = ops.einsum("bhts,bhsk->bthk", probabilities, value)  # [B, T, H, K]
-        outputs = self.output_dense(ops.reshape(attended, (-1, self.hidden_dim)))  # [B·T, D]
-        outputs = ops.reshape(outputs, (-1, length, self.hidden_dim))
+        outputs = self.output_dense(ops.reshape(attended, (-1, length, self.hidden_dim)))
         results = (outputs,) if cache is None else (outputs, cache)
         if return_attention_scores:
             results += (scores,)

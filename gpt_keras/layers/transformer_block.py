@@ -115,11 +115,8 @@ class TransformerBlock(keras.layers.Layer):
             attended = (attended,)
         attended, *extras = attended  # extras: the updated cache and/or the attention scores
         x = inputs + self.residual_dropout(attended, training=training)
-        # 2-D [B·T, ·] matmuls, as in `MultiHeadAttention` (no `tensordot` reshapes).
-        hidden = self.mlp_in(ops.reshape(self.mlp_norm(x), (-1, x.shape[-1])))
-        hidden = ops.gelu(hidden, approximate=True)  # [B·T, mlp_dim]
-        outputs = ops.reshape(self.mlp_out(hidden), (-1, ops.shape(x)[1], x.shape[-1]))
-        x = x + self.residual_dropout(outputs, training=training)
+        hidden = ops.gelu(self.mlp_in(self.mlp_norm(x)), approximate=True)  # [B, T, mlp_dim]
+        x = x + self.residual_dropout(self.mlp_out(hidden), training=training)
         return (x, *extras) if extras else x
 
     def compute_output_shape(self, input_shape):
