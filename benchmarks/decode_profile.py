@@ -15,7 +15,15 @@ Run from the repository root (about 2 minutes on 2 cores):
    `gpt_keras.serving`, loaded with the TF1 Session loader (XLA disabled, as TF Serving runs it),
    128 greedy tokens traced with `RunOptions(trace_level=FULL_TRACE)`; the most frequent op types.
 
-Each part runs in its own process (`--part all` starts both in turn).
+3. `--part attention`: the attention of one decoding step (one query per row against a
+   144-slot cache, mask, softmax, weighted values) as `MultiHeadAttention` computes it with einsum
+   and softmax, and elementwise (products and sums in float32, the single-query path), at the
+   `shakespeare-char` head shape (4 × 32), nanoGPT's GPU model's (6 × 64) and GPT-2 small's
+   (12 × 64), batch 1 and 8; plain graph, 200 steps in a `tf.while_loop`. `--intra-op-threads 1`
+   reruns it with one intra-op thread (run with `TF_ENABLE_ONEDNN_OPTS=0` for TensorFlow's own
+   kernels).
+
+Each part runs in its own process (`--part all` starts each in turn).
 """
 
 import argparse
@@ -128,15 +136,64 @@ def ops():
         print(f"| {op} | {count / tokens:.1f} |")
 
 
+def attention(intra_op_threads):
+    import tensorflow as tf
+
+    if intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+    slots, steps = 144, 200
+
+    def einsum(query, key, value, mask):  # [B, H, 1, K], [B, H, S, K], [B, H, S, K], [1, 1, 1, S]
+        logits = tf.where(mask, tf.einsum("bhsk,bhtk->bhts", key, query) * 0.1, -1e9)
+        return tf.einsum("bhts,bhsk->bthk", tf.nn.softmax(logits, -1), value)
+
+    def elementwise(query, key, value, mask):
+        logits = tf.where(mask, tf.expand_dims(tf.reduce_sum(key * query, -1), 2) * 0.1, -1e9)
+        exponentials = tf.exp(logits - tf.reduce_max(logits, -1, keepdims=True))
+        weights = exponentials / tf.reduce_sum(exponentials, -1, keepdims=True)
+        return tf.reduce_sum(tf.expand_dims(tf.squeeze(weights, 2), -1) * value, 2)
+
+    print(f"attention of one decoding step, {slots} cache slots, intra-op threads: "
+          f"{intra_op_threads or 'default'}")
+    print("| heads × head size | batch | einsum + softmax µs | elementwise µs |")
+    print("|---|---:|---:|---:|")
+    for heads, size in ((4, 32), (6, 64), (12, 64)):
+        for batch in (1, 8):
+            seeds = iter(range(10))
+            key, value = (tf.random.stateless_normal([batch, heads, slots, size], [next(seeds), 0])
+                          for _ in range(2))
+            query = tf.random.stateless_normal([batch, heads, 1, size], [7, 0])
+            mask = tf.ones([1, 1, 1, slots], tf.bool)
+            times = []
+            for core in (einsum, elementwise):
+                @tf.function(jit_compile=False)
+                def loop(query, core=core):
+                    def body(i, q):
+                        out = tf.reshape(core(q, key, value, mask), tf.shape(q))
+                        return i + 1, q + 1e-6 * out
+                    return tf.while_loop(lambda i, q: i < steps, body, (0, query))[1]
+                loop(query)
+                best = float("inf")
+                for _ in range(5):
+                    start = time.perf_counter()
+                    loop(query).numpy()
+                    best = min(best, time.perf_counter() - start)
+                times.append(1e6 * best / steps)
+            print(f"| {heads} × {size} | {batch} | {times[0]:.0f} | {times[1]:.0f} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["kernels", "ops", "all"], default="all")
+    parser.add_argument("--part", choices=["kernels", "ops", "attention", "all"], default="all")
+    parser.add_argument("--intra-op-threads", type=int, default=0)
     args = parser.parse_args()
     if args.part == "all":
-        for part in ("kernels", "ops"):
+        for part in ("kernels", "ops", "attention"):
             print(f"load average {os.getloadavg()[0]:.2f}", flush=True)
             subprocess.run([sys.executable, __file__, "--part", part], check=True)
         return
+    if args.part == "attention":
+        return attention(args.intra_op_threads)
     {"kernels": kernels, "ops": ops}[args.part]()
 
 

@@ -275,13 +275,14 @@ class MultiHeadAttention(keras.layers.Layer):
         if self.compute_dtype == "float16":
             # float16's largest value is 65504: Q·Kᵀ could overflow to inf (and softmax to NaN).
             key, query = ops.cast(key, "float32"), ops.cast(query, "float32")
-        if (isinstance(length, int) and length == 1 and self.hidden_dim <= _ELEMENTWISE_MAX_DIM
-                and backends.is_tensorflow() and not _in_xla_compilation()):
-            # One query per row (a decoding step) of a small model in a TensorFlow graph without
-            # XLA: products and sums in float32. oneDNN splits einsum and softmax over the
-            # threads even at this size, and the hand-off costs more than the work (attention of
-            # a decoding step: 27 vs 173 µs at 4 heads × 32, 112 vs 290 at 6 × 64; at 12 × 64 no
-            # gain at batch 1 and slower at batch 8).
+        if isinstance(length, int) and length == 1 and self.hidden_dim <= _ELEMENTWISE_MAX_DIM:
+            # One query per row (a decoding step) of a small model: products and sums in float32.
+            # In a TensorFlow graph without XLA, oneDNN splits einsum and softmax over the threads
+            # even at this size, and the hand-off costs more than the work (attention of a
+            # decoding step at batch 1: 33 vs 149 µs at 4 heads × 32, 54 vs 148 at 6 × 64; at
+            # batch 8 slower, at 12 × 64 slower: `benchmarks/decode_profile.py --part attention`).
+            # Every engine (XLA, TFLite, other backends) takes the same path, so they decode the
+            # same tokens; XLA's speed is the same.
             logits = ops.sum(ops.cast(key, "float32") * ops.cast(query, "float32"), axis=-1)
             logits = ops.where(mask, ops.expand_dims(logits, 2) * scale, _MASKED_LOGIT)
             exponentials = ops.exp(logits - ops.max(logits, axis=-1, keepdims=True))
