@@ -10,8 +10,8 @@ Run from the repository root (about 2 minutes on 2 cores):
    bfloat16 and Keras weight-only int8 (`Int8QuantizationConfig(activation_quantizer=None)`),
    in a plain graph and under XLA. Reported: wall and process CPU ms per chain, and the bytes of
    weights per wall second.
-2. `--part ops`: op executions per decoded token of the served `generate` signature: the
-   `shakespeare-char` preset with random weights and a character tokenizer, exported with
+2. `--part ops [--preset gpt2-small]`: op executions per decoded token of the served `generate`
+   signature: the `shakespeare-char` preset (or `--preset`'s shape) with random weights and a character tokenizer, exported with
    `gpt_keras.serving`, loaded with the TF1 Session loader (XLA disabled, as TF Serving runs it),
    128 greedy tokens traced with `RunOptions(trace_level=FULL_TRACE)`; the most frequent op types.
 
@@ -88,7 +88,7 @@ def kernels():
                   f"{1000 * wall:.1f} | {1000 * cpu:.1f} | {gigabytes / wall:.1f} |", flush=True)
 
 
-def ops():
+def ops(preset):
     import dataclasses
 
     import numpy as np
@@ -99,7 +99,7 @@ def ops():
 
     corpus = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
     tokenizer = CharTokenizer.train(corpus)
-    config = GPTConfig.from_preset("shakespeare-char", vocab_size=tokenizer.vocab_size)
+    config = GPTConfig.from_preset(preset, vocab_size=tokenizer.vocab_size)
     model = GPT(**dataclasses.asdict(config))
     model.build()
     new_tokens = 128
@@ -186,6 +186,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["kernels", "ops", "attention", "all"], default="all")
     parser.add_argument("--intra-op-threads", type=int, default=0)
+    parser.add_argument("--preset", choices=["shakespeare-char", "gpt2-small"],
+                        default="shakespeare-char")
     args = parser.parse_args()
     if args.part == "all":
         for part in ("kernels", "ops", "attention"):
@@ -194,7 +196,9 @@ def main():
         return
     if args.part == "attention":
         return attention(args.intra_op_threads)
-    {"kernels": kernels, "ops": ops}[args.part]()
+    if args.part == "ops":
+        return ops(args.preset)
+    kernels()
 
 
 if __name__ == "__main__":

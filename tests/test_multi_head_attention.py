@@ -299,6 +299,13 @@ def test_rejects_bad_dropout():
         MultiHeadAttention(2, dropout=1.0)
 
 
+def test_rejects_padding_mask_with_attention_mask():
+    layer = make_layer()
+    x = np.zeros((1, 2, D), "float32")
+    with pytest.raises(ValueError, match="`padding_mask` or `attention_mask`.*not both"):
+        layer(x, padding_mask=np.ones((1, 2)), attention_mask=np.ones((1, 1, 2, 2), bool))
+
+
 def test_cache_requires_cache_index():
     layer = make_layer()
     with pytest.raises(ValueError, match="cache_index"):

@@ -243,6 +243,7 @@ class MultiHeadAttention(keras.layers.Layer):
         # projections stay 3-D `Dense` calls: 2-D ones saved ~10 ops each, but made GPT-2
         # small's float32 decoding 9% slower in a plain graph, measured A/B.)
         length = ops.shape(inputs)[1]  # an int when static (a decoding step: 1)
+        single_query = isinstance(length, int) and length == 1
         qkv = self.query_key_value(inputs)  # [B, T, 3D]
         qkv = ops.reshape(qkv, (-1, length, 3, self.num_heads, self.head_dim))
 
@@ -255,15 +256,14 @@ class MultiHeadAttention(keras.layers.Layer):
             query_key, value = ops.split(qkv, [2], axis=2)
             query_key = self.rotary_embedding(query_key, start_index=query_start)
             qkv = ops.concatenate([query_key, value], axis=2)
-        if isinstance(length, int) and length == 1:  # moving a size-1 axis is a reshape
+        if single_query:  # moving a size-1 axis is a reshape
             qkv = ops.reshape(qkv, (-1, 3, self.num_heads, 1, self.head_dim))  # [B, 3, H, T, K]
         else:  # (and oneDNN's transpose costs a thread hand-off per decoding step)
             qkv = ops.transpose(qkv, (0, 2, 3, 1, 4))
         query, key_value = ops.split(qkv, [1], axis=1)
         query = ops.squeeze(query, axis=1)  # [B, H, T, K]
         if cache is not None:
-            key_value = write_cache(cache, key_value, query_start)  # [B, 2, H, S, K]
-            cache = key_value
+            cache = key_value = write_cache(cache, key_value, query_start)  # [B, 2, H, S, K]
         key, value = ops.unstack(key_value, 2, axis=1)  # [B, H, S, K] each
 
         mask = attention_mask  # [B|1, 1, T, S]
@@ -275,7 +275,7 @@ class MultiHeadAttention(keras.layers.Layer):
         if self.compute_dtype == "float16":
             # float16's largest value is 65504: Q·Kᵀ could overflow to inf (and softmax to NaN).
             key, query = ops.cast(key, "float32"), ops.cast(query, "float32")
-        if isinstance(length, int) and length == 1 and self.hidden_dim <= _ELEMENTWISE_MAX_DIM:
+        if single_query and self.hidden_dim <= _ELEMENTWISE_MAX_DIM:
             # One query per row (a decoding step) of a small model: products and sums in float32.
             # In a TensorFlow graph without XLA, oneDNN splits einsum and softmax over the threads
             # even at this size, and the hand-off costs more than the work (attention of a
