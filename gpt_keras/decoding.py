@@ -438,7 +438,7 @@ def crop_prompts(rows, keep, context_length, stacklevel=3):
 #   tail    int32 [B, K]  the last K bytes of each row's new text (-1 before its start), K =
 #                         MAX_STOP_BYTES - 1 + the longest token's bytes (only kept while there
 #                         are stop strings)
-#   cache   L × [B, 2, H, S, K] the model's per-layer KV caches; slots < cursor - 1 are filled
+#   cache   L × [2, B, H, S, K] the model's per-layer KV caches; slots < cursor - 1 are filled
 
 
 def start(model, prompt, lengths, knobs, max_new_tokens, cache_length, out_width, offset=0,

@@ -46,7 +46,7 @@ class GPT(keras.Model):
       attention probabilities `[B, L, H, T, T]` (float32; row t is what query t attends to).
     - `model.call_with_cache(token_ids, cache, cache_index)`: the same forward pass for T new
       tokens at positions `cache_index ..`, reading and writing a fixed-size KV cache
-      `[B, L, 2, H, S, K]` (see `init_cache`); returns `(logits, updated_cache)`.
+      `[L, 2, B, H, S, K]` (see `init_cache`); returns `(logits, updated_cache)`.
 
     In eager calls, token ids outside `[0, V)` and sequences longer than the context (or than the
     cache) raise `ValueError`. Inside `tf.function`/`fit` (or `jax.jit`), a too-long sequence with
@@ -210,18 +210,18 @@ class GPT(keras.Model):
     def call_with_cache(self, token_ids, cache, cache_index, padding_mask=None, training=False):
         """One forward pass over new tokens `[B, T]` at positions `cache_index .. cache_index+T-1`.
 
-        `cache` is `[B, L, 2, H, S, K]` from `init_cache`; `padding_mask` (optional) is `[B, S]`
+        `cache` is `[L, 2, B, H, S, K]` from `init_cache`; `padding_mask` (optional) is `[B, S]`
         over cache positions. Returns float32 logits `[B, T, V]` and the updated cache (same
         shape). Prefill a prompt with `cache_index=0`, then decode one token at a time.
         """
         logits, caches = self.call_with_layer_caches(
-            token_ids, ops.unstack(cache, axis=1), cache_index, padding_mask, training
+            token_ids, ops.unstack(cache, axis=0), cache_index, padding_mask, training
         )
-        return logits, ops.stack(caches, axis=1)
+        return logits, ops.stack(caches, axis=0)
 
     def call_with_layer_caches(self, token_ids, caches, cache_index, padding_mask=None,
                                training=False, return_hidden_states=False):
-        """`call_with_cache` with the cache as a list of L per-layer `[B, 2, H, S, K]` tensors
+        """`call_with_cache` with the cache as a list of L per-layer `[2, B, H, S, K]` tensors
         (see `init_layer_caches`); returns `(logits, updated caches)`, or with
         `return_hidden_states=True` `(hidden states [B, T, D], updated caches)` (pass the rows
         you need to `project_logits`). A decoding loop that carries the list does not slice and
@@ -239,7 +239,8 @@ class GPT(keras.Model):
         )[:2]
 
     def init_cache(self, batch_size, length=None):
-        """An all-zero KV cache `[batch_size, L, 2, H, length, K]` in the compute dtype;
+        """An all-zero KV cache `[L, 2, batch_size, H, length, K]` in the compute dtype (per
+        layer keys and values first: `MultiHeadAttention` splits them without a copy);
         `length` (an int, or a scalar tensor in a graph) defaults to (and may not exceed)
         `context_length`."""
         if length is None:
@@ -251,17 +252,17 @@ class GPT(keras.Model):
             )
         heads = self.config.num_heads
         head_dim = self.config.hidden_dim // heads
-        shape = (batch_size, self.config.num_layers, 2, heads, length, head_dim)
+        shape = (self.config.num_layers, 2, batch_size, heads, length, head_dim)
         return zero_cache(shape, dtype=self.compute_dtype)
 
     def init_layer_caches(self, batch_size, length=None):
-        """`init_cache` as a list of L all-zero per-layer caches `[batch_size, 2, H, length, K]`."""
-        return ops.unstack(self.init_cache(batch_size, length), axis=1)
+        """`init_cache` as a list of L all-zero per-layer caches `[2, batch_size, H, length, K]`."""
+        return ops.unstack(self.init_cache(batch_size, length), axis=0)
 
     def _forward(self, token_ids, padding_mask, cache, cache_index, training, head=True,
                  return_attention_scores=False):
         """The one forward pass: full sequences (`cache is None`) and cached steps alike (`cache`:
-        a list of L per-layer `[B, 2, H, S, K]` caches). Returns `(logits, updated caches or None,
+        a list of L per-layer `[2, B, H, S, K]` caches). Returns `(logits, updated caches or None,
         attention probabilities [B, L, H, T, S] or None)`; without the output projection
         (`head=False`) the final hidden states `[B, T, D]` instead of the logits."""
         start = 0 if cache is None else cache_index
@@ -290,7 +291,7 @@ class GPT(keras.Model):
                 return_attention_scores=return_attention_scores,
             )
             if cache is not None:
-                updated_caches.append(extras.pop(0))  # [B, 2, H, S, K]
+                updated_caches.append(extras.pop(0))  # [2, B, H, S, K]
             if return_attention_scores:
                 scores.append(extras.pop(0))  # [B, H, T, S]
         x = self.final_norm(x)  # [B, T, D]

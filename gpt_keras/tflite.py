@@ -2,7 +2,7 @@
 it (the pip interpreters have no Flex delegate), with tokenization left outside the file.
 
 Shapes: B batch, T tokens, V `vocab_size`, S = `context_length` (the KV-cache length of every
-signature), N `max_new_tokens`; `cache` has the layout of `GPT.init_cache` (`[B, L, 2, ...]`,
+signature), N `max_new_tokens`; `cache` has the layout of `GPT.init_cache` (`[L, 2, B, ...]`,
 S slots) with B dynamic.
 
 Signatures of the `.tflite` file (ids int32, other floats float32; every input is required):
@@ -407,8 +407,9 @@ def _ids(name, shape):
 
 def _cache_spec(model):
     """`GPT.init_cache`'s shape and dtype with a dynamic batch."""
-    shape = model.init_cache(1).shape
-    return tf.TensorSpec((None, *shape[1:]), model.compute_dtype, name="cache")
+    shape = list(model.init_cache(1).shape)
+    shape[2] = None  # [L, 2, B, H, S, K]
+    return tf.TensorSpec(shape, model.compute_dtype, name="cache")
 
 
 def _write_archive(model, directory, endpoints):

@@ -74,7 +74,7 @@ def test_cache_writes_equal_numpy_on_every_path():
     """`write_cache` writes rows `index ..` of the cache. On TensorFlow the eager/graph path
     (`gather` + `where`) and the XLA path (`slice_update`, the other backends' path) agree."""
     rng = np.random.default_rng(0)
-    cache = rng.normal(size=(2, 2, 3, 8, 4)).astype("float32")  # [B, 2, H, S, K]
+    cache = rng.normal(size=(2, 2, 3, 8, 4)).astype("float32")  # [2, B, H, S, K]
     update = rng.normal(size=(2, 2, 3, 3, 4)).astype("float32")  # T = 3 new rows
     expected = cache.copy()
     expected[..., 5:8, :] = update

@@ -97,7 +97,7 @@ def test_cached_decoding_equals_full_pass(position_embedding):
     ids = random_ids((2, 14))
     full = np.asarray(model(ids))
     cache = model.init_cache(2)
-    assert cache.shape == (2, 2, 2, 2, 16, 16)  # [B, L, 2, H, S, K]
+    assert model.init_cache(3).shape == (2, 2, 3, 2, 16, 16)  # [L, 2, B, H, S, K]
     logits, cache = model.call_with_cache(ids[:, :5], cache, 0)  # prefill
     steps = [logits]
     for t in range(5, 14):

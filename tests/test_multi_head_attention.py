@@ -50,7 +50,7 @@ def test_attention_scores_with_and_without_a_cache():
     np.testing.assert_allclose(scores, expected[0], atol=1e-6)
     out, scores = layer(x, return_attention_scores=True)
     np.testing.assert_allclose(out, ref_out, atol=1e-5)
-    cache = np.zeros((B, 2, H, T + 3, D // H), "float32")
+    cache = np.zeros((2, B, H, T + 3, D // H), "float32")
     out, cache, cached_scores = layer(x, cache=cache, cache_index=0, return_attention_scores=True)
     assert cached_scores.shape == (B, H, T, T + 3)
     np.testing.assert_allclose(cached_scores[..., :T], expected[0], atol=1e-6)
@@ -91,7 +91,7 @@ def test_cached_steps_equal_full_pass_and_fill_the_cache():
     x = np.random.default_rng(3).normal(size=(B, T, D)).astype("float32")
     full = layer(x)
     cache_length = 10
-    cache = np.zeros((B, 2, H, cache_length, D // H), "float32")
+    cache = np.zeros((2, B, H, cache_length, D // H), "float32")
     prefill, cache = layer(x[:, :3], cache=cache, cache_index=0)  # a 3-token chunk
     outputs = [prefill]
     for t in range(3, T):
@@ -104,7 +104,7 @@ def test_cached_steps_equal_full_pass_and_fill_the_cache():
     assert not np.any(np.asarray(cache)[:, :, :, T:])
     projected = np.split(layer.query_key_value(x), 3, axis=-1)
     keys = np.reshape(projected[1], (B, T, H, D // H)).transpose(0, 2, 1, 3)  # [B, H, T, K]
-    np.testing.assert_allclose(cache[:, 0, :, :T], keys, atol=1e-6)
+    np.testing.assert_allclose(cache[0, :, :, :T], keys, atol=1e-6)
 
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16"])
@@ -122,7 +122,7 @@ def test_single_query_steps_match_numpy_with_padding_and_scores(policy, hidden_d
     expected = ref.attention(x.astype(np.float64), *(np.asarray(w.numpy(), np.float64) for w in (
         layer.query_key_value.kernel, layer.query_key_value.bias, layer.output_dense.kernel,
         layer.output_dense.bias)), layer.num_heads, padding, scores_out=scores)
-    cache = np.zeros((B, 2, layer.num_heads, 5, layer.head_dim), "float32")
+    cache = np.zeros((2, B, layer.num_heads, 5, layer.head_dim), "float32")
     for t in range(5):
         out, cache, step_scores = layer(x[:, t : t + 1], cache=cache, cache_index=t,
                                         padding_mask=padding, return_attention_scores=True)
@@ -143,7 +143,7 @@ def test_rotary_cached_steps_equal_full_pass_and_cache_rotated_keys():
     layer.build((None, None, 8))
     x = np.random.default_rng(7).normal(size=(B, T, 8)).astype("float32")
     full = layer(x)
-    cache = np.zeros((B, 2, 2, 9, 4), "float32")  # [B, 2, H, S, K]
+    cache = np.zeros((2, B, 2, 9, 4), "float32")  # [2, B, H, S, K]
     prefill, cache = layer(x[:, :2], cache=cache, cache_index=0)
     outputs = [prefill]
     for t in range(2, T):
@@ -152,7 +152,7 @@ def test_rotary_cached_steps_equal_full_pass_and_cache_rotated_keys():
     np.testing.assert_allclose(np.concatenate(outputs, 1), full, atol=1e-5)
     keys = np.reshape(np.split(layer.query_key_value(x), 3, axis=-1)[1], (B, T, 2, 4))
     rotated = ref.rotary(keys, range(T)).transpose(0, 2, 1, 3)  # [B, H, T, K]
-    np.testing.assert_allclose(cache[:, 0, :, :T], rotated, atol=1e-5)
+    np.testing.assert_allclose(cache[0, :, :, :T], rotated, atol=1e-5)
 
 
 def test_rejects_rotary_with_an_odd_head_size():
@@ -215,7 +215,7 @@ def test_cache_write_is_in_place_under_xla_only():
         fn = tf.function(lambda x, c, i: layer(x, cache=c, cache_index=i),
                          jit_compile=jit_compile)
         graph = fn.get_concrete_function(
-            tf.TensorSpec((1, 1, D)), tf.TensorSpec((1, 2, H, 8, D // H)),
+            tf.TensorSpec((1, 1, D)), tf.TensorSpec((2, 1, H, 8, D // H)),
             tf.TensorSpec((), tf.int32),
         ).graph
         return {op.type for op in graph.get_operations()}
@@ -229,7 +229,7 @@ def test_cache_write_has_no_xla_ops():
     layer = make_layer()
     fn = tf.function(lambda x, c, i: layer(x, cache=c, cache_index=i))
     graph = fn.get_concrete_function(
-        tf.TensorSpec((None, 1, D)), tf.TensorSpec((None, 2, H, 8, D // H)),
+        tf.TensorSpec((None, 1, D)), tf.TensorSpec((2, None, H, 8, D // H)),
         tf.TensorSpec((), tf.int32),
     ).graph
     op_types = {op.type for op in graph.get_operations()}
@@ -309,4 +309,4 @@ def test_rejects_padding_mask_with_attention_mask():
 def test_cache_requires_cache_index():
     layer = make_layer()
     with pytest.raises(ValueError, match="cache_index"):
-        layer(np.zeros((1, 1, D), "float32"), cache=np.zeros((1, 2, H, 4, D // H), "float32"))
+        layer(np.zeros((1, 1, D), "float32"), cache=np.zeros((2, 1, H, 4, D // H), "float32"))

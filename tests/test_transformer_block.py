@@ -34,7 +34,7 @@ def test_matches_numpy_pre_layernorm_gpt2_block(rotary_max_wavelength):
 def test_cached_steps_equal_full_pass(rotary_max_wavelength):
     block = make_block(rotary_max_wavelength=rotary_max_wavelength)
     x = np.random.default_rng(3).normal(size=(B, T, D)).astype("float32")
-    cache = np.zeros((B, 2, H, 8, D // H), "float32")
+    cache = np.zeros((2, B, H, 8, D // H), "float32")
     first, cache = block(x[:, :4], cache=cache, cache_index=0)
     second, cache = block(x[:, 4:], cache=cache, cache_index=4)
     np.testing.assert_allclose(np.concatenate([first, second], 1), block(x), atol=1e-5)

@@ -135,8 +135,9 @@ class MultiHeadAttention(keras.layers.Layer):
     - `attention_mask` (optional, instead of `padding_mask`): the boolean `[B or 1, 1, T, S]` mask
       of which keys each query sees, e.g. `causal_mask(...)` computed once for all the layers of
       a model (a decoding step in a graph without XLA then runs its ops once, not per layer).
-    - `cache` (optional) `[B, 2, H, S, K]` (keys, values; heads first, so that attention reads
-      it without a transpose) and `cache_index`, a scalar int: the new
+    - `cache` (optional) `[2, B, H, S, K]` (keys, values; keys/values first, so that splitting
+      them shares the cache's buffer instead of copying it each step; heads before slots, so
+      that attention reads it without a transpose) and `cache_index`, a scalar int: the new
       keys/values are written at positions `cache_index .. cache_index + T - 1`, queries attend to
       cache positions `<= cache_index + t`, and the call returns `(outputs, updated_cache)`. The
       shapes never change, so a decoding loop compiles to one static-shape graph.
@@ -256,15 +257,17 @@ class MultiHeadAttention(keras.layers.Layer):
             query_key, value = ops.split(qkv, [2], axis=2)
             query_key = self.rotary_embedding(query_key, start_index=query_start)
             qkv = ops.concatenate([query_key, value], axis=2)
-        if single_query:  # moving a size-1 axis is a reshape
-            qkv = ops.reshape(qkv, (-1, 3, self.num_heads, 1, self.head_dim))  # [B, 3, H, T, K]
-        else:  # (and oneDNN's transpose costs a thread hand-off per decoding step)
-            qkv = ops.transpose(qkv, (0, 2, 3, 1, 4))
-        query, key_value = ops.split(qkv, [1], axis=1)
-        query = ops.squeeze(query, axis=1)  # [B, H, T, K]
+        if single_query:  # moving the size-1 axis is a reshape
+            qkv = ops.reshape(qkv, (-1, 3, self.num_heads, self.head_dim))
+            qkv = ops.expand_dims(ops.transpose(qkv, (1, 0, 2, 3)), 3)  # [3, B, H, T, K]
+        else:
+            qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))
+        query, key_value = ops.split(qkv, [1], axis=0)
+        query = ops.squeeze(query, axis=0)  # [B, H, T, K]
         if cache is not None:
-            cache = key_value = write_cache(cache, key_value, query_start)  # [B, 2, H, S, K]
-        key, value = ops.unstack(key_value, 2, axis=1)  # [B, H, S, K] each
+            cache = key_value = write_cache(cache, key_value, query_start)  # [2, B, H, S, K]
+        # Along the first axis, TensorFlow's unstack shares the buffer: no copy of the cache.
+        key, value = ops.unstack(key_value, 2, axis=0)  # [B, H, S, K] each
 
         mask = attention_mask  # [B|1, 1, T, S]
         if mask is None:

@@ -14,7 +14,7 @@ class TransformerBlock(keras.layers.Layer):
     → `Dense(D)`.
 
     Shapes: `inputs` `[B, T, D]` → `[B, T, D]`. `padding_mask` or `attention_mask`, `cache`
-    `[B, 2, H, S, K]` and `cache_index` are passed to `MultiHeadAttention` (see there); with a
+    `[2, B, H, S, K]` and `cache_index` are passed to `MultiHeadAttention` (see there); with a
     cache the call returns `(outputs, updated_cache)`, and `return_attention_scores=True` appends
     the attention probabilities `[B, H, T, S]` to what it returns.
 
