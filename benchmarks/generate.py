@@ -11,7 +11,8 @@ and for the small model's served-vs-in-process figure (about 3 minutes):
 
 Like for like: every system decodes the same shape with random weights (seeded), a 16-token
 prompt (for `served`, the text of Tiny Shakespeare's first 16 tokens), 128 new tokens, greedy, batch B. `gpt2-small` is GPT-2 small's shape (124M parameters,
-learned positions, tied embeddings, context 1024); `shakespeare-char` is that preset with context
+learned positions, tied embeddings, context 1024), `gpt2-medium` GPT-2 medium's (355M: 24 layers,
+16 heads, 1024 dims); `shakespeare-char` is that preset with context
 256 (rotary positions). Systems (`--systems`, comma-separated):
   gpt_keras          `generation.generate` in-process, `jit_compile="auto"` (the default)
   gpt_keras-xla      the same with `jit_compile=True`
@@ -62,6 +63,9 @@ def model_config(name):
 
     if name == "gpt2-small":
         return GPTConfig.from_preset("gpt2-small", dropout=0.0)
+    if name == "gpt2-medium":  # OpenAI's GPT-2 medium shape (355M parameters)
+        return GPTConfig.from_preset("gpt2-small", num_layers=24, num_heads=16, hidden_dim=1024,
+                                     dropout=0.0)
     return GPTConfig.from_preset(name, context_length=256, dropout=0.0)
 
 
@@ -211,7 +215,7 @@ def export_for_serving(model_name, directory):
 
     keras.utils.set_random_seed(0)
     corpus = CORPUS.read_text(encoding="utf-8")
-    if model_name == "gpt2-small":
+    if model_name.startswith("gpt2"):
         tokenizer = GPT2Tokenizer.from_directory(str(GPT2_VOCABULARY))
     else:
         tokenizer = CharTokenizer.train(corpus)
@@ -245,7 +249,7 @@ def report(workers, batch_size, model_name):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["gpt2-small", "shakespeare-char"],
+    parser.add_argument("--model", choices=["gpt2-small", "gpt2-medium", "shakespeare-char"],
                         default="gpt2-small")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--systems", default=None,
@@ -258,7 +262,7 @@ def main():
         make = {"hf": hf_worker, "served": served_worker}.get(spec["system"], gpt_keras_worker)
         return serve_worker(lambda: make(spec))
     systems = (args.systems or ",".join(SYSTEMS)).split(",")
-    if args.model != "gpt2-small" and "hf" in systems and not args.systems:
+    if not args.model.startswith("gpt2") and "hf" in systems and not args.systems:
         systems.remove("hf")  # Hugging Face's GPT-2 has learned positions only
     with tempfile.TemporaryDirectory() as directory:
         served = None
