@@ -50,7 +50,7 @@ tf.get_logger().setLevel("ERROR")  # one tf.function per variant: retracing warn
 
 from gpt_keras.layers import MultiHeadAttention  # noqa: E402
 from gpt_keras.layers.multi_head_attention import causal_mask  # noqa: E402
-from train_step import OtherLoad  # noqa: E402
+from other_load import OtherLoad  # noqa: E402
 
 # (B, T, H, K): the shakespeare-char training shape and a larger one.
 ATTENTION_SHAPES = [(12, 64, 4, 32), (8, 256, 8, 64)]

@@ -39,7 +39,7 @@ from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 from gpt_keras import data, generation  # noqa: E402
 from gpt_keras.tflite import GENERATE_SIGNATURE, LOGITS_SIGNATURE, export_tflite  # noqa: E402
 from gpt_keras.training import load_model, read_run_config  # noqa: E402
-from train_step import OtherLoad  # noqa: E402
+from other_load import OtherLoad  # noqa: E402
 
 PROMPT_LENGTH = 16
 NEW_TOKENS = 48

@@ -16,6 +16,11 @@ Systems:
   `TrainConfig`'s defaults, so `--xla auto`), float32. `-bf16`: `--mixed-precision bfloat16`.
   A final `-xla` / `-noxla`: `--xla on` / `--xla off` (plain TensorFlow graphs, oneDNN kernels).
   Positions: learned (like nanoGPT).
+- `keras_hub`: keras-hub's `GPT2Backbone` of the same shape (learned positions, GPT-2's biases)
+  with its tied output head (`token_embedding(h, reverse=True)`) in a `keras.Model`, trained with
+  `compile(keras.optimizers.AdamW(1e-3, weight_decay=0.1, beta_2=0.99, global_clipnorm=1.0),
+  SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)` + `fit`, float32: what a
+  keras-hub user would write (Keras' `jit_compile="auto"` means no XLA on a CPU-only machine).
 - `nanogpt`: nanoGPT's `model.py` `GPT` with `configure_optimizers` (AdamW, decay groups), the
   loop of its `train.py` (forward + loss, backward, `clip_grad_norm_(1.0)`, `step`,
   `zero_grad(set_to_none=True)`), torch eager, default threads; `-bf16`: under
@@ -59,7 +64,7 @@ def _batch(shape, seed=0):
 
 
 def gpt_keras_child(system, shape, steps):
-    """Yields a `run(n) -> (wall, cpu)` for gpt_keras' training step (after its first step)."""
+    """`(first step seconds, run)` for gpt_keras' training step (see `_fit_runner`)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import keras
     import tensorflow as tf
@@ -81,6 +86,34 @@ def gpt_keras_child(system, shape, steps):
         model.compile(optimizer=build_optimizer(model, config), jit_compile=uses_xla(config))
     inputs, targets = _batch(shape)
     dataset = distribute.stack_pairs(tf.data.Dataset.from_tensors((inputs, targets)).repeat())
+    return _fit_runner(model, dataset)
+
+
+def keras_hub_child(shape):
+    """`(first step seconds, run)` for keras-hub's GPT-2 trained with `fit`."""
+    import keras
+    import keras_hub
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=VOCAB, num_layers=shape["num_layers"], num_heads=shape["num_heads"],
+        hidden_dim=shape["hidden_dim"], intermediate_dim=4 * shape["hidden_dim"],
+        max_sequence_length=shape["context_length"], dropout=0.0)
+    token_ids = keras.Input((shape["context_length"],), dtype="int32")
+    hidden = backbone({"token_ids": token_ids, "padding_mask": keras.ops.ones_like(token_ids)})
+    model = keras.Model(token_ids, backbone.token_embedding(hidden, reverse=True))
+    model.compile(
+        optimizer=keras.optimizers.AdamW(1e-3, weight_decay=0.1, beta_2=0.99, global_clipnorm=1.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
+    dataset = tf.data.Dataset.from_tensors(_batch(shape)).repeat()
+    return _fit_runner(model, dataset)
+
+
+def _fit_runner(model, dataset):
+    """`(first step seconds, run)`: `run(n)` fits n steps and returns `(wall, cpu, n - 2)`, the
+    time from the start of the second step to the start of the last."""
+    import keras
 
     marks = []
 
@@ -146,6 +179,8 @@ def child(args):
     shape = SHAPES[args.shape]
     if args.child.startswith("nanogpt"):
         first, run = nanogpt_child(args.child, shape, args.steps, args.nanogpt)
+    elif args.child == "keras_hub":
+        first, run = keras_hub_child(shape)
     else:
         first, run = gpt_keras_child(args.child, shape, args.steps)
     run(max(args.steps // 2, 4))  # warm-up
