@@ -8,12 +8,14 @@ Run from the repository root (about 2 minutes on 2 cores):
    engine. A chain of 8 `keras.layers.Dense(768 → 12288)` applied to one token, 20 times in a
    `tf.while_loop` (each input depends on the previous output, so nothing is hoisted), float32,
    bfloat16 and Keras weight-only int8 (`Int8QuantizationConfig(activation_quantizer=None)`),
-   in a plain graph and under XLA. Reported: wall and process CPU ms per chain, and the bytes of
-   weights per wall second.
+   in a plain graph and under XLA; and float32 kernels stored transposed (`[N, K]`, multiplied
+   with `transpose_b=True`, as the tied output projection reads the embedding). Reported: wall
+   and process CPU ms per chain, and the bytes of weights per wall second.
 2. `--part ops [--preset gpt2-small]`: op executions per decoded token of the served `generate`
    signature: the `shakespeare-char` preset (or `--preset`'s shape) with random weights and a character tokenizer, exported with
    `gpt_keras.serving`, loaded with the TF1 Session loader (XLA disabled, as TF Serving runs it),
-   128 greedy tokens traced with `RunOptions(trace_level=FULL_TRACE)`; the most frequent op types.
+   128 greedy tokens traced with `RunOptions(trace_level=FULL_TRACE)`; the most frequent op types
+   and those with the most op time (tracing slows each op, so op times are relative).
 
 3. `--part attention`: the attention of one decoding step (one query per row against a
    144-slot cache, mask, softmax, weighted values) as `MultiHeadAttention` computes it with einsum
@@ -58,9 +60,14 @@ def kernels():
     print(f"{LAYERS} x Dense({INPUTS} -> {UNITS}) on one token, {CALLS} chains per call")
     print("| weights | engine | wall ms per chain | CPU ms per chain | weight GB/s |")
     print("|---|---|---:|---:|---:|")
-    for weights in ("float32", "bfloat16", "int8"):
+    for weights in ("float32", "float32, kernel [N, K]", "bfloat16", "int8"):
         layers = []
         for _ in range(LAYERS):
+            if weights == "float32, kernel [N, K]":  # stored transposed, read with transpose_b
+                kernel = tf.Variable(tf.random.normal([UNITS, INPUTS]) * 0.02)
+                layers.append(lambda x, kernel=kernel: tf.matmul(
+                    tf.reshape(x, [-1, INPUTS]), kernel, transpose_b=True))
+                continue
             layer = keras.layers.Dense(UNITS, dtype="bfloat16" if weights == "bfloat16" else None)
             layer.build((None, None, INPUTS))
             if weights == "int8":
@@ -83,7 +90,7 @@ def kernels():
             wall, cpu = time.perf_counter(), cpu_seconds()
             chains(x).numpy()
             wall, cpu = (time.perf_counter() - wall) / CALLS, (cpu_seconds() - cpu) / CALLS
-            gigabytes = LAYERS * INPUTS * UNITS * BYTES[weights] / 1e9
+            gigabytes = LAYERS * INPUTS * UNITS * BYTES[weights.split(",")[0]] / 1e9
             print(f"| {weights} | {'XLA' if jit_compile else 'plain graph'} | "
                   f"{1000 * wall:.1f} | {1000 * cpu:.1f} | {gigabytes / wall:.1f} |", flush=True)
 
@@ -122,18 +129,24 @@ def ops(preset):
         out = session.run(fetch, feeds, run_metadata=metadata, options=tf.compat.v1.RunOptions(
             trace_level=tf.compat.v1.RunOptions.FULL_TRACE))
     tokens = int((out >= 0).sum())
-    counts = collections.Counter(
-        node.timeline_label.split("=", 1)[1].split("(", 1)[0].strip()
-        if "=" in node.timeline_label else node.node_name
-        for device in metadata.step_stats.dev_stats for node in device.node_stats
-    )
+    counts, micros = collections.Counter(), collections.Counter()
+    for device in metadata.step_stats.dev_stats:
+        for node in device.node_stats:
+            label = node.timeline_label
+            op = label.split("=", 1)[1].split("(", 1)[0].strip() if "=" in label else node.node_name
+            counts[op] += 1
+            micros[op] += node.all_end_rel_micros
     total = sum(counts.values())
     print(f"served `generate`, {tokens} new tokens: {total} op executions, "
-          f"{total / tokens:.0f} per token")
-    print("| op | executions per token |")
-    print("|---|---:|")
+          f"{total / tokens:.0f} per token; op time (traced, both threads) "
+          f"{sum(micros.values()) / tokens / 1000:.2f} ms per token")
+    print("| op | executions per token | traced op ms per token |")
+    print("|---|---:|---:|")
     for op, count in counts.most_common(15):
-        print(f"| {op} | {count / tokens:.1f} |")
+        print(f"| {op} | {count / tokens:.1f} | {micros[op] / tokens / 1000:.3f} |")
+    print("\nmost op time:")
+    for op, time_ in micros.most_common(8):
+        print(f"| {op} | {counts[op] / tokens:.1f} | {time_ / tokens / 1000:.3f} |")
 
 
 def attention(intra_op_threads):

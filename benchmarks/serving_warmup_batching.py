@@ -94,7 +94,9 @@ prompts = np.array([p.encode("utf-8") for p in request["prompts"]], object)
 feeds = {"prompts": prompts} if request["signature"] == "serving_default" else {
     "prompts": prompts, "max_new_tokens": np.int32(request["new_tokens"]),
     "temperature": np.float32(0), "top_k": np.int32(1), "top_p": np.float32(1),
-    "seed": np.int64(0)}
+    "seed": np.int64(0), "repetition_penalty": np.float32(1), "min_new_tokens": np.int32(0),
+    "banned_token_ids": np.zeros([0], np.int32), "bias_token_ids": np.zeros([0], np.int32),
+    "bias_values": np.zeros([0], np.float32), "stop_strings": np.zeros([0], object)}
 times, lengths = [], []
 for _ in range(1 + request["repeats"]):
     start = time.perf_counter()

@@ -236,6 +236,26 @@ def test_cache_write_has_no_xla_ops():
     assert not [t for t in op_types if t.startswith("Xla")], op_types
 
 
+def test_cached_step_splits_keys_and_values_along_the_first_axis():
+    """The per-step graph TF Serving runs reads the cache without copying it: keys and values are
+    split along the first axis of `[2, B, H, S, K]`, where TensorFlow's `Unpack` shares the
+    buffer (along any other axis it copies the whole cache, every layer, every step)."""
+    layer = make_layer()
+
+    def step(x, cache, index):
+        with in_place_cache_writes():
+            return layer(x, cache=cache, cache_index=index)
+
+    graph = tf.function(step).get_concrete_function(
+        tf.TensorSpec((None, 1, D)), tf.TensorSpec((2, None, H, 8, D // H)),
+        tf.TensorSpec((), tf.int32),
+    ).graph
+    unpacks = [op for op in graph.get_operations() if op.type == "Unpack"]
+    assert unpacks and all(op.get_attr("axis") == 0 for op in unpacks)
+    assert [op.inputs[0].shape.as_list() for op in unpacks] == [[2, None, H, 8, D // H]]
+    assert "InplaceUpdate" in {op.type for op in graph.get_operations()}
+
+
 def test_attention_dropout_only_in_training():
     layer = make_layer(dropout=0.5)
     x = np.random.default_rng(4).normal(size=(B, T, D)).astype("float32")
