@@ -257,11 +257,7 @@ class MultiHeadAttention(keras.layers.Layer):
             query_key, value = ops.split(qkv, [2], axis=2)
             query_key = self.rotary_embedding(query_key, start_index=query_start)
             qkv = ops.concatenate([query_key, value], axis=2)
-        if single_query:  # the size-1 T axis moves by reshapes; only [B, 3, H, K] is transposed
-            qkv = ops.reshape(qkv, (-1, 3, self.num_heads, self.head_dim))
-            qkv = ops.expand_dims(ops.transpose(qkv, (1, 0, 2, 3)), 3)  # [3, B, H, T, K]
-        else:
-            qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))
+        qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # [3, B, H, T, K]
         query, key_value = ops.split(qkv, [1], axis=0)
         query = ops.squeeze(query, axis=0)  # [B, H, T, K]
         if cache is not None:
