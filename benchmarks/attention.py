@@ -19,9 +19,9 @@ CPU; see BENCHMARKS.md for results.
 2. Full layer (projections included), gpt_keras' layer vs a subclass whose core is
    `dot_product_attention(is_causal=True)`, same weights: what the core difference is worth in
    context.
-3. Tied output head: `ops.einsum("btd,vd->btv", x, E)` (gpt_keras) vs `ops.matmul(x,
-   ops.transpose(E))` (keras-hub's `ReversibleEmbedding(reverse=True)`), forward + backward with
-   respect to x and E.
+3. Tied output head: `ops.einsum("btd,vd->btv", x, E)` vs `ops.matmul(x, ops.transpose(E))`
+   (keras-hub's `ReversibleEmbedding(reverse=True)`) vs gpt_keras' `backends.matmul_transposed`
+   (one 2-D `tf.matmul(..., transpose_b=True)`), forward + backward with respect to x and E.
 
 Every comparison alternates its variants for `--rounds` rounds in one process, each round timing
 single calls for `--min-time` seconds per variant, and reports the fastest-decile (10th-percentile)
@@ -48,6 +48,7 @@ from keras import ops  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")  # one tf.function per variant: retracing warnings are expected
 
+from gpt_keras import backends  # noqa: E402
 from gpt_keras.layers import MultiHeadAttention  # noqa: E402
 from gpt_keras.layers.multi_head_attention import causal_mask  # noqa: E402
 from other_load import OtherLoad  # noqa: E402
@@ -229,6 +230,7 @@ def head_benchmark(args):
     heads = {
         'einsum("btd,vd->btv")': lambda x, e: ops.einsum("btd,vd->btv", x, e),
         "matmul(x, transpose(E))": lambda x, e: ops.matmul(x, ops.transpose(e)),
+        "gpt_keras matmul_transposed(x, E)": backends.matmul_transposed,
     }
     for batch, length, dim, vocab in HEAD_SHAPES:
         print(f"\nTied output head, B={batch} T={length} D={dim} V={vocab} "
@@ -239,9 +241,11 @@ def head_benchmark(args):
         for jit in (True, False):
             steps = {name: forward_backward(f, 2, jit) for name, f in heads.items()}
             out_a, grads_a = steps['einsum("btd,vd->btv")'](x, embeddings, cotangent)
-            out_b, grads_b = steps["matmul(x, transpose(E))"](x, embeddings, cotangent)
-            print(f"  jit_compile={jit}: max |diff| outputs {max_abs_diff([out_a], [out_b]):.1e}, "
-                  f"gradients {max_abs_diff(grads_a, grads_b):.1e}")
+            for name in list(heads)[1:]:
+                out_b, grads_b = steps[name](x, embeddings, cotangent)
+                print(f"  jit_compile={jit}, {name}: max |diff| outputs "
+                      f"{max_abs_diff([out_a], [out_b]):.1e}, gradients "
+                      f"{max_abs_diff(grads_a, grads_b):.1e}")
             report(
                 alternate(steps, (x, embeddings, cotangent), args.rounds, args.min_time),
                 'einsum("btd,vd->btv")',

@@ -1,16 +1,17 @@
 """Where a decoded token's time goes: the profiles behind BENCHMARKS.md's missed decoding targets.
 
-Run from the repository root (about 2 minutes on 2 cores):
+Run from the repository root (about 3 minutes on 2 cores):
 
     TF_CPP_MIN_LOG_LEVEL=3 python benchmarks/decode_profile.py
 
 1. `--part kernels`: the matrix-vector products of batch-1 decoding, per weight format and
-   engine. A chain of 8 `keras.layers.Dense(768 → 12288)` applied to one token, 20 times in a
-   `tf.while_loop` (each input depends on the previous output, so nothing is hoisted), float32,
-   bfloat16 and Keras weight-only int8 (`Int8QuantizationConfig(activation_quantizer=None)`),
-   in a plain graph and under XLA; and float32 kernels stored transposed (`[N, K]`, multiplied
-   with `transpose_b=True`, as the tied output projection reads the embedding). Reported: wall
-   and process CPU ms per chain, and the bytes of weights per wall second.
+   engine. A chain of 8 `Dense(768 → 12288)` layers applied to one token, 20 times in a
+   `tf.while_loop` (each input depends on the previous output, so nothing is hoisted): float32
+   with `keras.layers.Dense` (whose bias add XLA fuses into a one-thread matrix-vector kernel)
+   and with gpt_keras' `Dense` (which keeps the add apart under XLA), bfloat16, and Keras
+   weight-only int8 (`Int8QuantizationConfig(activation_quantizer=None)`), in a plain graph and
+   under XLA. Reported: wall and process CPU ms per chain, and the bytes of weights per wall
+   second.
 2. `--part ops [--preset gpt2-small]`: op executions per decoded token of the served `generate`
    signature: the `shakespeare-char` preset (or `--preset`'s shape) with random weights and a character tokenizer, exported with
    `gpt_keras.serving`, loaded with the TF1 Session loader (XLA disabled, as TF Serving runs it),
@@ -24,6 +25,12 @@ Run from the repository root (about 2 minutes on 2 cores):
    (12 × 64), batch 1 and 8; plain graph, 200 steps in a `tf.while_loop`. `--intra-op-threads 1`
    reruns it with one intra-op thread (run with `TF_ENABLE_ONEDNN_OPTS=0` for TensorFlow's own
    kernels).
+4. `--part xla [--preset gpt2-small]`: where in-process XLA decoding spends a token. Random
+   weights (the preset's vocabulary: GPT-2's 50,257 for `gpt2-small`), batch 1, a 16-token
+   prompt, 128 greedy tokens with `generate(..., jit_compile=True)`, traced with
+   `tf.profiler.experimental`: the time of each XLA thunk (`dot.12` → `dot`, one per compiled
+   kernel or library call), summed by kind, per token. Wall time per token is measured in a
+   separate untraced call.
 
 Each part runs in its own process (`--part all` starts each in turn).
 """
@@ -44,6 +51,8 @@ sys.path.insert(0, str(ROOT))  # the checkout's gpt_keras
 
 INPUTS, UNITS, LAYERS, CALLS = 768, 12288, 8, 20
 BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
+# Profiler events that enclose XLA's thunks rather than being one (`--part xla`).
+RUNTIME_SCOPES = ("Eager", "TFE_", "BlockUntilReady", "__inference", "function", "cond")
 
 
 def cpu_seconds():
@@ -55,20 +64,18 @@ def kernels():
     import keras
     import tensorflow as tf
 
+    from gpt_keras.layers._dense import Dense
+
     keras.utils.set_random_seed(0)
     x = tf.random.normal([1, 1, INPUTS])
     print(f"{LAYERS} x Dense({INPUTS} -> {UNITS}) on one token, {CALLS} chains per call")
     print("| weights | engine | wall ms per chain | CPU ms per chain | weight GB/s |")
     print("|---|---|---:|---:|---:|")
-    for weights in ("float32", "float32, kernel [N, K]", "bfloat16", "int8"):
+    for weights in ("float32, keras.layers.Dense", "float32", "bfloat16", "int8"):
         layers = []
         for _ in range(LAYERS):
-            if weights == "float32, kernel [N, K]":  # stored transposed, read with transpose_b
-                kernel = tf.Variable(tf.random.normal([UNITS, INPUTS]) * 0.02)
-                layers.append(lambda x, kernel=kernel: tf.matmul(
-                    tf.reshape(x, [-1, INPUTS]), kernel, transpose_b=True))
-                continue
-            layer = keras.layers.Dense(UNITS, dtype="bfloat16" if weights == "bfloat16" else None)
+            dense = keras.layers.Dense if weights.endswith("keras.layers.Dense") else Dense
+            layer = dense(UNITS, dtype="bfloat16" if weights == "bfloat16" else None)
             layer.build((None, None, INPUTS))
             if weights == "int8":
                 layer.quantize("int8", config=keras.quantizers.Int8QuantizationConfig(
@@ -149,6 +156,56 @@ def ops(preset):
         print(f"| {op} | {counts[op] / tokens:.1f} | {time_ / tokens / 1000:.3f} |")
 
 
+def xla(preset):
+    import glob
+    import re
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    from gpt_keras import GPT, generation
+
+    keras.utils.set_random_seed(0)
+    model = GPT.from_preset(preset)
+    model.build()
+    prompt = np.random.default_rng(0).integers(0, 65, (1, 16), dtype=np.int32)
+    new_tokens = 128
+
+    def decode():
+        return generation.generate(model, prompt, new_tokens, temperature=0.0, jit_compile=True)
+
+    decode()
+    start = time.perf_counter()
+    decode()
+    wall = (time.perf_counter() - start) / new_tokens
+    with tempfile.TemporaryDirectory() as directory:
+        tf.profiler.experimental.start(directory)
+        decode()
+        tf.profiler.experimental.stop()
+        space = xplane_pb2.XSpace()
+        path = glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True)[0]
+        space.ParseFromString(Path(path).read_bytes())
+    milliseconds, counts = collections.Counter(), collections.Counter()
+    for plane in space.planes:
+        names = {key: value.name for key, value in plane.event_metadata.items()}
+        for line in plane.lines:
+            for event in line.events:
+                name = names.get(event.metadata_id, "")
+                if ":" in name or name.startswith(RUNTIME_SCOPES):
+                    continue  # scopes around the thunks (executors, the eager call)
+                kind = re.sub(r"[._]\d+$", "", name)
+                milliseconds[kind] += event.duration_ps / 1e9 / new_tokens
+                counts[kind] += 1 / new_tokens
+    print(f"{preset}, batch 1, XLA: {1000 * wall:.1f} ms per token (untraced); thunks "
+          f"{sum(milliseconds.values()):.1f} ms per token (traced)")
+    print("| thunk kind | per token | ms per token |")
+    print("|---|---:|---:|")
+    for kind, time_ in milliseconds.most_common(8):
+        print(f"| {kind} | {counts[kind]:.0f} | {time_:.2f} |")
+
+
 def attention(intra_op_threads):
     import tensorflow as tf
 
@@ -197,13 +254,13 @@ def attention(intra_op_threads):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["kernels", "ops", "attention", "all"], default="all")
+    parser.add_argument("--part", choices=["kernels", "ops", "xla", "attention", "all"], default="all")
     parser.add_argument("--intra-op-threads", type=int, default=0)
     parser.add_argument("--preset", choices=["shakespeare-char", "gpt2-small"],
                         default="shakespeare-char")
     args = parser.parse_args()
     if args.part == "all":
-        for part in ("kernels", "ops", "attention"):
+        for part in ("kernels", "ops", "xla", "attention"):
             print(f"load average {os.getloadavg()[0]:.2f}", flush=True)
             subprocess.run([sys.executable, __file__, "--part", part], check=True)
         return
@@ -211,6 +268,8 @@ def main():
         return attention(args.intra_op_threads)
     if args.part == "ops":
         return ops(args.preset)
+    if args.part == "xla":
+        return xla(args.preset)
     kernels()
 
 

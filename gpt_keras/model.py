@@ -6,7 +6,7 @@ import math
 import keras
 from keras import ops
 
-from gpt_keras.backends import host_values
+from gpt_keras.backends import host_values, matmul_transposed
 from gpt_keras.config import POSITION_EMBEDDINGS, GPTConfig
 from gpt_keras.layers._initializers import fresh
 from gpt_keras.layers.multi_head_attention import causal_mask, zero_cache
@@ -304,10 +304,10 @@ class GPT(keras.Model):
         x = ops.cast(hidden_states, self.compute_dtype)
         if self.lm_head is None:
             # Tied embeddings (GPT-2): the output projection is the token embedding transposed.
-            # matmul with a transpose: 1.16-1.31x faster than einsum at GPT-2's vocabulary
-            # (benchmarks/attention.py).
+            # A matmul reading the embedding as stored: faster than einsum at GPT-2's vocabulary
+            # in a plain graph (benchmarks/attention.py), and under XLA (see there).
             embeddings = ops.cast(self.token_embedding.embeddings, x.dtype)
-            logits = ops.matmul(x, ops.transpose(embeddings))
+            logits = matmul_transposed(x, embeddings)
             if self.token_embedding.quantization_mode == "int8":  # int8 rows, a scale per row
                 logits = logits / ops.cast(self.token_embedding.embeddings_scale, x.dtype)
         else:

@@ -8,6 +8,7 @@ import tensorflow as tf
 from keras import ops
 
 from gpt_keras import backends
+from gpt_keras.layers._dense import Dense
 from gpt_keras.layers._initializers import fresh
 from gpt_keras.layers.rotary_embedding import RotaryEmbedding
 
@@ -41,7 +42,7 @@ def write_cache(cache, update, index):
     length = ops.shape(cache)[-2]
     new_length = ops.shape(update)[-2]
     fits = ops.logical_and(index >= 0, index + new_length <= length)
-    if not backends.is_tensorflow() or _in_xla_compilation():
+    if not backends.is_tensorflow() or backends.in_xla_compilation():
         # XLA clamps the start of a dynamic-update-slice so that the update fits, and cannot
         # raise at run time: a write that does not fit writes NaN instead, which every later
         # attention read (all S slots enter its einsums) turns into NaN outputs.
@@ -78,7 +79,7 @@ def zero_cache(shape, dtype):
     """An all-zero cache. Under `in_place_cache_writes()` in a graph without XLA, an `Empty` op:
     stateful, so never constant-folded into a buffer that in-place writes would then share
     between runs."""
-    if _writes_in_place() and not _in_xla_compilation():
+    if _writes_in_place() and not backends.in_xla_compilation():
         return tf.raw_ops.Empty(shape=tf.stack(shape), dtype=dtype, init=True)
     return ops.zeros(shape, dtype=dtype)
 
@@ -99,14 +100,6 @@ def in_place_cache_writes(enabled=True):
         yield
     finally:
         _WRITES.in_place = previous
-
-
-def _in_xla_compilation():
-    """True while tracing a function that XLA will compile (`tf.function(jit_compile=True)`)."""
-    # TensorFlow's own test, used by `tf.while_loop`.
-    from tensorflow.python.ops import control_flow_util
-
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 def causal_mask(query_length, key_length, query_start=0, padding_mask=None):
@@ -215,7 +208,7 @@ class MultiHeadAttention(keras.layers.Layer):
                 "Rotary embeddings need an even head size (hidden size / num_heads). Received: "
                 f"hidden size={hidden_dim}, num_heads={self.num_heads}"
             )
-        self.query_key_value = keras.layers.Dense(
+        self.query_key_value = Dense(
             3 * hidden_dim,
             kernel_initializer=fresh(self.kernel_initializer),
             bias_initializer=fresh(self.bias_initializer),
@@ -223,7 +216,7 @@ class MultiHeadAttention(keras.layers.Layer):
             name="query_key_value",
         )
         self.query_key_value.build(input_shape)
-        self.output_dense = keras.layers.Dense(
+        self.output_dense = Dense(
             hidden_dim,
             kernel_initializer=fresh(self.output_kernel_initializer),
             bias_initializer=fresh(self.bias_initializer),

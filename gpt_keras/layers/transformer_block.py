@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from gpt_keras.layers._dense import Dense
 from gpt_keras.layers._initializers import fresh
 from gpt_keras.layers.multi_head_attention import MultiHeadAttention
 
@@ -83,14 +84,14 @@ class TransformerBlock(keras.layers.Layer):
             epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="mlp_norm"
         )
         self.mlp_norm.build(input_shape)
-        self.mlp_in = keras.layers.Dense(
+        self.mlp_in = Dense(
             self.mlp_dim,
             kernel_initializer=fresh(self.kernel_initializer),
             dtype=self.dtype_policy,
             name="mlp_in",
         )
         self.mlp_in.build(input_shape)
-        self.mlp_out = keras.layers.Dense(
+        self.mlp_out = Dense(
             hidden_dim,
             kernel_initializer=fresh(self.output_kernel_initializer),
             dtype=self.dtype_policy,

@@ -1,0 +1,58 @@
+"""The projection layer of `GPT`'s blocks: `keras.layers.Dense` with XLA's single-row fusion
+avoided."""
+
+import math
+
+import keras
+from keras import ops
+
+from gpt_keras import backends
+
+
+class Dense(keras.layers.Dense):
+    """`keras.layers.Dense` (same weights, config and quantization), except that under XLA a
+    product with one input row (decoding one token at batch 1) keeps its bias add apart.
+
+    XLA's CPU compiler fuses a matrix-vector product with the add that follows it into one
+    kernel that it emits itself and runs on one thread; unfused, the product is a call into
+    Eigen, which splits it over the cores. For GPT-2 small's projections that is ~17 against
+    ~33 GB/s of float32 weights on 2 cores (`benchmarks/decode_profile.py --part kernels`). An
+    optimization barrier between the product and the add keeps them apart; it is traced only
+    where it helps (TensorFlow, XLA, one row known at trace time), so plain graphs, TFLite,
+    training and the other backends see `keras.layers.Dense` unchanged.
+
+    Inputs `[..., in]` → outputs `[..., units]`.
+    """
+
+    def call(self, inputs, training=None):
+        x = ops.matmul(inputs, self.kernel)
+        if self.bias is not None:
+            if _single_row(inputs) and backends.in_xla_compilation():
+                x = _optimization_barrier(x)
+            x = ops.add(x, self.bias)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        # Keras refuses to quantize subclasses, whose `call` might differ from the quantized one
+        # it substitutes; this `call` is `Dense.call`'s computation.
+        super().quantize(mode, type_check=False, config=config)
+
+
+def _optimization_barrier(x):
+    """`x`, computed apart from its consumers under XLA (gradient: the identity)."""
+    import tensorflow as tf
+    from tensorflow.compiler.tf2xla.python import xla
+
+    @tf.custom_gradient
+    def barrier(x):
+        return xla.optimization_barrier(x)[0], lambda upstream: upstream
+
+    return barrier(x)
+
+
+def _single_row(inputs):
+    """True when the static shape says `inputs` `[..., in]` holds exactly one row."""
+    leading = inputs.shape[:-1]
+    return None not in leading and math.prod(leading) == 1

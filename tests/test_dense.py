@@ -1,0 +1,100 @@
+"""gpt_keras' `Dense` and the tied output projection under XLA: a decoding step's matrix-vector
+products stay library calls (Eigen, both cores) instead of kernels fused with their neighbours
+(one thread, BENCHMARKS.md "Generation")."""
+
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gpt_keras import GPT
+from gpt_keras.layers._dense import Dense
+
+
+def fused_dots(hlo):
+    """Names of the `dot` instructions that XLA placed inside fused computations."""
+    names, computation = [], ""
+    for line in hlo.splitlines():
+        if line and not line[0].isspace():  # `%name (params) -> shape {` or `ENTRY ...`
+            computation = line.split()[0]
+        match = re.match(r"\s*(?:ROOT )?(%\S+) = \S+ dot\(", line)
+        if match and computation.startswith("%fused"):
+            names.append(match.group(1))
+    return names
+
+
+def optimized_hlo(function, *args):
+    return tf.function(function, jit_compile=True).experimental_get_compiler_ir(*args)(
+        stage="optimized_hlo")
+
+
+def dense_pair(**kwargs):
+    """Keras' `Dense` and gpt_keras' with the same weights."""
+    keras.utils.set_random_seed(0)
+    theirs, ours = keras.layers.Dense(24, **kwargs), Dense(24, **kwargs)
+    for layer in (theirs, ours):
+        layer.build((None, None, 16))
+    ours.set_weights([np.random.default_rng(1).normal(size=w.shape).astype("float32")
+                      for w in theirs.get_weights()])
+    theirs.set_weights(ours.get_weights())
+    return theirs, ours
+
+
+def test_one_row_keeps_the_bias_add_out_of_the_matrix_vector_product():
+    theirs, ours = dense_pair()
+    row = tf.constant(np.random.default_rng(2).normal(size=(1, 1, 16)), tf.float32)
+    # Keras' Dense: XLA fuses product and add (what this layer avoids).
+    assert fused_dots(optimized_hlo(theirs, row))
+    assert not fused_dots(optimized_hlo(ours, row))
+    x, kernel, bias = row.numpy().reshape(1, 16), ours.kernel.numpy(), ours.bias.numpy()
+    expected = x @ kernel + bias
+    # A float32 sum of 17 terms: rounding within 17 eps of the sum of their magnitudes.
+    tolerance = 17 * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(kernel) + np.abs(bias)).max()
+    for jit_compile in (True, False):
+        out = tf.function(ours, jit_compile=jit_compile)(row).numpy().reshape(1, 24)
+        np.testing.assert_allclose(out, expected, rtol=0, atol=tolerance)
+
+
+def test_one_row_gradients_under_xla_equal_keras_dense():
+    theirs, ours = dense_pair()
+    row = tf.constant(np.random.default_rng(3).normal(size=(1, 1, 16)), tf.float32)
+
+    def gradients(layer):
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(tf.sin(layer(x)))
+            return tape.gradient(loss, [x] + layer.trainable_variables)
+        return [g.numpy() for g in tf.function(step, jit_compile=True)(row)]
+
+    for mine, reference in zip(gradients(ours), gradients(theirs)):
+        np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["int8"])
+def test_quantizes_like_keras_dense(mode):
+    theirs, ours = dense_pair()
+    config = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
+    for layer in (theirs, ours):
+        layer.quantize(mode, config=config)
+    rows = np.random.default_rng(4).normal(size=(2, 3, 16)).astype("float32")
+    assert ours.kernel.dtype == "int8"
+    np.testing.assert_array_equal(np.asarray(ours(rows)), np.asarray(theirs(rows)))
+
+
+def test_xla_decoding_step_has_no_fused_matrix_products():
+    """The step of a tied-embedding GPT at batch 1: projections and the output projection (which
+    reads the embedding as stored, without a transposed copy) are all unfused products."""
+    keras.utils.set_random_seed(0)
+    model = GPT.from_preset("tiny")
+    model.build()
+    caches = model.init_layer_caches(1, 16)
+
+    def step(token, caches):
+        return model.call_with_layer_caches(token, caches, 3)[0]
+
+    hlo = optimized_hlo(step, tf.constant([[5]], tf.int32), caches)
+    assert re.search(r" dot\(", hlo)  # the products are there...
+    assert not fused_dots(hlo)  # ...and none is fused
