@@ -33,10 +33,9 @@ import tensorflow as tf
 from keras import ops
 
 from gpt_keras import backends, decoding, scoring
-from gpt_keras.config import num_parameters
 
 __all__ = [
-    "AUTO_XLA_MAX_PARAMETERS", "Completion", "IncrementalText", "Score", "Stream",
+    "Completion", "IncrementalText", "Score", "Stream",
     "TextGenerator", "bucket",
     "generate", "generate_eager", "resolve_jit_compile", "stream", "tracing_count",
 ]
@@ -44,10 +43,6 @@ __all__ = [
 # Cache and prefill lengths are rounded up (see `bucket`) to at least this, so that nearby
 # prompt/generation lengths share one compiled function.
 _MIN_BUCKET = 16
-
-# `jit_compile="auto"` compiles float32 models under this many parameters with XLA at batch 1
-# (and every float32 model at larger batches).
-AUTO_XLA_MAX_PARAMETERS = 20_000_000
 
 # model -> {(kind, batch, prefill width, cache length, jit_compile): tf.function}
 _COMPILED = weakref.WeakKeyDictionary()
@@ -111,13 +106,11 @@ def generate(
             `context_length`). Fixing it lets calls with different lengths share one compiled
             function.
         jit_compile: compile with XLA (True), as a plain TensorFlow graph (False), or "auto":
-            XLA for float32 models under `AUTO_XLA_MAX_PARAMETERS` parameters, whose steps are
-            mostly per-op overhead that XLA fuses away, for float32 models of any size decoding
-            more than one row (GPT-2 small at batch 8: 1.2× the plain graph's tokens/s), and for
-            int8 weights; a plain graph for larger float32 models at batch 1, whose steps are
-            matrix-vector products that oneDNN runs faster than XLA's CPU backend, and for
-            bfloat16 ones, whose matrix products XLA runs without the CPU's bfloat16 units
-            (BENCHMARKS.md).
+            XLA, except for bfloat16 models decoding more than one row (oneDNN's bfloat16
+            matrix products use the CPU's bfloat16 units, XLA's do not: GPT-2 small at batch 8,
+            1.4× XLA's tokens/s) and float16 ones; at batch 1 XLA is faster for every format
+            (its one-row products run as library calls on all cores; GPT-2 small 1.2× the plain
+            graph's tokens/s, BENCHMARKS.md).
 
     Returns:
         A list (one per prompt) of lists of new token ids; a single list for a single 1-D prompt.
@@ -641,9 +634,9 @@ def resolve_jit_compile(model, jit_compile, batch_size=1):
         )
     if getattr(model.token_embedding, "quantization_mode", None) == "int8":
         return True  # a plain graph casts each int8 kernel to float per call (BENCHMARKS.md)
-    if model.compute_dtype != "float32":
-        return False
-    return batch_size > 1 or num_parameters(model.config) < AUTO_XLA_MAX_PARAMETERS
+    if model.compute_dtype == "bfloat16":
+        return batch_size == 1
+    return model.compute_dtype == "float32"
 
 
 def bucket(n):

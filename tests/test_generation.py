@@ -507,18 +507,19 @@ def test_zero_new_tokens_returns_empty_rows(model):
         assert generation.generate(model, RAGGED, max_new_tokens=0) == [[], [], [], []]
 
 
-def test_auto_compiles_with_xla_except_large_float32_at_batch_1_and_bfloat16():
-    """`jit_compile="auto"`: XLA for float32 models under `AUTO_XLA_MAX_PARAMETERS`, for
-    float32 models of any size at batch > 1 and for int8 weights; a plain graph (oneDNN) for
-    larger float32 models at batch 1 and for bfloat16 ones."""
+def test_auto_compiles_with_xla_except_bfloat16_beyond_batch_1():
+    """`jit_compile="auto"`: XLA for float32 and int8 weights at any batch size and for bfloat16
+    at batch 1; a plain graph (oneDNN) for bfloat16 at larger batches and for float16."""
     small = GPT(**dataclasses.asdict(TINY))
     large = GPT(**dataclasses.asdict(GPTConfig.from_preset("gpt2-small")))
     half = GPT(**dataclasses.asdict(TINY), dtype="bfloat16")
     assert generation.resolve_jit_compile(small, "auto") is True
-    assert generation.resolve_jit_compile(large, "auto") is False
+    assert generation.resolve_jit_compile(large, "auto") is True
     assert generation.resolve_jit_compile(large, "auto", batch_size=8) is True
-    assert generation.resolve_jit_compile(half, "auto") is False
+    assert generation.resolve_jit_compile(half, "auto") is True
     assert generation.resolve_jit_compile(half, "auto", batch_size=8) is False
+    float16 = GPT(**dataclasses.asdict(TINY), dtype="float16")
+    assert generation.resolve_jit_compile(float16, "auto") is False
     assert generation.resolve_jit_compile(large, True) is True
     small.build()
     assert generation.resolve_jit_compile(with_weights(small, "int8"), "auto") is True
