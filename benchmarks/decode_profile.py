@@ -11,7 +11,8 @@ Run from the repository root (about 3 minutes on 2 cores):
    and with gpt_keras' `Dense` (which keeps the add apart under XLA), bfloat16, and Keras
    weight-only int8 (`Int8QuantizationConfig(activation_quantizer=None)`), in a plain graph and
    under XLA. Reported: wall and process CPU ms per chain, and the bytes of weights per wall
-   second.
+   second. Then GPT-2 small's own 48 projections (float32, gpt_keras' `Dense`), whose smaller
+   matrices stream at a lower rate.
 2. `--part ops [--preset gpt2-small]`: op executions per decoded token of the served `generate`
    signature: the `shakespeare-char` preset (or `--preset`'s shape) with random weights and a character tokenizer, exported with
    `gpt_keras.serving`, loaded with the TF1 Session loader (XLA disabled, as TF Serving runs it),
@@ -100,6 +101,39 @@ def kernels():
             gigabytes = LAYERS * INPUTS * UNITS * BYTES[weights.split(",")[0]] / 1e9
             print(f"| {weights} | {'XLA' if jit_compile else 'plain graph'} | "
                   f"{1000 * wall:.1f} | {1000 * cpu:.1f} | {gigabytes / wall:.1f} |", flush=True)
+
+    # GPT-2 small's own projections: smaller matrices than above, streamed at a lower rate.
+    print("\nGPT-2 small's 48 projections (12 x Dense 768->2304, 768->768, 768->3072, 3072->768), "
+          "float32, gpt_keras' Dense, one token")
+    print("| engine | wall ms per token | CPU ms per token | weight GB/s |")
+    print("|---|---:|---:|---:|")
+    shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
+    blocks = []
+    for _ in range(12):
+        for inputs, units in shapes:
+            layer = Dense(units)
+            layer.build((None, None, inputs))
+            blocks.append(layer)
+    wide = tf.random.normal([1, 1, 3072])
+    for jit_compile in (False, True):
+
+        @tf.function(jit_compile=jit_compile)
+        def projections(x):
+            def body(i, y):
+                for layer in blocks:
+                    out = layer(x[:, :, :layer.kernel.shape[0]] + y)
+                    y = y + tf.reduce_sum(out) * 1e-9
+                return i + 1, y
+
+            return tf.while_loop(lambda i, y: i < CALLS, body, (0, tf.constant(0.0)))[1]
+
+        projections(wide)
+        wall, cpu = time.perf_counter(), cpu_seconds()
+        projections(wide).numpy()
+        wall, cpu = (time.perf_counter() - wall) / CALLS, (cpu_seconds() - cpu) / CALLS
+        gigabytes = 12 * sum(i * u for i, u in shapes) * 4 / 1e9
+        print(f"| {'XLA' if jit_compile else 'plain graph'} | {1000 * wall:.1f} | "
+              f"{1000 * cpu:.1f} | {gigabytes / wall:.1f} |", flush=True)
 
 
 def ops(preset):
