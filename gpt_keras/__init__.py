@@ -39,5 +39,18 @@ def _started_by_the_cli():
     return script.startswith("gpt-keras") or module
 
 
+def _round_16_bit_floats_under_xla():
+    """XLA on the CPU computes bfloat16 and float16 in float32 and by default skips the rounding
+    between the ops it fuses ("excess precision"), so an XLA-compiled bfloat16 decoding could pick
+    another token at a near-tie than the plain graph, the SavedModel and TFLite, which round after
+    every op. Turned off here (no measured cost), unless `XLA_FLAGS` already sets it; XLA reads its
+    flags at its first compilation, so this holds when gpt_keras is imported before it."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_allow_excess_precision" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_allow_excess_precision=false".strip()
+
+
+_round_16_bit_floats_under_xla()
+
 if not _started_by_the_cli():
     from gpt_keras import model as _model  # noqa: E402,F401 (registers the Keras classes)

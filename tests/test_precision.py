@@ -3,6 +3,8 @@ and decoded to the same greedy text by in-process generation, the exported Saved
 (int8) TFLite."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -65,7 +67,7 @@ def test_weight_errors_name_the_formats(run):
 @pytest.mark.slow
 @pytest.mark.parametrize("weights", ["bfloat16", "int8"])
 def test_every_engine_decodes_the_same_greedy_text(run, weights, tmp_path, capsys):
-    """In-process (plain graph, and XLA for int8), the exported SavedModel (its export checks
+    """In-process (plain graph and XLA), the exported SavedModel (its export checks
     the served greedy text against in-process generation and records it) and the CLI; TFLite for
     int8 (it has no bfloat16 kernels, and says so)."""
     model = with_weights(load_model(run), weights)
@@ -74,10 +76,10 @@ def test_every_engine_decodes_the_same_greedy_text(run, weights, tmp_path, capsy
         PROMPTS, NEW_TOKENS, temperature=0
     )
     assert len(set(expected[0])) > 3  # not one repeated character
-    if weights == "int8":
+    for prompts in (PROMPTS, PROMPTS[:1]):  # XLA: bfloat16 at batch 1 decodes with it by default
         assert generation.TextGenerator(model, tokenizer, jit_compile=True).generate(
-            PROMPTS, NEW_TOKENS, temperature=0
-        ) == expected
+            prompts, NEW_TOKENS, temperature=0
+        ) == expected[:len(prompts)]
     version = serving.export_saved_model(run, str(tmp_path / "models"), weights=weights)
     manifest = serving.read_manifest(version)
     assert manifest["weights"] == weights
@@ -95,3 +97,20 @@ def test_every_engine_decodes_the_same_greedy_text(run, weights, tmp_path, capsy
     path = export_tflite(run, str(tmp_path / "tflite"), weights=weights)
     generator = TFLiteGenerator(path)
     assert [generator.generate(p, NEW_TOKENS, temperature=0) for p in PROMPTS] == expected
+
+
+@pytest.mark.parametrize("user_flags, expected", [
+    (None, "--xla_allow_excess_precision=false"),
+    ("--xla_cpu_use_thunk_runtime=true", "--xla_cpu_use_thunk_runtime=true "
+                                         "--xla_allow_excess_precision=false"),
+    ("--xla_allow_excess_precision=true", "--xla_allow_excess_precision=true"),  # theirs wins
+])
+def test_import_makes_xla_round_16_bit_floats_unless_told_otherwise(user_flags, expected):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if user_flags is not None:
+        env["XLA_FLAGS"] = user_flags
+    out = subprocess.run(
+        [sys.executable, "-c", "import os, gpt_keras; print(os.environ['XLA_FLAGS'])"],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout
+    assert out.strip() == expected
