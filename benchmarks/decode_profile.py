@@ -11,8 +11,9 @@ Run from the repository root (about 3 minutes on 2 cores):
    and with gpt_keras' `Dense` (which keeps the add apart under XLA), bfloat16, and Keras
    weight-only int8 (`Int8QuantizationConfig(activation_quantizer=None)`), in a plain graph and
    under XLA. Reported: wall and process CPU ms per chain, and the bytes of weights per wall
-   second. Then GPT-2 small's own 48 projections (float32, gpt_keras' `Dense`), whose smaller
-   matrices stream at a lower rate.
+   second. Then GPT-2 small's own 48 projections (gpt_keras' `Dense`, float32 and bfloat16), whose
+   smaller matrices stream at a lower rate, against the same products with each kernel stored
+   transposed (`[units, in]`, multiplied with `transpose_b`).
 2. `--part ops [--preset gpt2-small]`: op executions per decoded token of the served `generate`
    signature: the `shakespeare-char` preset (or `--preset`'s shape) with random weights and a character tokenizer, exported with
    `gpt_keras.serving`, loaded with the TF1 Session loader (XLA disabled, as TF Serving runs it),
@@ -38,6 +39,7 @@ Each part runs in its own process (`--part all` starts each in turn).
 
 import argparse
 import collections
+import itertools
 import os
 import resource
 import subprocess
@@ -65,8 +67,9 @@ def kernels():
     import keras
     import tensorflow as tf
 
-    from gpt_keras.layers._dense import Dense
+    from gpt_keras.layers._dense import Dense, _optimization_barrier
 
+    tf.get_logger().setLevel("ERROR")  # one trace per table row is intended, not retracing
     keras.utils.set_random_seed(0)
     x = tf.random.normal([1, 1, INPUTS])
     print(f"{LAYERS} x Dense({INPUTS} -> {UNITS}) on one token, {CALLS} chains per call")
@@ -102,27 +105,39 @@ def kernels():
             print(f"| {weights} | {'XLA' if jit_compile else 'plain graph'} | "
                   f"{1000 * wall:.1f} | {1000 * cpu:.1f} | {gigabytes / wall:.1f} |", flush=True)
 
-    # GPT-2 small's own projections: smaller matrices than above, streamed at a lower rate.
+    # GPT-2 small's own projections: smaller matrices than above, streamed at a lower rate; and
+    # the same products with each kernel stored transposed, `[units, in]`, as `transpose_b`.
     print("\nGPT-2 small's 48 projections (12 x Dense 768->2304, 768->768, 768->3072, 3072->768), "
-          "float32, gpt_keras' Dense, one token")
-    print("| engine | wall ms per token | CPU ms per token | weight GB/s |")
-    print("|---|---:|---:|---:|")
+          "one token; kernels as stored ([in, units], gpt_keras' Dense) or transposed "
+          "([units, in], the same bias add)")
+    print("| weights | kernels | engine | wall ms per token | CPU ms per token | weight GB/s |")
+    print("|---|---|---|---:|---:|---:|")
     shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
-    blocks = []
-    for _ in range(12):
-        for inputs, units in shapes:
-            layer = Dense(units)
-            layer.build((None, None, inputs))
-            blocks.append(layer)
     wide = tf.random.normal([1, 1, 3072])
-    for jit_compile in (False, True):
+    for weights, layout, jit_compile in itertools.product(
+        ("float32", "bfloat16"), ("[in, units]", "[units, in]"), (False, True)
+    ):
+        blocks = []
+        for _ in range(12):
+            for inputs, units in shapes:
+                layer = Dense(units, dtype=weights)
+                layer.build((None, None, inputs))
+                blocks.append((layer, tf.Variable(tf.transpose(layer.kernel))))
+
+        def project(layer, transposed, x):
+            if layout == "[in, units]":
+                return layer(x)
+            y = tf.matmul(tf.reshape(x, [1, -1]), transposed, transpose_b=True)
+            if jit_compile:
+                y = _optimization_barrier(y)  # as `Dense` does: the add stays apart
+            return tf.reshape(y + layer.bias, [1, 1, -1])
 
         @tf.function(jit_compile=jit_compile)
         def projections(x):
             def body(i, y):
-                for layer in blocks:
-                    out = layer(x[:, :, :layer.kernel.shape[0]] + y)
-                    y = y + tf.reduce_sum(out) * 1e-9
+                for layer, transposed in blocks:
+                    inputs = tf.cast(x[:, :, :layer.kernel.shape[0]] + y, weights)
+                    y = y + tf.cast(tf.reduce_sum(project(layer, transposed, inputs)), tf.float32) * 1e-9
                 return i + 1, y
 
             return tf.while_loop(lambda i, y: i < CALLS, body, (0, tf.constant(0.0)))[1]
@@ -131,9 +146,9 @@ def kernels():
         wall, cpu = time.perf_counter(), cpu_seconds()
         projections(wide).numpy()
         wall, cpu = (time.perf_counter() - wall) / CALLS, (cpu_seconds() - cpu) / CALLS
-        gigabytes = 12 * sum(i * u for i, u in shapes) * 4 / 1e9
-        print(f"| {'XLA' if jit_compile else 'plain graph'} | {1000 * wall:.1f} | "
-              f"{1000 * cpu:.1f} | {gigabytes / wall:.1f} |", flush=True)
+        gigabytes = 12 * sum(i * u for i, u in shapes) * BYTES[weights] / 1e9
+        print(f"| {weights} | {layout} | {'XLA' if jit_compile else 'plain graph'} | "
+              f"{1000 * wall:.1f} | {1000 * cpu:.1f} | {gigabytes / wall:.1f} |", flush=True)
 
 
 def ops(preset):
