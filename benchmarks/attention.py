@@ -20,7 +20,7 @@ CPU; see BENCHMARKS.md for results.
    `dot_product_attention(is_causal=True)`, same weights: what the core difference is worth in
    context.
 3. Tied output head: `ops.einsum("btd,vd->btv", x, E)` vs `ops.matmul(x, ops.transpose(E))`
-   (keras-hub's `ReversibleEmbedding(reverse=True)`) vs gpt_keras' `backends.matmul_transposed`
+   (keras-hub's `ReversibleEmbedding(reverse=True)`) vs gpt_keras' `backends.matmul(x, E, transpose_b=True)`
    (one 2-D `tf.matmul(..., transpose_b=True)`), forward + backward with respect to x and E.
 
 Every comparison alternates its variants for `--rounds` rounds in one process, each round timing
@@ -30,6 +30,7 @@ from other processes on a shared machine).
 """
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -230,7 +231,7 @@ def head_benchmark(args):
     heads = {
         'einsum("btd,vd->btv")': lambda x, e: ops.einsum("btd,vd->btv", x, e),
         "matmul(x, transpose(E))": lambda x, e: ops.matmul(x, ops.transpose(e)),
-        "gpt_keras matmul_transposed(x, E)": backends.matmul_transposed,
+        "gpt_keras matmul(x, E, transpose_b=True)": functools.partial(backends.matmul, transpose_b=True),
     }
     for batch, length, dim, vocab in HEAD_SHAPES:
         print(f"\nTied output head, B={batch} T={length} D={dim} V={vocab} "

@@ -42,20 +42,32 @@ def in_xla_compilation():
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
-def matmul_transposed(x, y):
-    """`x` `[..., D]` times `y` `[N, D]` transposed → `[..., N]` (the tied output projection).
+def matmul(x, y, transpose_b=False):
+    """`x` `[..., D]` times `y` `[D, N]` (`[N, D]` with `transpose_b`) → `[..., N]`.
 
-    On TensorFlow one `MatMul` with `transpose_b` on 2-D `x`: XLA then reads `y` as stored
-    (with a separate transpose it copies all of `y` at every call: 3.3 against 4.8 ms for
-    GPT-2's embedding at one row), and TFLite gets a `FULLY_CONNECTED` with `y` as its weights.
+    On TensorFlow one 2-D `MatMul` between two reshapes, with the leading shape taken from the
+    static shape where at most one dimension is unknown (a decoding step's `[B, 1, D]`, a
+    training batch's `[B, T, D]`): 6 ops where `tf.tensordot` (`keras.ops.matmul` of a 3-D by a
+    2-D tensor) runs ~20 to reshape, which a plain graph executes one by one at every step
+    (TF Serving's decoding loop). With `transpose_b`, XLA reads `y` as stored (a separate
+    transpose copies all of `y` at every call: 3.3 against 4.8 ms for GPT-2's embedding at one
+    row), and TFLite gets a `FULLY_CONNECTED` with `y` as its weights.
     """
     if not is_tensorflow():
-        return keras.ops.matmul(x, keras.ops.transpose(y))
+        return keras.ops.matmul(x, keras.ops.transpose(y) if transpose_b else y)
     import tensorflow as tf
 
-    rows = tf.reshape(x, [-1, tf.shape(x)[-1]])
-    product = tf.matmul(rows, y, transpose_b=True)  # [R, N]
-    return tf.reshape(product, tf.concat([tf.shape(x)[:-1], tf.shape(y)[:1]], axis=0))
+    units = y.shape[0 if transpose_b else 1]
+    if x.shape.rank == 2:
+        return tf.matmul(x, y, transpose_b=transpose_b)
+    leading = x.shape[:-1].as_list()
+    if leading.count(None) > 1:
+        leading = tf.shape(x)[:-1]
+        output_shape = tf.concat([leading, [units]], axis=0)
+    else:
+        output_shape = [-1 if size is None else size for size in leading] + [units]
+    rows = tf.reshape(x, [-1, x.shape[-1] or tf.shape(x)[-1]])
+    return tf.reshape(tf.matmul(rows, y, transpose_b=transpose_b), output_shape)
 
 
 def require_tensorflow(feature, alternative):

@@ -6,7 +6,8 @@ import math
 import keras
 from keras import ops
 
-from gpt_keras.backends import host_values, matmul_transposed
+from gpt_keras import backends
+from gpt_keras.backends import host_values
 from gpt_keras.config import POSITION_EMBEDDINGS, GPTConfig
 from gpt_keras.layers._initializers import fresh
 from gpt_keras.layers.multi_head_attention import causal_mask, zero_cache
@@ -307,7 +308,7 @@ class GPT(keras.Model):
             # A matmul reading the embedding as stored: faster than einsum at GPT-2's vocabulary
             # in a plain graph (benchmarks/attention.py), and under XLA (see there).
             embeddings = ops.cast(self.token_embedding.embeddings, x.dtype)
-            logits = matmul_transposed(x, embeddings)
+            logits = backends.matmul(x, embeddings, transpose_b=True)
             if self.token_embedding.quantization_mode == "int8":  # int8 rows, a scale per row
                 logits = logits / ops.cast(self.token_embedding.embeddings_scale, x.dtype)
         else:

@@ -25,7 +25,7 @@ class Dense(keras.layers.Dense):
     """
 
     def call(self, inputs, training=None):
-        x = ops.matmul(inputs, self.kernel)
+        x = backends.matmul(inputs, self.kernel)
         if self.bias is not None:
             if _single_row(inputs) and backends.in_xla_compilation():
                 x = _optimization_barrier(x)
