@@ -63,6 +63,15 @@ def cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
+def per_call(function, x):
+    """Wall and process CPU seconds per chain of `function(x)` (`CALLS` chains a call), after
+    one call that traces and compiles it."""
+    function(x)
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    function(x).numpy()
+    return (time.perf_counter() - wall) / CALLS, (cpu_seconds() - cpu) / CALLS
+
+
 def kernels():
     import keras
     import tensorflow as tf
@@ -97,10 +106,7 @@ def kernels():
 
                 return tf.while_loop(lambda i, y: i < CALLS, body, (0, tf.constant(0.0)))[1]
 
-            chains(x)
-            wall, cpu = time.perf_counter(), cpu_seconds()
-            chains(x).numpy()
-            wall, cpu = (time.perf_counter() - wall) / CALLS, (cpu_seconds() - cpu) / CALLS
+            wall, cpu = per_call(chains, x)
             gigabytes = LAYERS * INPUTS * UNITS * BYTES[weights.split(",")[0]] / 1e9
             print(f"| {weights} | {'XLA' if jit_compile else 'plain graph'} | "
                   f"{1000 * wall:.1f} | {1000 * cpu:.1f} | {gigabytes / wall:.1f} |", flush=True)
@@ -137,15 +143,13 @@ def kernels():
             def body(i, y):
                 for layer, transposed in blocks:
                     inputs = tf.cast(x[:, :, :layer.kernel.shape[0]] + y, weights)
-                    y = y + tf.cast(tf.reduce_sum(project(layer, transposed, inputs)), tf.float32) * 1e-9
+                    out = project(layer, transposed, inputs)
+                    y = y + tf.cast(tf.reduce_sum(out), tf.float32) * 1e-9
                 return i + 1, y
 
             return tf.while_loop(lambda i, y: i < CALLS, body, (0, tf.constant(0.0)))[1]
 
-        projections(wide)
-        wall, cpu = time.perf_counter(), cpu_seconds()
-        projections(wide).numpy()
-        wall, cpu = (time.perf_counter() - wall) / CALLS, (cpu_seconds() - cpu) / CALLS
+        wall, cpu = per_call(projections, wide)
         gigabytes = 12 * sum(i * u for i, u in shapes) * BYTES[weights] / 1e9
         print(f"| {weights} | {layout} | {'XLA' if jit_compile else 'plain graph'} | "
               f"{1000 * wall:.1f} | {1000 * cpu:.1f} | {gigabytes / wall:.1f} |", flush=True)
