@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gpt_keras import GPT
+from gpt_keras import GPT, backends
 from gpt_keras.layers._dense import Dense
 
 
@@ -98,3 +98,25 @@ def test_xla_decoding_step_has_no_fused_matrix_products():
     hlo = optimized_hlo(step, tf.constant([[5]], tf.int32), caches)
     assert re.search(r" dot\(", hlo)  # the products are there...
     assert not fused_dots(hlo)  # ...and none is fused
+
+
+@pytest.mark.parametrize("shape", [(5, 16), (2, 3, 16), (2, 1, 3, 16)])
+@pytest.mark.parametrize("unknown", [0, 1, 2], ids=["static", "one unknown", "two unknown"])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_matmul_matches_numpy_with_one_2d_product(shape, unknown, transpose_b):
+    """`backends.matmul`: `[..., 16]` times `[16, 24]` (or `[24, 16]` transposed) → `[..., 24]`,
+    one `MatMul` and no `tensordot` shape arithmetic (`GatherV2`, `Prod`), whatever is unknown."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=shape).astype("float32")
+    y = rng.normal(size=(24, 16) if transpose_b else (16, 24)).astype("float32")
+    known = [None if i < min(unknown, len(shape) - 1) else size for i, size in enumerate(shape)]
+    function = tf.function(lambda x: backends.matmul(x, tf.constant(y), transpose_b=transpose_b),
+                           input_signature=[tf.TensorSpec(known, tf.float32)])
+    expected = x @ (y.T if transpose_b else y)
+    # float32 sums of 16 products: rounding within 16 eps of the sum of their magnitudes.
+    tolerance = 16 * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(y.T if transpose_b else y))
+    out = function(x).numpy()
+    assert out.shape == expected.shape
+    np.testing.assert_array_less(np.abs(out - expected), tolerance + 1e-30)
+    ops = [op.type for op in function.get_concrete_function().graph.get_operations()]
+    assert ops.count("MatMul") == 1 and not {"GatherV2", "Prod", "Transpose"} & set(ops)
