@@ -57,13 +57,12 @@ def matmul(x, y, transpose_b=False):
         return keras.ops.matmul(x, keras.ops.transpose(y) if transpose_b else y)
     import tensorflow as tf
 
-    units = y.shape[0 if transpose_b else 1]
     if x.shape.rank == 2:
         return tf.matmul(x, y, transpose_b=transpose_b)
+    units = y.shape[0 if transpose_b else 1]
     leading = x.shape[:-1].as_list()
     if leading.count(None) > 1:
-        leading = tf.shape(x)[:-1]
-        output_shape = tf.concat([leading, [units]], axis=0)
+        output_shape = tf.concat([tf.shape(x)[:-1], [units]], axis=0)
     else:
         output_shape = [-1 if size is None else size for size in leading] + [units]
     rows = tf.reshape(x, [-1, x.shape[-1] or tf.shape(x)[-1]])
