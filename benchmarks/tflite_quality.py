@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
 from gpt_keras import data, generation  # noqa: E402
-from gpt_keras.tflite import GENERATE_SIGNATURE, LOGITS_SIGNATURE, export_tflite  # noqa: E402
+from gpt_keras.tflite import LOGITS_SIGNATURE, TFLiteGenerator, export_tflite  # noqa: E402
 from gpt_keras.training import load_model, read_run_config  # noqa: E402
 from other_load import OtherLoad  # noqa: E402
 
@@ -71,22 +71,13 @@ def validation_losses(model, paths, batches, threads):
     return {name: float(np.mean(values)) for name, values in losses.items()}
 
 
-def tflite_generate(path, context, threads):
-    """`call(prompt, count)` → new ids, through the `generate` signature (greedy)."""
-    runner = Interpreter(model_path=path, num_threads=threads).get_signature_runner(
-        GENERATE_SIGNATURE
-    )
+def tflite_generate(path, threads):
+    """`call(prompt, count)` → new ids, through `TFLiteGenerator` (greedy, one interpreter call of
+    the `generate` signature)."""
+    generator = TFLiteGenerator(path, num_threads=threads)
 
     def call(prompt, count):
-        padded = np.zeros([1, context], np.int32)
-        padded[0, : len(prompt)] = prompt
-        out = runner(
-            token_ids=padded, lengths=np.array([len(prompt)], np.int32),
-            max_new_tokens=np.int32(count), temperature=np.float32(0), top_k=np.int32(0),
-            top_p=np.float32(1), seed=np.zeros([2], np.int32), offset=np.int32(0),
-            stop_token_ids=np.array([-1], np.int32),
-        )
-        return out["new_token_ids"][0, : out["num_new_tokens"][0]].tolist()
+        return [i for chunk in generator.stream_ids(prompt, count, temperature=0) for i in chunk]
 
     return call
 
@@ -162,7 +153,7 @@ def main():
     tokens = token_file.tokens()
     prompt = tokens[token_file.num_train : token_file.num_train + PROMPT_LENGTH].tolist()
     engines = {
-        name: tflite_generate(path, context, args.threads) for name, path in paths.items()
+        name: tflite_generate(path, args.threads) for name, path in paths.items()
     }
     engines["keras (XLA)"] = lambda prompt, count: generation.generate(
         model, prompt, count, temperature=0, cache_length=context
