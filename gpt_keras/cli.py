@@ -167,7 +167,10 @@ def _fields(args):
 
 
 def _add_train_arguments(parser):
-    from gpt_keras.config import POSITION_EMBEDDINGS, PRESETS, TOKENIZERS, XLA_SETTINGS, TrainConfig
+    from gpt_keras.config import (
+        FINE_TUNING_LEARNING_RATE, POSITION_EMBEDDINGS, PRESETS, TOKENIZERS, XLA_SETTINGS,
+        TrainConfig,
+    )
 
     parser.add_argument("--data", nargs="+", metavar="PATH",
                         help="text files, globs or directories (default: Tiny Shakespeare)")
@@ -203,6 +206,10 @@ def _add_train_arguments(parser):
         if field.name == "mixed_precision":
             parser.add_argument(flag, choices=["float16", "bfloat16"], default=None,
                                 help=TRAIN_HELP[field.name])
+        elif field.name == "learning_rate":  # resolved in `_train`: depends on --init-from
+            parser.add_argument(flag, type=NON_NEGATIVE, default=None, help=(
+                f"{TRAIN_HELP[field.name]} (default {default:g}; {FINE_TUNING_LEARNING_RATE:g} "
+                "with --init-from)"))
         elif field.name == "xla":
             parser.add_argument(flag, choices=XLA_SETTINGS, default=default,
                                 help=f"{TRAIN_HELP[field.name]} (default {default})")
@@ -220,8 +227,11 @@ def _add_train_arguments(parser):
 
 def _train(args):
     from gpt_keras import checkpoints
-    from gpt_keras.config import GPTConfig, TrainConfig
+    from gpt_keras.config import FINE_TUNING_LEARNING_RATE, GPTConfig, TrainConfig
 
+    if args.learning_rate is None:
+        args.learning_rate = (FINE_TUNING_LEARNING_RATE if args.init_from
+                              else TrainConfig.learning_rate)
     overrides = {field: getattr(args, field) for field in (*MODEL_FLAGS, "position_embedding")
                  if getattr(args, field) is not None}
     model_config = GPTConfig.from_preset(args.preset, **overrides)

@@ -4,6 +4,7 @@ import io
 import os
 import subprocess
 import sys
+import types
 
 import keras
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import gpt_keras
 from gpt_keras import cli
 from gpt_keras.cli import main
+from gpt_keras.config import FINE_TUNING_LEARNING_RATE, TrainConfig
 from gpt_keras.data import TokenFile
 from gpt_keras.generation import TextGenerator
 from gpt_keras.tokenizers import load_tokenizer
@@ -184,6 +186,26 @@ def test_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out == f"gpt-keras {gpt_keras.__version__}\n"
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], TrainConfig.learning_rate),
+    (["--init-from", "runs/source"], FINE_TUNING_LEARNING_RATE),
+    (["--learning-rate", "5e-4"], 5e-4),
+    (["--init-from", "runs/source", "--learning-rate", "5e-4"], 5e-4),
+])
+def test_learning_rate_defaults_to_the_from_scratch_or_the_fine_tuning_rate(monkeypatch, args,
+                                                                            expected):
+    seen = []
+
+    def record(run_dir, data_paths, model_config, train_config, **options):
+        seen.append((train_config.learning_rate, options["init_from"]))
+        return types.SimpleNamespace(directory=run_dir)
+
+    monkeypatch.setattr("gpt_keras.training.train", record)
+    main(["train", "--run-dir", "runs/x", "--data", SHAKESPEARE, *args])
+    assert seen == [(expected, "runs/source" if "--init-from" in args else None)]
+    assert FINE_TUNING_LEARNING_RATE < TrainConfig.learning_rate
 
 
 def _console(*args, importtime=False):
