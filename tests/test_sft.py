@@ -278,15 +278,17 @@ def test_command_line_resume_evaluate_and_a_changed_format(tmp_path, capsys):
 @pytest.mark.slow
 def test_fine_tuning_on_the_bundled_sums_raises_exact_match(tmp_path):
     """examples/make_qa_pairs.py's sums (400 pairs, 40 held out): a tiny model trained on them
-    for 300 steps answers held-out sums it never saw (measured: 20 of 40, completion loss 0.47
-    against 2.6 untrained; asserted: at least 10, and a loss below a third); a freshly
-    initialised one answers none."""
+    for 600 steps answers held-out sums it never saw; a freshly initialised one answers none.
+    Measured on an AMD EPYC: 34 of 40 at this seed, 14-34 over seeds 1337, 1, 2 and 5 (completion
+    loss 0.19-0.55 against 2.6 untrained). After 300 steps the count still varied with the CPU's
+    rounding (20 of 40 on an Intel Xeon, 9 on the EPYC; 3-15 over six seeds), too early to assert.
+    Asserted: at least 8, and a loss below a third of the untrained one."""
     qa = conftest.load_example("make_qa_pairs")
     path = str(tmp_path / "sums.jsonl")
     qa.write_jsonl(path, qa.sum_pairs(max_operand=20, seed=0))
-    config = TrainConfig(batch_size=32, max_steps=300, learning_rate=1e-2,
-                         min_learning_rate=1e-3, warmup_steps=20, eval_every=300,
-                         checkpoint_every=300, sample_every=0)
+    config = TrainConfig(batch_size=32, max_steps=600, learning_rate=1e-2,
+                         min_learning_rate=1e-3, warmup_steps=20, eval_every=600,
+                         checkpoint_every=600, sample_every=0)
     model_config = TINY.replace(hidden_dim=64, num_heads=4)
     run = train(str(tmp_path / "run"), [path], model_config, config, verbose=False,
                 data_format="prompt-completion")
@@ -297,7 +299,7 @@ def test_fine_tuning_on_the_bundled_sums_raises_exact_match(tmp_path):
     before = sft.evaluate_pairs(untrained, run.token_file, held_out)
     after = sft.evaluate_pairs(load_model(run.directory), run.token_file, held_out)
     assert before["exact_match"] == 0.0
-    assert after["exact_match"] >= 0.25, after
+    assert after["exact_match"] >= 8 / 40, after
     assert after["completion_loss"] < before["completion_loss"] / 3, (before, after)
 
 
