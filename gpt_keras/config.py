@@ -50,9 +50,10 @@ PRESETS = {
         vocab_size=64, context_length=16, num_layers=2, num_heads=2, hidden_dim=32
     ),
     # nanoGPT's CPU "baby" Shakespeare model (config/train_shakespeare_char.py, CPU settings),
-    # with rotary positions, the best of the three: after nanoGPT's 2000-step CPU run, validation
-    # loss 1.781 (3 seeds, 1.778-1.786) against 1.881 with GPT-2's learned table and 1.885 with
-    # the paper's sinusoidal encoding (BENCHMARKS.md, "Position embeddings").
+    # with rotary positions, the best of the three: after 2000 steps at `TrainConfig`'s defaults,
+    # validation loss 1.725 (3 seeds) against 1.769 with GPT-2's learned table and 1.787 with the
+    # paper's sinusoidal encoding; at nanoGPT's learning rate 1e-3: 1.781, 1.881 and 1.885
+    # (BENCHMARKS.md, "Position embeddings").
     "shakespeare-char": GPTConfig(
         vocab_size=65, context_length=64, num_layers=4, num_heads=4, hidden_dim=128,
         position_embedding="rotary",
@@ -110,7 +111,7 @@ class TrainConfig:
     batch_size: int = 12  # global batch: split over all replicas, the same for any replica count
     max_steps: int = 2000  # optimizer updates
     # peak, after warmup. From scratch 3e-3, the best of 1e-3, 2e-3, 3e-3 and 5e-3 for the
-    # `shakespeare-char` preset (validation loss 1.727 against nanoGPT's 1e-3's 1.781, 3 seeds;
+    # `shakespeare-char` preset (validation loss 1.725 against nanoGPT's 1e-3's 1.781, 3 seeds;
     # BENCHMARKS.md); fine-tuning wants less (`gpt-keras train --init-from` takes
     # `FINE_TUNING_LEARNING_RATE`), and so do large models (GPT-3's paper: 6e-4 at GPT-2 small's size)
     learning_rate: float = 3e-3

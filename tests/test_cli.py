@@ -4,7 +4,6 @@ import io
 import os
 import subprocess
 import sys
-import types
 
 import keras
 import numpy as np
@@ -17,7 +16,7 @@ from gpt_keras.config import FINE_TUNING_LEARNING_RATE, TrainConfig
 from gpt_keras.data import TokenFile
 from gpt_keras.generation import TextGenerator
 from gpt_keras.tokenizers import load_tokenizer
-from gpt_keras.training import load_model
+from gpt_keras.training import Run, load_model
 
 from tests.conftest import SHAKESPEARE  # noqa: E402
 
@@ -200,7 +199,7 @@ def test_learning_rate_defaults_to_the_from_scratch_or_the_fine_tuning_rate(monk
 
     def record(run_dir, data_paths, model_config, train_config, **options):
         seen.append((train_config.learning_rate, options["init_from"]))
-        return types.SimpleNamespace(directory=run_dir)
+        return Run(run_dir, model_config, train_config)
 
     monkeypatch.setattr("gpt_keras.training.train", record)
     main(["train", "--run-dir", "runs/x", "--data", SHAKESPEARE, *args])
