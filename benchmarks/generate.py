@@ -18,6 +18,7 @@ learned positions, tied embeddings, context 1024), `gpt2-medium` GPT-2 medium's 
   gpt_keras-xla      the same with `jit_compile=True`
   gpt_keras-graph    the same with `jit_compile=False` (a plain TensorFlow graph, oneDNN)
   gpt_keras-bf16     `precision.with_weights(model, "bfloat16")`, default `jit_compile`
+  gpt_keras-bf16-xla, gpt_keras-bf16-graph   the same with `jit_compile=True` / `False`
   gpt_keras-int8     `precision.with_weights(model, "int8")`, default `jit_compile`
   hf                 Hugging Face transformers' `GPT2LMHeadModel.generate` (torch CPU, its
                      default threads, KV cache, exactly 128 new tokens); GPT-2 shapes only
@@ -52,8 +53,8 @@ sys.path.insert(0, str(ROOT))  # the checkout's gpt_keras (the package need not 
 
 PROMPT_LENGTH = 16
 NEW_TOKENS = 128
-SYSTEMS = ("gpt_keras", "gpt_keras-xla", "gpt_keras-graph", "gpt_keras-bf16", "gpt_keras-int8",
-           "hf", "served")
+SYSTEMS = ("gpt_keras", "gpt_keras-xla", "gpt_keras-graph", "gpt_keras-bf16",
+           "gpt_keras-bf16-xla", "gpt_keras-bf16-graph", "gpt_keras-int8", "hf", "served")
 GPT2_VOCABULARY = ROOT.parent / "shared" / "data" / "gpt2"
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -92,10 +93,11 @@ def gpt_keras_worker(spec):
     config = model_config(spec["model"])
     model = GPT(**dataclasses.asdict(config))
     model.build()
-    variant = spec["system"].partition("-")[2]
-    weights = {"bf16": "bfloat16", "int8": "int8"}.get(variant, "float32")
+    variant = spec["system"].split("-")[1:]  # e.g. ["bf16", "graph"]
+    weights = next((w for v, w in (("bf16", "bfloat16"), ("int8", "int8")) if v in variant),
+                   "float32")
     model = with_weights(model, weights)
-    jit_compile = {"xla": True, "graph": False}.get(variant, "auto")
+    jit_compile = True if "xla" in variant else False if "graph" in variant else "auto"
     ids = prompt_ids(spec["batch_size"], config.vocab_size)
 
     def call():
