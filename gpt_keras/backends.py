@@ -42,31 +42,61 @@ def in_xla_compilation():
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
-def matmul(x, y, transpose_b=False):
-    """`x` `[..., D]` times `y` `[D, N]` (`[N, D]` with `transpose_b`) → `[..., N]`.
+def matmul(x, y, transpose_b=False, bias=None, float32_product=False):
+    """`x` `[..., D]` times `y` `[D, N]` (`[N, D]` with `transpose_b`), plus `bias` `[N]` if
+    given → `[..., N]`; with `float32_product` (TensorFlow only) the product stays float32
+    whatever the inputs' dtype (no bias then).
 
-    On TensorFlow one 2-D `MatMul` between two reshapes, with the leading shape taken from the
-    static shape where at most one dimension is unknown (a decoding step's `[B, 1, D]`, a
-    training batch's `[B, T, D]`): 6 ops where `tf.tensordot` (`keras.ops.matmul` of a 3-D by a
-    2-D tensor) runs ~20 to reshape, which a plain graph executes one by one at every step
-    (TF Serving's decoding loop). With `transpose_b`, XLA reads `y` as stored (a separate
-    transpose copies all of `y` at every call: 3.3 against 4.8 ms for GPT-2's embedding at one
-    row), and TFLite gets a `FULLY_CONNECTED` with `y` as its weights.
+    On TensorFlow one 2-D `MatMul` (and `BiasAdd`) between two reshapes, with the leading shape
+    taken from the static shape where at most one dimension is unknown (a decoding step's
+    `[B, 1, D]`, a training batch's `[B, T, D]`): 6 ops where `tf.tensordot` (`keras.ops.matmul`
+    of a 3-D by a 2-D tensor) runs ~20 to reshape, which a plain graph executes one by one at
+    every step (TF Serving's decoding loop). A plain graph runs `MatMul` + `BiasAdd` as one
+    oneDNN kernel, which rounds `product + bias` once (bfloat16: twice the rate of the two ops
+    at one row). With `transpose_b`, XLA reads `y` as stored (a separate transpose copies all
+    of `y` at every call: 3.3 against 4.8 ms for GPT-2's embedding at one row), and TFLite gets
+    a `FULLY_CONNECTED` with `y` as its weights.
     """
     if not is_tensorflow():
-        return keras.ops.matmul(x, keras.ops.transpose(y) if transpose_b else y)
+        product = keras.ops.matmul(x, keras.ops.transpose(y) if transpose_b else y)
+        return product if bias is None else keras.ops.add(product, bias)
     import tensorflow as tf
 
+    def product(rows):
+        if float32_product and rows.dtype != tf.float32:
+            return _float32_matmul(rows, y, transpose_b)
+        rows = tf.matmul(rows, y, transpose_b=transpose_b)
+        return rows if bias is None else tf.nn.bias_add(rows, bias)
+
     if x.shape.rank == 2:
-        return tf.matmul(x, y, transpose_b=transpose_b)
+        return product(x)
     units = y.shape[0 if transpose_b else 1]
     leading = x.shape[:-1].as_list()
     if leading.count(None) > 1:
         output_shape = tf.concat([tf.shape(x)[:-1], [units]], axis=0)
     else:
         output_shape = [-1 if size is None else size for size in leading] + [units]
-    rows = tf.reshape(x, [-1, x.shape[-1] or tf.shape(x)[-1]])
-    return tf.reshape(tf.matmul(rows, y, transpose_b=transpose_b), output_shape)
+    return tf.reshape(product(tf.reshape(x, [-1, x.shape[-1] or tf.shape(x)[-1]])), output_shape)
+
+
+def _float32_matmul(x, y, transpose_b):
+    """The float32 product of 2-D `x` and `y` of one 16-bit dtype; the gradients are those of the
+    16-bit product (the upstream gradient rounded to that dtype), without the mixed-dtype
+    products TensorFlow's own gradient would build."""
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def product(x, y):
+        def gradient(upstream):
+            upstream = tf.cast(upstream, x.dtype)
+            grad_x = tf.matmul(upstream, y, transpose_b=not transpose_b)
+            grad_y = (tf.matmul(upstream, x, transpose_a=True) if transpose_b
+                      else tf.matmul(x, upstream, transpose_a=True))
+            return grad_x, grad_y
+
+        return tf.raw_ops.BatchMatMulV3(x=x, y=y, Tout=tf.float32, adj_y=transpose_b), gradient
+
+    return product(x, y)
 
 
 def require_tensorflow(feature, alternative):

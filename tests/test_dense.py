@@ -103,20 +103,68 @@ def test_xla_decoding_step_has_no_fused_matrix_products():
 @pytest.mark.parametrize("shape", [(5, 16), (2, 3, 16), (2, 1, 3, 16)])
 @pytest.mark.parametrize("unknown", [0, 1, 2], ids=["static", "one unknown", "two unknown"])
 @pytest.mark.parametrize("transpose_b", [False, True])
-def test_matmul_matches_numpy_with_one_2d_product(shape, unknown, transpose_b):
-    """`backends.matmul`: `[..., 16]` times `[16, 24]` (or `[24, 16]` transposed) → `[..., 24]`,
-    one `MatMul` and no `tensordot` shape arithmetic (`GatherV2`, `Prod`), whatever is unknown."""
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matmul_matches_numpy_with_one_2d_product(shape, unknown, transpose_b, with_bias):
+    """`backends.matmul`: `[..., 16]` times `[16, 24]` (or `[24, 16]` transposed), plus a bias
+    `[24]` → `[..., 24]`, one `MatMul` (and `BiasAdd`) and no `tensordot` shape arithmetic
+    (`GatherV2`, `Prod`), whatever is unknown."""
     rng = np.random.default_rng(5)
     x = rng.normal(size=shape).astype("float32")
     y = rng.normal(size=(24, 16) if transpose_b else (16, 24)).astype("float32")
+    bias = rng.normal(size=24).astype("float32") if with_bias else None
     known = [None if i < min(unknown, len(shape) - 1) else size for i, size in enumerate(shape)]
-    function = tf.function(lambda x: backends.matmul(x, tf.constant(y), transpose_b=transpose_b),
-                           input_signature=[tf.TensorSpec(known, tf.float32)])
-    expected = x @ (y.T if transpose_b else y)
-    # float32 sums of 16 products: rounding within 16 eps of the sum of their magnitudes.
-    tolerance = 16 * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(y.T if transpose_b else y))
+    function = tf.function(
+        lambda x: backends.matmul(x, tf.constant(y), transpose_b=transpose_b,
+                                  bias=None if bias is None else tf.constant(bias)),
+        input_signature=[tf.TensorSpec(known, tf.float32)])
+    expected = x @ (y.T if transpose_b else y) + (0 if bias is None else bias)
+    # float32 sums of 16 products (and the bias): rounding within 17 eps of the sum of their
+    # magnitudes.
+    tolerance = 17 * np.finfo(np.float32).eps * (
+        np.abs(x) @ np.abs(y.T if transpose_b else y) + (0 if bias is None else np.abs(bias)))
     out = function(x).numpy()
     assert out.shape == expected.shape
     np.testing.assert_array_less(np.abs(out - expected), tolerance + 1e-30)
     ops = [op.type for op in function.get_concrete_function().graph.get_operations()]
+    assert ops.count("BiasAdd") == with_bias
     assert ops.count("MatMul") == 1 and not {"GatherV2", "Prod", "Transpose"} & set(ops)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_bfloat16_product_plus_bias_is_rounded_once_in_every_engine(rows):
+    """1 + 2^-8 + 2^-10 (the product, exact in float32) plus the bias 2^-8: rounded once to
+    bfloat16 (8 significant bits) it is 1 + 2^-7; rounding the product first gives 1 + 2^-7,
+    and the sum 1 + 2^-7 + 2^-8 is a tie that rounds to even, 1 + 2^-6. The plain graph's fused
+    oneDNN kernel rounds once, so XLA must too, or the engines decode different tokens."""
+    layer = Dense(1, dtype="bfloat16")
+    layer.build((None, None, 2))
+    layer.kernel.assign([[1.0], [2.0**-8 + 2.0**-10]])
+    layer.bias.assign([2.0**-8])
+    x = tf.ones([rows, 1, 2], tf.bfloat16)
+    for jit_compile in (False, True):
+        out = tf.function(layer, jit_compile=jit_compile)(x)
+        assert out.dtype == tf.bfloat16
+        np.testing.assert_array_equal(tf.cast(out, tf.float32).numpy(), 1 + 2.0**-7)
+
+
+def test_bfloat16_gradients_under_xla_are_the_16_bit_products():
+    """The float32 product XLA computes for `Dense` has the gradients of the bfloat16 product
+    (the upstream gradient rounded to bfloat16), not TensorFlow's mixed-dtype ones."""
+    rng = np.random.default_rng(3)
+    for transpose_b in (False, True):
+        x = tf.constant(rng.normal(size=(5, 16)), tf.bfloat16)
+        y = tf.constant(rng.normal(size=(24, 16) if transpose_b else (16, 24)), tf.bfloat16)
+        weights = tf.constant(rng.normal(size=(5, 24)), tf.float32)
+
+        @tf.function(jit_compile=True)
+        def gradients(x, y):
+            with tf.GradientTape(persistent=True) as tape:
+                tape.watch([x, y])
+                product = backends.matmul(x, y, transpose_b=transpose_b, float32_product=True)
+                reference = tf.cast(tf.matmul(x, y, transpose_b=transpose_b), tf.float32)
+                loss, reference_loss = (tf.reduce_sum(p * weights) for p in (product, reference))
+            return tape.gradient(loss, [x, y]), tape.gradient(reference_loss, [x, y])
+
+        for got, expected in zip(*gradients(x, y)):
+            assert got.dtype == tf.bfloat16
+            np.testing.assert_array_equal(got.numpy(), expected.numpy())

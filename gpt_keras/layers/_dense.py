@@ -10,8 +10,10 @@ from gpt_keras import backends
 
 
 class Dense(keras.layers.Dense):
-    """`keras.layers.Dense` (same weights, config and quantization), except that under XLA a
-    product with one input row (decoding one token at batch 1) keeps its bias add apart.
+    """`keras.layers.Dense` (same weights, config and quantization), except that the bias is
+    added to the product rounded once in every engine (a plain graph's fused oneDNN kernel;
+    under XLA a float32 product, then one cast), and that under XLA a product with one input row
+    (decoding one token at batch 1) keeps its bias add apart.
 
     XLA's CPU compiler fuses a matrix-vector product with the add that follows it into one
     kernel that it emits itself and runs on one thread; unfused, the product is a call into
@@ -25,11 +27,15 @@ class Dense(keras.layers.Dense):
     """
 
     def call(self, inputs, training=None):
-        x = backends.matmul(inputs, self.kernel)
-        if self.bias is not None:
-            if _single_row(inputs) and backends.in_xla_compilation():
+        if self.bias is not None and backends.in_xla_compilation():
+            # `product + bias` rounded once, as the plain graph's fused kernel does, so that
+            # every engine decodes the same bfloat16 tokens.
+            x = backends.matmul(inputs, self.kernel, float32_product=True)
+            if _single_row(inputs):
                 x = _optimization_barrier(x)
-            x = ops.add(x, self.bias)
+            x = ops.cast(ops.add(x, ops.cast(self.bias, x.dtype)), self.compute_dtype)
+        else:
+            x = backends.matmul(inputs, self.kernel, bias=self.bias)
         if self.activation is not None:
             x = self.activation(x)
         return x
