@@ -2,7 +2,10 @@
 products stay library calls (Eigen, both cores) instead of kernels fused with their neighbours
 (one thread, BENCHMARKS.md "Generation")."""
 
+import os
 import re
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -11,6 +14,8 @@ import tensorflow as tf
 
 from gpt_keras import GPT, backends
 from gpt_keras.layers._dense import Dense
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def fused_dots(hlo):
@@ -130,21 +135,40 @@ def test_matmul_matches_numpy_with_one_2d_product(shape, unknown, transpose_b, w
     assert ops.count("MatMul") == 1 and not {"GatherV2", "Prod", "Transpose"} & set(ops)
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_bfloat16_product_plus_bias_is_rounded_once_in_every_engine(rows):
-    """1 + 2^-8 + 2^-10 (the product, exact in float32) plus the bias 2^-8: rounded once to
+def rounded_sums(rows, dtype="bfloat16"):
+    """`Dense(1)` of the constructed sum below in a plain graph and under XLA → float32 arrays.
+    1 + (2^-8 + 2^-10) (the product, exact in float32) plus the bias 2^-8: rounded once to
     bfloat16 (8 significant bits) it is 1 + 2^-7; rounding the product first gives 1 + 2^-7,
-    and the sum 1 + 2^-7 + 2^-8 is a tie that rounds to even, 1 + 2^-6. The plain graph's fused
-    oneDNN kernel rounds once, so XLA must too, or the engines decode different tokens."""
-    layer = Dense(1, dtype="bfloat16")
+    and the sum 1 + 2^-7 + 2^-8 is a tie that rounds to even, 1 + 2^-6."""
+    layer = Dense(1, dtype=dtype)
     layer.build((None, None, 2))
     layer.kernel.assign([[1.0], [2.0**-8 + 2.0**-10]])
     layer.bias.assign([2.0**-8])
-    x = tf.ones([rows, 1, 2], tf.bfloat16)
-    for jit_compile in (False, True):
-        out = tf.function(layer, jit_compile=jit_compile)(x)
-        assert out.dtype == tf.bfloat16
-        np.testing.assert_array_equal(tf.cast(out, tf.float32).numpy(), 1 + 2.0**-7)
+    x = tf.ones([rows, 1, 2], dtype)
+    outputs = [tf.function(layer, jit_compile=jit_compile)(x) for jit_compile in (False, True)]
+    assert all(out.dtype == dtype for out in outputs)
+    return [tf.cast(out, tf.float32).numpy() for out in outputs]
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_bfloat16_product_plus_bias_is_rounded_once_in_every_engine(rows):
+    """The plain graph's fused oneDNN kernel rounds once, so XLA must too, or the engines decode
+    different tokens."""
+    for out in rounded_sums(rows):
+        np.testing.assert_array_equal(out, 1 + 2.0**-7)
+
+
+def test_a_build_without_the_fused_kernel_rounds_once_too():
+    """With oneDNN off (`TF_ENABLE_ONEDNN_OPTS=0`, as on x86 CPUs without AVX-512 VNNI/BF16 or
+    AMX), a plain graph rounds `MatMul` and `BiasAdd` apart; `Dense` notices and adds the bias
+    to a float32 product, so every engine still rounds once."""
+    script = ("from tests.test_dense import rounded_sums; from gpt_keras import backends; "
+              "print(backends.fused_bias_add_rounds_once('bfloat16'), "
+              "*[float(out.max()) for out in rounded_sums(3)])")
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, check=True, cwd=ROOT).stdout.split()
+    assert out == ["False", str(1 + 2.0**-7), str(1 + 2.0**-7)]
 
 
 def test_bfloat16_gradients_under_xla_are_the_16_bit_products():
