@@ -14,7 +14,7 @@ Run from the repository root (about 3 minutes on 2 cores):
    second. Then GPT-2 small's own 48 projections (gpt_keras' `Dense`, float32 and bfloat16), whose
    smaller matrices stream at a lower rate, against the same products with each kernel stored
    transposed (`[units, in]`, multiplied with `transpose_b`).
-2. `--part ops [--preset gpt2-small]`: op executions per decoded token of the served `generate`
+2. `--part ops [--preset gpt2-small] [--weights bfloat16|int8]`: op executions per decoded token of the served `generate`
    signature: the `shakespeare-char` preset (or `--preset`'s shape) with random weights and a character tokenizer, exported with
    `gpt_keras.serving`, loaded with the TF1 Session loader (XLA disabled, as TF Serving runs it),
    128 greedy tokens traced with `RunOptions(trace_level=FULL_TRACE)`; the most frequent op types
@@ -155,13 +155,14 @@ def kernels():
               f"{1000 * wall:.1f} | {1000 * cpu:.1f} | {gigabytes / wall:.1f} |", flush=True)
 
 
-def ops(preset):
+def ops(preset, weights):
     import dataclasses
 
     import numpy as np
     import tensorflow as tf
 
     from gpt_keras import GPT, GPTConfig, serving
+    from gpt_keras.precision import with_weights
     from gpt_keras.tokenizers import CharTokenizer
 
     corpus = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
@@ -169,6 +170,7 @@ def ops(preset):
     config = GPTConfig.from_preset(preset, vocab_size=tokenizer.vocab_size)
     model = GPT(**dataclasses.asdict(config))
     model.build()
+    model = with_weights(model, weights)
     new_tokens = 128
     with tempfile.TemporaryDirectory() as directory:
         export = serving.export_model(model, tokenizer, os.path.join(directory, "model"))
@@ -311,6 +313,8 @@ def main():
     parser.add_argument("--intra-op-threads", type=int, default=0)
     parser.add_argument("--preset", choices=["shakespeare-char", "gpt2-small"],
                         default="shakespeare-char")
+    parser.add_argument("--weights", choices=["float32", "bfloat16", "int8"], default="float32",
+                        help="`--part ops`: the exported model's weight format")
     args = parser.parse_args()
     if args.part == "all":
         for part in ("kernels", "ops", "xla", "attention"):
@@ -320,7 +324,7 @@ def main():
     if args.part == "attention":
         return attention(args.intra_op_threads)
     if args.part == "ops":
-        return ops(args.preset)
+        return ops(args.preset, args.weights)
     if args.part == "xla":
         return xla(args.preset)
     kernels()
