@@ -71,6 +71,14 @@ def fused_bias_add_rounds_once(dtype):
     return _fused_bias_add_rounds_once[dtype]
 
 
+def needs_float32_products(dtype):
+    """True while TensorFlow traces a plain graph (not XLA) whose `dtype` products this build
+    would not round once (`fused_bias_add_rounds_once`: its own products round towards zero, and
+    the bias is added after a rounding). Such products are taken in float32 and cast once, as
+    XLA and oneDNN round them, so that every engine decodes the same tokens."""
+    return not in_xla_compilation() and not fused_bias_add_rounds_once(dtype)
+
+
 def matmul(x, y, transpose_b=False, bias=None, float32_product=False):
     """`x` `[..., D]` times `y` `[D, N]` (`[N, D]` with `transpose_b`), plus `bias` `[N]` if
     given → `[..., N]`; with `float32_product` (TensorFlow only) the product stays float32

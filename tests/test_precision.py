@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from gpt_keras import GPT, generation, serving
+from gpt_keras import GPT, backends, generation, serving
 from gpt_keras.cli import main
 from gpt_keras.precision import weight_format, with_weights
 from gpt_keras.tflite import TFLiteGenerator, export_tflite
@@ -69,16 +69,23 @@ def test_weight_errors_name_the_formats(run):
 def test_every_engine_decodes_the_same_greedy_text(run, weights, tmp_path, capsys):
     """In-process (plain graph and XLA), the exported SavedModel (its export checks
     the served greedy text against in-process generation and records it) and the CLI; TFLite for
-    int8 (it has no bfloat16 kernels, and says so)."""
+    int8 (it has no bfloat16 kernels, and says so).
+
+    bfloat16 in a plain graph rounds as XLA does where TensorFlow runs oneDNN's kernels (its
+    default on x86 CPUs with AVX-512 VNNI/BF16 or AMX). Elsewhere TensorFlow's own bfloat16
+    kernels round some results differently, so near-ties can part the two texts, and each engine
+    is compared with its own kind: the export with the plain graph, the CLI (XLA) with XLA."""
     model = with_weights(load_model(run), weights)
     tokenizer = load_tokenizer(os.path.join(run, "tokenizer"))
     expected = generation.TextGenerator(model, tokenizer, jit_compile=False).generate(
         PROMPTS, NEW_TOKENS, temperature=0
     )
     assert len(set(expected[0])) > 3  # not one repeated character
-    assert generation.TextGenerator(model, tokenizer, jit_compile=True).generate(
+    expected_xla = generation.TextGenerator(model, tokenizer, jit_compile=True).generate(
         PROMPTS, NEW_TOKENS, temperature=0
-    ) == expected
+    )
+    if backends.fused_bias_add_rounds_once(model.compute_dtype):  # float32 compute for int8
+        assert expected_xla == expected
     # The CLI below decodes one prompt with the default engine: XLA for both formats at batch 1.
     assert generation.resolve_jit_compile(model, "auto", batch_size=1) is True
     version = serving.export_saved_model(run, str(tmp_path / "models"), weights=weights)
@@ -90,7 +97,7 @@ def test_every_engine_decodes_the_same_greedy_text(run, weights, tmp_path, capsy
     ).generate(golden["prompts"], golden["max_new_tokens"], temperature=0)
     main(["generate", run, "--prompt", PROMPTS[0], "--max-new-tokens", str(NEW_TOKENS),
           "--temperature", "0", "--weights", weights, "--no-stream"])
-    assert capsys.readouterr().out.strip() == (PROMPTS[0] + expected[0]).strip()
+    assert capsys.readouterr().out.strip() == (PROMPTS[0] + expected_xla[0]).strip()
     if weights == "bfloat16":
         with pytest.raises(ValueError, match="no bfloat16.*--quantize float16"):
             export_tflite(run, str(tmp_path / "tflite"), weights=weights)

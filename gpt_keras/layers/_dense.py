@@ -11,9 +11,9 @@ from gpt_keras import backends
 
 class Dense(keras.layers.Dense):
     """`keras.layers.Dense` (same weights, config and quantization), except that the bias is
-    added to the product rounded once in every engine (a plain graph's fused oneDNN kernel, or
-    where this build does not fuse them (`backends.fused_bias_add_rounds_once`) and under XLA,
-    a float32 product, then one cast), and that under XLA a product with one input row
+    added to the product rounded once in every engine (a plain graph's fused oneDNN kernel;
+    under XLA, and in a plain graph of a build without that kernel
+    (`backends.needs_float32_products`), a float32 product, then one cast), and that under XLA a product with one input row
     (decoding one token at batch 1) keeps its bias add apart.
 
     XLA's CPU compiler fuses a matrix-vector product with the add that follows it into one
@@ -35,10 +35,9 @@ class Dense(keras.layers.Dense):
             if _single_row(inputs):
                 x = _optimization_barrier(x)
             x = ops.cast(ops.add(x, ops.cast(self.bias, x.dtype)), self.compute_dtype)
-        elif self.bias is not None and not backends.fused_bias_add_rounds_once(self.compute_dtype):
-            # This build's plain graph would round the product and then the sum: float32 too.
+        elif backends.needs_float32_products(self.compute_dtype):
             x = backends.matmul(ops.cast(inputs, "float32"), ops.cast(self.kernel, "float32"),
-                                bias=ops.cast(self.bias, "float32"))
+                                bias=None if self.bias is None else ops.cast(self.bias, "float32"))
             x = ops.cast(x, self.compute_dtype)
         else:
             x = backends.matmul(inputs, self.kernel, bias=self.bias)
