@@ -1,6 +1,7 @@
 # `make test` is the README's (and CI's) test command; run it inside the project's virtualenv.
 # Two pytest workers (pytest-xdist), each test file on one of them: 10 minutes instead of 15 on
 # 2 cores, as much of the time is tracing, compiling and subprocesses rather than arithmetic.
+# Three workers were slower on 2 cores (2026-12-03: not done after 17.5 min; two took 14.7-18.4).
 # Then the model and its layers again on JAX and PyTorch (the backend is fixed at import, so one
 # pytest process per backend; 80 s together on a loaded 2-core machine).
 .PHONY: test
