@@ -7,6 +7,7 @@ the compiled decoding loop, SavedModel and TFLite export) is TensorFlow code and
 here.
 """
 
+import functools
 import numbers
 import sys
 
@@ -44,31 +45,31 @@ def in_xla_compilation():
 
 # 16-bit float dtype → its significand's fraction bits (the spacing of values in [1, 2) is 2^-bits).
 _FRACTION_BITS = {"bfloat16": 7, "float16": 10}
-_fused_bias_add_rounds_once = {}
 
 
 def fused_bias_add_rounds_once(dtype):
     """Whether this TensorFlow build runs a plain graph's `MatMul` + `BiasAdd` of `dtype` as one
     kernel that rounds `product + bias` once: oneDNN's fusion, which TensorFlow turns on by
-    default on x86 CPUs with AVX-512 VNNI/BF16 or AMX; other CPUs, and `TF_ENABLE_ONEDNN_OPTS=0`,
-    round the product and then the sum. Found once per dtype by running a sum that the two
-    tell apart. True for other dtypes and on the other backends."""
+    default on Linux x86 CPUs with AVX-512 VNNI/BF16, AVX-VNNI or AMX; other CPUs, and
+    `TF_ENABLE_ONEDNN_OPTS=0`, round the product and then the sum. Found once per dtype by
+    running a sum that the two tell apart. True for other dtypes and on the other backends."""
     dtype = keras.backend.standardize_dtype(dtype)
-    if dtype not in _FRACTION_BITS or not is_tensorflow():
-        return True
-    if dtype not in _fused_bias_add_rounds_once:
-        import tensorflow as tf
+    return dtype not in _FRACTION_BITS or not is_tensorflow() or _probe_bias_add_rounding(dtype)
 
-        spacing = 2.0 ** -_FRACTION_BITS[dtype]
-        # 1 + (spacing/2 + spacing/8) + spacing/2 is 1 + spacing rounded once; rounding the
-        # product first gives 1 + spacing, then a tie that rounds to even: 1 + 2 * spacing.
-        with tf.init_scope():  # run now, also while a graph is being traced
-            fused = tf.function(lambda x, y, b: tf.nn.bias_add(tf.matmul(x, y), b))
-            total = fused(tf.ones([1, 2], dtype),
-                          tf.constant([[1.0], [spacing / 2 + spacing / 8]], dtype),
-                          tf.constant([spacing / 2], dtype))
-            _fused_bias_add_rounds_once[dtype] = float(total[0, 0]) == 1 + spacing
-    return _fused_bias_add_rounds_once[dtype]
+
+@functools.cache
+def _probe_bias_add_rounding(dtype):
+    import tensorflow as tf
+
+    spacing = 2.0 ** -_FRACTION_BITS[dtype]
+    # 1 + (spacing/2 + spacing/8) + spacing/2 is 1 + spacing rounded once; rounding the product
+    # first gives 1 + spacing, then a tie that rounds to even: 1 + 2 * spacing.
+    with tf.init_scope():  # run now, also while a graph is being traced
+        fused = tf.function(lambda x, y, b: tf.nn.bias_add(tf.matmul(x, y), b))
+        total = fused(tf.ones([1, 2], dtype),
+                      tf.constant([[1.0], [spacing / 2 + spacing / 8]], dtype),
+                      tf.constant([spacing / 2], dtype))
+        return float(total[0, 0]) == 1 + spacing
 
 
 def needs_float32_products(dtype):
@@ -131,9 +132,13 @@ def _float32_matmul(x, y, transpose_b):
                       else tf.matmul(x, upstream, transpose_a=True))
             return grad_x, grad_y
 
-        return tf.raw_ops.BatchMatMulV3(x=x, y=y, Tout=tf.float32, adj_y=transpose_b), gradient
+        if in_xla_compilation():
+            return tf.raw_ops.BatchMatMulV3(x=x, y=y, Tout=tf.float32, adj_y=transpose_b), gradient
+        # A plain graph has no CPU kernel for 16-bit inputs with a float32 output.
+        return tf.matmul(tf.cast(x, tf.float32), tf.cast(y, tf.float32),
+                         transpose_b=transpose_b), gradient
 
-    return product(x, y)
+    return product(x, tf.convert_to_tensor(y))  # a variable is read here, outside the gradient
 
 
 def require_tensorflow(feature, alternative):

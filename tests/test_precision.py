@@ -72,7 +72,7 @@ def test_every_engine_decodes_the_same_greedy_text(run, weights, tmp_path, capsy
     int8 (it has no bfloat16 kernels, and says so).
 
     bfloat16 in a plain graph rounds as XLA does where TensorFlow runs oneDNN's kernels (its
-    default on x86 CPUs with AVX-512 VNNI/BF16 or AMX). Elsewhere TensorFlow's own bfloat16
+    default on x86 CPUs with AVX-512 VNNI/BF16, AVX-VNNI or AMX). Elsewhere TensorFlow's own bfloat16
     kernels round some results differently, so near-ties can part the two texts, and each engine
     is compared with its own kind: the export with the plain graph, the CLI (XLA) with XLA."""
     model = with_weights(load_model(run), weights)

@@ -13,8 +13,8 @@ class Dense(keras.layers.Dense):
     """`keras.layers.Dense` (same weights, config and quantization), except that the bias is
     added to the product rounded once in every engine (a plain graph's fused oneDNN kernel;
     under XLA, and in a plain graph of a build without that kernel
-    (`backends.needs_float32_products`), a float32 product, then one cast), and that under XLA a product with one input row
-    (decoding one token at batch 1) keeps its bias add apart.
+    (`backends.needs_float32_products`), a float32 product, then one cast), and that under XLA
+    a product with one input row (decoding one token at batch 1) keeps its bias add apart.
 
     XLA's CPU compiler fuses a matrix-vector product with the add that follows it into one
     kernel that it emits itself and runs on one thread; unfused, the product is a call into
@@ -28,16 +28,15 @@ class Dense(keras.layers.Dense):
     """
 
     def call(self, inputs, training=None):
-        if self.bias is not None and backends.in_xla_compilation():
+        xla = backends.in_xla_compilation()
+        if (xla and self.bias is not None) or backends.needs_float32_products(self.compute_dtype):
             # `product + bias` rounded once, as the plain graph's fused kernel does, so that
             # every engine decodes the same bfloat16 tokens.
             x = backends.matmul(inputs, self.kernel, float32_product=True)
-            if _single_row(inputs):
+            if xla and _single_row(inputs):
                 x = _optimization_barrier(x)
-            x = ops.cast(ops.add(x, ops.cast(self.bias, x.dtype)), self.compute_dtype)
-        elif backends.needs_float32_products(self.compute_dtype):
-            x = backends.matmul(ops.cast(inputs, "float32"), ops.cast(self.kernel, "float32"),
-                                bias=None if self.bias is None else ops.cast(self.bias, "float32"))
+            if self.bias is not None:
+                x = ops.add(x, ops.cast(self.bias, x.dtype))
             x = ops.cast(x, self.compute_dtype)
         else:
             x = backends.matmul(inputs, self.kernel, bias=self.bias)
