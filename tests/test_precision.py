@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+import gpt_keras
 from gpt_keras import GPT, backends, generation, serving
 from gpt_keras.cli import main
 from gpt_keras.precision import weight_format, with_weights
@@ -107,18 +108,23 @@ def test_every_engine_decodes_the_same_greedy_text(run, weights, tmp_path, capsy
     assert [generator.generate(p, NEW_TOKENS, temperature=0) for p in PROMPTS] == expected
 
 
-@pytest.mark.parametrize("user_flags, expected", [
-    (None, "--xla_allow_excess_precision=false"),
-    ("--xla_cpu_use_thunk_runtime=true", "--xla_cpu_use_thunk_runtime=true "
-                                         "--xla_allow_excess_precision=false"),
-    ("--xla_allow_excess_precision=true", "--xla_allow_excess_precision=true"),  # theirs wins
-])
-def test_import_makes_xla_round_16_bit_floats_unless_told_otherwise(user_flags, expected):
+def test_import_makes_xla_round_16_bit_floats():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    if user_flags is not None:
-        env["XLA_FLAGS"] = user_flags
     out = subprocess.run(
         [sys.executable, "-c", "import os, gpt_keras; print(os.environ['XLA_FLAGS'])"],
         env=env, capture_output=True, text=True, check=True,
     ).stdout
-    assert out.strip() == expected
+    assert out.strip() == "--xla_allow_excess_precision=false"
+
+
+@pytest.mark.parametrize("user_flags, expected", [
+    ("--xla_cpu_use_thunk_runtime=true", "--xla_cpu_use_thunk_runtime=true "
+                                         "--xla_allow_excess_precision=false"),
+    ("--xla_allow_excess_precision=true", "--xla_allow_excess_precision=true"),  # theirs wins
+])
+def test_xla_flags_of_the_user_are_kept(monkeypatch, user_flags, expected):
+    """What the import above does (`gpt_keras._round_16_bit_floats_under_xla`), where `XLA_FLAGS`
+    already holds flags."""
+    monkeypatch.setenv("XLA_FLAGS", user_flags)
+    gpt_keras._round_16_bit_floats_under_xla()
+    assert os.environ["XLA_FLAGS"] == expected
