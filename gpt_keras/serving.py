@@ -189,12 +189,16 @@ class _Signatures:
         seed = tf.cast(tf.timestamp() * 1e6, tf.int64) + tf.random.uniform(
             [], maxval=1 << 40, dtype=tf.int64
         )
+        # A call of `generate`'s traced function, not a second copy of the decoding graph.
         settings = DEFAULT_SAMPLING
-        state = self._generate(
+        outputs = self.generate(
             prompts, tf.constant(settings["max_new_tokens"]), tf.constant(settings["temperature"]),
             tf.constant(settings["top_k"]), tf.constant(settings["top_p"]), seed,
+            repetition_penalty=tf.constant(1.0), min_new_tokens=tf.constant(0),
+            banned_token_ids=tf.zeros([0], tf.int32), bias_token_ids=tf.zeros([0], tf.int32),
+            bias_values=tf.zeros([0]), stop_strings=tf.zeros([0], tf.string),
         )
-        return {"completions": self._texts(state["out"])}
+        return {"completions": outputs["completions"]}
 
     @tf.function(input_signature=[
         tf.TensorSpec([None], tf.string, name="prompts"),
