@@ -61,7 +61,9 @@ def with_weights(model, weights):
 def _one_garbage_collection():
     """Runs `gc.collect()` once on exit instead of at each call inside: Keras'
     `Layer.__delattr__` collects for every variable it drops, and quantizing drops every kernel
-    (0.2 to 0.5 s each in a process holding TensorFlow: 10 of GPT-2 small's 22 s)."""
+    (0.2 to 0.5 s each in a process holding TensorFlow: 10 of GPT-2 small's 22 s). Keras gives
+    no switch for it, so `gc.collect` itself is swapped for the duration: another thread's
+    explicit collection in that time is skipped (the automatic one still runs)."""
     collect = gc.collect
     gc.collect = lambda generation=2: 0
     try:

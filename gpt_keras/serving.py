@@ -267,7 +267,7 @@ class _Signatures:
     def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, **steering):
         """The decoding core's final state after each prompt: `out` holds the new ids
         `[B, max_new_tokens]` (padded with `PAD_ID`), `logprobs` theirs. `steering`: the
-        knobs of `generate` beyond sampling (defaults: off)."""
+        knobs of `generate` beyond sampling, every one given."""
         vocab_size = self.model.config.vocab_size
         end_of_text = self.tokenizer.end_of_text_id
         stop_token_ids = tf.constant([end_of_text], tf.int32)
@@ -290,9 +290,8 @@ class _Signatures:
                         constant_values=end_of_text)
         lengths = tf.maximum(tf.cast(ids.row_lengths(), tf.int32), 1)
         with tf.control_dependencies(checks):  # every later op runs after the checks
-            if "stop_strings" in steering:
-                steering["stop_strings"] = decoding.stop_string_bytes(steering["stop_strings"])
-                steering["token_bytes"] = self.token_bytes
+            steering["stop_strings"] = decoding.stop_string_bytes(steering["stop_strings"])
+            steering["token_bytes"] = self.token_bytes
             knobs = decoding.knobs_in_graph(
                 vocab_size, temperature, top_k, top_p, decoding.seed_pair(seed), stop_token_ids,
                 **steering,
