@@ -57,7 +57,7 @@ import numpy as np
 import tensorflow as tf
 
 import gpt_keras
-from gpt_keras import backends, checkpoints, decoding, generation, scoring, warmup
+from gpt_keras import backends, checkpoints, decoding, scoring, warmup
 from gpt_keras.precision import weight_format
 
 SIGNATURES = ("serving_default", "generate", "logits", "score", "tokenize", "detokenize")
@@ -99,7 +99,8 @@ def export_model(model, tokenizer, base_dir, version=None, force=False, source=N
     directory beside the versions (a name TF Serving ignores), reloaded in a fresh process the
     way TF Serving loads it (XLA disabled, Keras and gpt_keras unimportable), warmed up with its
     records (each must succeed, as in TF Serving) and compared with `model` (logits within
-    `LOGITS_TOLERANCE`, greedy completions of `GOLDEN_PROMPTS` identical), then renamed into
+    `LOGITS_TOLERANCE`; greedy completions of `GOLDEN_PROMPTS` identical to those of the traced
+    `generate` run in this process), then renamed into
     place. An existing version raises `ValueError` unless `force=True`, which swaps the new one
     in. Temporary directories left by killed exports on this host are removed. `source` (e.g.
     the run directory) is recorded in the manifest.
@@ -409,10 +410,18 @@ def _manifest(model, tokenizer, signatures, graph_ops, source, warmup_records):
         }
         for name, function in signatures.items()
     }
-    # Without XLA: no compilation to wait for, and the same tokens (tests/test_generation.py).
-    texts = generation.TextGenerator(model, tokenizer, jit_compile=False).generate(
-        list(GOLDEN_PROMPTS), GOLDEN_NEW_TOKENS, temperature=0
+    # The traced `generate` run here, in-process, on the model's own variables: a second
+    # decoding graph traced for the check would double its cost (the decoding core is shared,
+    # and tests/test_export.py checks it against `TextGenerator`).
+    greedy = signatures["generate"](
+        prompts=tf.constant(GOLDEN_PROMPTS), max_new_tokens=tf.constant(GOLDEN_NEW_TOKENS),
+        temperature=tf.constant(0.0), top_k=tf.constant(1), top_p=tf.constant(1.0),
+        seed=tf.constant(0, tf.int64), repetition_penalty=tf.constant(1.0),
+        min_new_tokens=tf.constant(0), banned_token_ids=tf.zeros([0], tf.int32),
+        bias_token_ids=tf.zeros([0], tf.int32), bias_values=tf.zeros([0]),
+        stop_strings=tf.zeros([0], tf.string),
     )
+    texts = [text.decode("utf-8") for text in greedy["completions"].numpy()]
     return {
         "format": 1,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
