@@ -117,12 +117,15 @@ def export_model(model, tokenizer, base_dir, version=None, force=False, source=N
     temporary = tempfile.mkdtemp(dir=base_dir,
                                  prefix=checkpoints.temporary_prefix(_TEMPORARY_KIND))
     try:
-        root, signatures = _serving_module(model, tokenizer)
+        signatures = _signatures(model, tokenizer)
         warmup_requests = warmup.warmup_requests(
             {name: _inputs(function) for name, function in signatures.items()}, tokenizer,
             model.config.context_length,
         )
-        tf.saved_model.save(root, temporary, signatures=signatures)
+        save_signatures(temporary, signatures, resources=[
+            resource for resource in tf.train.TrackableView(tokenizer).descendants()
+            if isinstance(resource, tf.saved_model.experimental.TrackableResource)
+        ])  # the lookup tables, not the tokenizer: its own tf.functions would be saved too
         graph_ops = op_types(temporary)
         _check_core_ops(graph_ops)
         manifest = _manifest(model, tokenizer, signatures, graph_ops, source,
@@ -155,23 +158,23 @@ def read_manifest(version_dir):
 # The exported functions
 
 
-def _serving_module(model, tokenizer):
-    """`(root, signatures)` for `tf.saved_model.save`: the traced signature functions, and a
-    `tf.Module` that tracks the resources they capture, which the loaded graph restores only if
-    tracked. Keras variables wrap the `tf.Variable`s that the functions capture, so those are
-    tracked (as `keras.export.ExportArchive` does); so are the tokenizer's lookup tables, but
-    not the tokenizer itself, whose own `tf.function`s would be retraced and saved for nothing
-    (3x the save time for GPT-2's)."""
+def _signatures(model, tokenizer):
+    """`{name: concrete function}` of the exported functions, traced."""
     functions = _Signatures(model, tokenizer)
-    signatures = {name: getattr(functions, name).get_concrete_function() for name in SIGNATURES}
+    return {name: getattr(functions, name).get_concrete_function() for name in SIGNATURES}
+
+
+def save_signatures(directory, signatures, resources=()):
+    """Writes the concrete functions `signatures` (`{name: function}`) as the signatures of a
+    SavedModel in `directory`. The loaded graph restores only what the saved object tracks, so a
+    `tf.Module` tracks the variables the functions capture (Keras variables wrap them, as
+    `keras.export.ExportArchive` does) and `resources` (e.g. a tokenizer's lookup tables).
+    Unlike `ExportArchive`, nothing is traced again: each function is traced once."""
     captured = {id(v): v for function in signatures.values() for v in function.variables}
-    root = tf.Module(name="gpt_keras_serving")
+    root = tf.Module(name="gpt_keras_export")
     root.captured_variables = list(captured.values())
-    root.lookup_tables = [
-        resource for resource in tf.train.TrackableView(tokenizer).descendants()
-        if isinstance(resource, tf.saved_model.experimental.TrackableResource)
-    ]
-    return root, signatures
+    root.resources = list(resources)
+    tf.saved_model.save(root, directory, signatures=signatures)
 
 
 class _Signatures:

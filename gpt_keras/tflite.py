@@ -48,7 +48,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gpt_keras import backends, decoding, generation
+from gpt_keras import backends, decoding, generation, serving
 from gpt_keras.config import GPTConfig
 
 LOGITS_SIGNATURE = "logits"
@@ -68,8 +68,9 @@ FLOAT32_TOLERANCE = 1e-4
 
 def convert_to_tflite(model, quantize=None, token_bytes=None):
     """The bytes of a `.tflite` file with the signatures of the module docstring, converted
-    through a SavedModel (`from_concrete_functions` on Keras 3 functions gave uninitialised
-    weights) with `TFLITE_BUILTINS` only: conversion fails if an op would need the Flex delegate.
+    through a SavedModel written by `serving.save_signatures` (`from_concrete_functions` on
+    Keras 3 functions gave uninitialised weights) with `TFLITE_BUILTINS` only: conversion fails
+    if an op would need the Flex delegate.
 
     `quantize`: None (float32), "float16" (weights stored in float16) or "int8" (dynamic range:
     int8 weights, float activations). `token_bytes`: the tokenizer's
@@ -77,7 +78,11 @@ def convert_to_tflite(model, quantize=None, token_bytes=None):
     backends.require_tensorflow("TFLite export", backends.EXPORT_ELSEWHERE)
     _check_quantize(quantize)
     with tempfile.TemporaryDirectory() as directory:
-        _write_archive(model, directory, _device_endpoints(model, token_bytes))
+        serving.save_signatures(directory, {
+            name: tf.function(function, input_signature=inputs,
+                              autograph=False).get_concrete_function()
+            for name, (function, inputs) in _device_endpoints(model, token_bytes).items()
+        })
         converter = tf.lite.TFLiteConverter.from_saved_model(
             directory, signature_keys=list(SIGNATURES)
         )
@@ -412,12 +417,6 @@ def _cache_spec(model):
     return tf.TensorSpec(shape, model.compute_dtype, name="cache")
 
 
-def _write_archive(model, directory, endpoints):
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    for name, (function, input_signature) in endpoints.items():
-        archive.add_endpoint(name, function, input_signature=input_signature)
-    archive.write_out(directory, verbose=False)
 
 
 def _check_quantize(quantize):
