@@ -1,8 +1,9 @@
 """`GPT`, its layers and `generation.generate_eager` on every Keras backend (issue 15).
 
-`make test` runs this module three times: with the default backend (TensorFlow) in the main run,
-then with `KERAS_BACKEND=jax` and `KERAS_BACKEND=torch`. The backend is fixed when Keras is
-imported, so the cross-backend `.keras` round trip runs one subprocess per backend.
+The backend is fixed when Keras is imported, so the TensorFlow run starts this module again in a
+pytest process of its own with `KERAS_BACKEND=jax` and with `KERAS_BACKEND=torch`
+(`test_this_module_passes_on_jax_and_torch`), and the cross-backend `.keras` round trip runs one
+subprocess per backend.
 """
 
 import dataclasses
@@ -238,3 +239,19 @@ def test_keras_files_move_between_backends_with_equal_logits(tmp_path):
         name, difference = result.stdout.split()[-2:]
         assert name == backend
         assert float(difference) <= 1e-5, (backend, difference)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="runs once, in the TensorFlow run: it "
+                                                    "starts a pytest process per backend")
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_this_module_passes_on_jax_and_torch(backend):
+    """Every test above, in a pytest process whose Keras runs on `backend` (`make test` runs the
+    suite once, on TensorFlow; this keeps the other backends in it)."""
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         os.path.relpath(__file__, ROOT)],
+        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout.splitlines()[-1]
