@@ -6,11 +6,9 @@ set up as the model server (no Keras or gpt_keras, XLA disabled, TF1 Session loa
 `PredictRequest` protos), answers every request the tests check against the in-process model.
 """
 
-import contextlib
 import dataclasses
 import glob
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -24,14 +22,13 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from gpt_keras import GPT, GPTConfig, generation, serving, warmup
+from gpt_keras import generation, serving, warmup
 from gpt_keras.batching import read_batching_parameters
 from gpt_keras.cli import main
-from gpt_keras.tokenizers import CharTokenizer, load_tokenizer
-from gpt_keras.training import create_run, load_model
-from tests.conftest import SHAKESPEARE
+from gpt_keras.tokenizers import load_tokenizer
+from gpt_keras.training import load_model
+from tests.conftest import SHAKESPEARE, printed
 from tests.numpy_reference import gpt_logits as reference_logits
-from tests.numpy_reference import randomize_weights
 
 GPT2_VOCAB = os.path.join(os.path.dirname(SHAKESPEARE), "gpt2")
 GRPC_CLIENT = os.path.join(os.path.dirname(__file__), "..", "export", "grpc_client.py")
@@ -172,32 +169,18 @@ REQUESTS = {
 }
 
 
-def printed(function, *args):
-    output = io.StringIO()
-    with contextlib.redirect_stdout(output):
-        function(*args)
-    return output.getvalue()
+@pytest.fixture(scope="module")
+def char_run(char_export):
+    run_dir, version_dir, _ = char_export
+    assert serving.read_manifest(version_dir)["model"]["vocab_size"] == 60  # LOGITS_IDS and
+    return run_dir  # the error messages assume it
 
 
 @pytest.fixture(scope="module")
-def char_run(tmp_path_factory):
-    with open(SHAKESPEARE, encoding="utf-8") as f:
-        tokenizer = CharTokenizer.train(f.read(20_000))
-    assert tokenizer.vocab_size == 60  # LOGITS_IDS and the error messages assume it
-    config = GPTConfig.from_preset("tiny", vocab_size=60, position_embedding="learned")
-    model = GPT(**dataclasses.asdict(config))
-    model.build()
-    randomize_weights(model, seed=1)  # greedy text varies, some rows stop at end of text
-    return create_run(str(tmp_path_factory.mktemp("runs") / "char"), model, tokenizer,
-                      {"test": "random weights"})
-
-
-@pytest.fixture(scope="module")
-def exported(char_run, tmp_path_factory):
+def exported(char_export):
     """`gpt-keras export` into an empty base path: `(version directory, printed text)`."""
-    base = str(tmp_path_factory.mktemp("models") / "shakespeare")
-    text = printed(main, ["export", char_run, "--out", base])
-    return os.path.join(base, "1"), text
+    _, version_dir, text = char_export
+    return version_dir, text
 
 
 @pytest.fixture(scope="module")

@@ -829,22 +829,17 @@ def test_cli_serves_on_localhost_and_stops_on_interrupt(toy_versions, tmp_path, 
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    """A tiny random GPT with a character tokenizer, exported by `gpt_keras.serving` and served;
-    yields (server, the SavedModel loaded directly, vocabulary size)."""
-    from gpt_keras import GPT
-    from gpt_keras.serving import export_model
-    from gpt_keras.tokenizers import CharTokenizer
+def real(char_export):
+    """The tiny export shared with tests/test_export.py, served; yields (server, the SavedModel
+    loaded directly, vocabulary size)."""
+    from gpt_keras.serving import read_manifest
 
-    tokenizer = CharTokenizer.train("To be, or not to be: that is the question.\n")
-    model = GPT.from_preset("tiny", vocab_size=tokenizer.vocab_size)
-    model.build()
-    root = tmp_path_factory.mktemp("real")
-    version_dir = export_model(model, tokenizer, str(root / "tiny"))
+    _, version_dir, _ = char_export
     # Loose token limits, so that requests reach the export's own checks of its knobs.
     limits = Limits(max_new_tokens=2 ** 31 - 1, max_tokens=2 ** 31 - 1)
-    with BackgroundServer(str(root / "tiny"), poll_seconds=0, limits=limits) as running:
-        yield running, tf.saved_model.load(version_dir), tokenizer.vocab_size
+    with BackgroundServer(os.path.dirname(version_dir), poll_seconds=0, limits=limits) as running:
+        yield (running, tf.saved_model.load(version_dir),
+               read_manifest(version_dir)["model"]["vocab_size"])
 
 
 # `generate`'s steering knobs, off (every input of a signature is required, as in TF Serving).
@@ -863,7 +858,7 @@ def steering_tensors(inputs):
 
 def assert_real_serving(server):
     status, body = predict(server, {"signature_name": "tokenize", "instances": ["to be"]},
-                           "/v1/models/tiny")
+                           "/v1/models/shakespeare")
     assert status == 200 and body["predictions"][0]["lengths"] == 5
 
 
@@ -874,7 +869,7 @@ def test_real_export_generate_and_logits_equal_the_savedmodel(real):
     steering = dict(STEERING_OFF, banned_token_ids=[3] * 100,
                     stop_strings=["zz"] * 8, repetition_penalty=1.2)
     status, body = predict(server, {"signature_name": "generate", "inputs": dict(
-        knobs, prompts=["To be", "or not"], **steering)}, "/v1/models/tiny")
+        knobs, prompts=["To be", "or not"], **steering)}, "/v1/models/shakespeare")
     assert status == 200, body
     expected = direct(model, "generate", prompts=tf.constant(["To be", "or not"]),
                       max_new_tokens=tf.constant(6), temperature=tf.constant(0.0),
@@ -885,7 +880,7 @@ def test_real_export_generate_and_logits_equal_the_savedmodel(real):
                                "logprobs": expected["logprobs"].tolist()}
     ids = [[0, 1, 2, 3], [vocab_size - 1, 0, 0, 1]]
     status, body = predict(server, {"signature_name": "logits", "instances": ids},
-                           "/v1/models/tiny")
+                           "/v1/models/shakespeare")
     assert status == 200
     np.testing.assert_array_equal(np.array(body["predictions"], np.float32),
                                   direct(model, "logits", token_ids=tf.constant(ids))["logits"])
@@ -893,14 +888,14 @@ def test_real_export_generate_and_logits_equal_the_savedmodel(real):
 
 def test_real_export_default_signature_and_tokenizer_round_trip(real):
     server, _, _ = real
-    status, body = predict(server, {"instances": ["To be", "that is"]}, "/v1/models/tiny")
+    status, body = predict(server, {"instances": ["To be", "that is"]}, "/v1/models/shakespeare")
     assert status == 200 and len(body["predictions"]) == 2
     assert all(isinstance(text, str) for text in body["predictions"])
     status, tokens = predict(server, {"signature_name": "tokenize", "instances": ["to be"]},
-                             "/v1/models/tiny")
+                             "/v1/models/shakespeare")
     assert status == 200
     status, texts = predict(server, {"signature_name": "detokenize", "inputs": {
-        "token_ids": [tokens["predictions"][0]["token_ids"]]}}, "/v1/models/tiny")
+        "token_ids": [tokens["predictions"][0]["token_ids"]]}}, "/v1/models/shakespeare")
     assert (status, texts) == (200, {"outputs": ["to be"]})
 
 
@@ -916,7 +911,7 @@ def test_real_export_default_signature_and_tokenizer_round_trip(real):
 def test_real_export_rejects_bad_knobs_with_400(real, inputs, fragment):
     server, _, _ = real
     status, body = predict(server, {"signature_name": "generate", "inputs": dict(
-        inputs, prompts=["To be"], **STEERING_OFF)}, "/v1/models/tiny")
+        inputs, prompts=["To be"], **STEERING_OFF)}, "/v1/models/shakespeare")
     assert status == 400 and fragment in body["error"]
     assert_real_serving(server)
 
@@ -932,7 +927,7 @@ def test_real_export_warmup_records_are_replayed_at_load(real):
 def test_real_export_ids_out_of_range_give_400(real):
     server, _, vocab_size = real
     status, body = predict(server, {"signature_name": "logits", "inputs": {
-        "token_ids": [[0, vocab_size]]}}, "/v1/models/tiny")
+        "token_ids": [[0, vocab_size]]}}, "/v1/models/shakespeare")
     assert status == 400
     assert f"must lie in [0, {vocab_size})" in body["error"]
     assert_real_serving(server)
