@@ -7,7 +7,9 @@ Run from the repository root:
     TF_CPP_MIN_LOG_LEVEL=3 python benchmarks/serving_warmup_batching.py
 
 Options: `--rounds 5`, `--repeats 5`, `--train-steps 150`, `--new-tokens 32`; `--part warmup`,
-`batching`, `http` or `buckets` runs one part (default: all four). About 20 minutes on a 2-core
+`batching`, `http` or `buckets` runs one part (default: all four); `--batching 2:2000,1:50000`
+gives the HTTP part one batching server per `num_batch_threads:batch_timeout_micros` (default
+2:2000, export/batching_parameters.txt's values). About 20 minutes on a 2-core
 CPU.
 
 Setting: the `shakespeare-char` preset (4 layers, 4 heads, 128 dims, context 64) with a
@@ -243,10 +245,23 @@ def without_generate_warmup(version_dir, base_dir):
             writer.write(record)
 
 
-def start_server(base_dir, batching):
-    """`gpt-keras serve` on a free port, with or without batching; returns (process, URL)."""
-    options = ["--enable-batching", "--batching-parameters-file",
-               str(ROOT / "export" / "batching_parameters.txt")] if batching else []
+def batching_parameters(directory, threads, timeout_micros):
+    """export/batching_parameters.txt with `num_batch_threads` and `batch_timeout_micros` set,
+    written to `directory`; returns its path."""
+    text = (ROOT / "export" / "batching_parameters.txt").read_text()
+    values = {"num_batch_threads": threads, "batch_timeout_micros": timeout_micros}
+    lines = [next((f"{name} {{ value: {value} }}" for name, value in values.items()
+                   if line.startswith(name)), line) for line in text.splitlines()]
+    path = os.path.join(directory, f"batching_parameters_{threads}_{timeout_micros}.txt")
+    Path(path).write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_server(base_dir, parameters_file):
+    """`gpt-keras serve` on a free port, batching with `parameters_file` (None: no batching);
+    returns (process, URL)."""
+    options = (["--enable-batching", "--batching-parameters-file", parameters_file]
+               if parameters_file else [])
     process = subprocess.Popen(
         [sys.executable, "-m", "gpt_keras.cli", "serve", base_dir, "--port", "0", "--quiet",
          "--poll-seconds", "0", "--model-name", "m", *options],
@@ -282,12 +297,16 @@ def closed_loop(url, prompts, repeats):
 def http_rounds(version_dir, prompts, args, directory):
     base_dir = os.path.join(directory, "http", "m")
     without_generate_warmup(version_dir, base_dir)
-    modes = ["no batching", "batching"]
+    files = {"no batching": None}
+    for threads, timeout in args.batching:
+        files[f"batching, {threads} batch threads, timeout {timeout / 1000:g} ms"] = (
+            batching_parameters(directory, threads, timeout))
+    modes = list(files)
     results = {mode: [] for mode in modes}
     for index in range(args.rounds):
         loads = []
         for mode in alternate(index, modes):
-            process, url = start_server(base_dir, mode == "batching")
+            process, url = start_server(base_dir, files[mode])
             try:
                 loads.append(f"{mode} {load_average()}")
                 results[mode].append(closed_loop(url, prompts, args.repeats))
@@ -316,6 +335,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--train-steps", type=int, default=150)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--batching", default=[(2, 2000)], help="HTTP part: one batching server per "
+        "THREADS:TIMEOUT_MICROS, comma-separated (default 2:2000, export/batching_parameters.txt)",
+        type=lambda text: [tuple(int(v) for v in item.split(":")) for item in text.split(",")])
     parser.add_argument("--part", choices=["warmup", "batching", "http", "buckets", "all"],
                         default="all")
     args = parser.parse_args()
