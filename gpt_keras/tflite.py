@@ -417,8 +417,6 @@ def _cache_spec(model):
     return tf.TensorSpec(shape, model.compute_dtype, name="cache")
 
 
-
-
 def _check_quantize(quantize):
     if quantize not in MODEL_FILES:
         raise ValueError(
