@@ -8,8 +8,8 @@ Run from the repository root:
 
 Options: `--rounds 5`, `--repeats 5`, `--train-steps 150`, `--new-tokens 32`; `--part warmup`,
 `batching`, `http` or `buckets` runs one part (default: all four); `--batching 2:2000,1:50000`
-gives the HTTP part one batching server per `num_batch_threads:batch_timeout_micros` (default
-2:2000, export/batching_parameters.txt's values). About 20 minutes on a 2-core
+gives the HTTP part one batching server per `num_batch_threads:batch_timeout_micros`, each with
+export/batching_parameters.txt changed in those two lines (default: the file as it is). About 20 minutes on a 2-core
 CPU.
 
 Setting: the `shakespeare-char` preset (4 layers, 4 heads, 128 dims, context 64) with a
@@ -28,8 +28,8 @@ random weights, completions stop at random lengths), exported with `gpt_keras.se
    `Session.run`, as TF Serving runs them without batching), or the same 8 prompts as one
    batch-8 `Session.run` (what `--enable_batching` with export/batching_parameters.txt merges
    8 simultaneous requests into; the batching queue's own wait, at most
-   `batch_timeout_micros` = 2 ms, is not included). Each mode is repeated `--repeats` times per
-   process. Reported: requests/s, generated characters/s (one token per character) and
+   `batch_timeout_micros` (50 ms in the file), is not included). Each mode is repeated
+   `--repeats` times per process. Reported: requests/s, generated characters/s (one token per character) and
    per-request latency (p50, max), over all rounds.
 3. Batching through HTTP. Each round starts, in alternating order, `gpt-keras serve` without and
    with `--enable-batching --batching-parameters-file export/batching_parameters.txt`, and 8
@@ -298,6 +298,8 @@ def http_rounds(version_dir, prompts, args, directory):
     base_dir = os.path.join(directory, "http", "m")
     without_generate_warmup(version_dir, base_dir)
     files = {"no batching": None}
+    if not args.batching:
+        files["batching"] = str(ROOT / "export" / "batching_parameters.txt")
     for threads, timeout in args.batching:
         files[f"batching, {threads} batch threads, timeout {timeout / 1000:g} ms"] = (
             batching_parameters(directory, threads, timeout))
@@ -336,8 +338,8 @@ def main():
     parser.add_argument("--train-steps", type=int, default=150)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument(
-        "--batching", default=[(2, 2000)], help="HTTP part: one batching server per "
-        "THREADS:TIMEOUT_MICROS, comma-separated (default 2:2000, export/batching_parameters.txt)",
+        "--batching", default=[], help="HTTP part: one batching server per "
+        "THREADS:TIMEOUT_MICROS, comma-separated (default: export/batching_parameters.txt as is)",
         type=lambda text: [tuple(int(v) for v in item.split(":")) for item in text.split(",")])
     parser.add_argument("--part", choices=["warmup", "batching", "http", "buckets", "all"],
                         default="all")
