@@ -9,8 +9,8 @@ Run from the repository root:
 Options: `--rounds 5`, `--repeats 5`, `--train-steps 150`, `--new-tokens 32`; `--part warmup`,
 `batching`, `http` or `buckets` runs one part (default: all four); `--batching 2:2000,1:50000`
 gives the HTTP part one batching server per `num_batch_threads:batch_timeout_micros`, each with
-export/batching_parameters.txt changed in those two lines (default: the file as it is). About 20 minutes on a 2-core
-CPU.
+export/batching_parameters.txt changed in those two lines (default: the file as it is). About
+20 minutes on a 2-core CPU.
 
 Setting: the `shakespeare-char` preset (4 layers, 4 heads, 128 dims, context 64) with a
 `CharTokenizer` over Tiny Shakespeare, trained for `--train-steps` Adam steps (batch 16) so that
@@ -29,8 +29,8 @@ random weights, completions stop at random lengths), exported with `gpt_keras.se
    batch-8 `Session.run` (what `--enable_batching` with export/batching_parameters.txt merges
    8 simultaneous requests into; the batching queue's own wait, at most
    `batch_timeout_micros` (50 ms in the file), is not included). Each mode is repeated
-   `--repeats` times per process. Reported: requests/s, generated characters/s (one token per character) and
-   per-request latency (p50, max), over all rounds.
+   `--repeats` times per process. Reported: requests/s, generated characters/s (one token per
+   character) and per-request latency (p50, max), over all rounds.
 3. Batching through HTTP. Each round starts, in alternating order, `gpt-keras serve` without and
    with `--enable-batching --batching-parameters-file export/batching_parameters.txt`, and 8
    closed-loop clients (threads) send batch-1 `serving_default` requests, one untimed and then
