@@ -331,6 +331,17 @@ def http_rounds(version_dir, prompts, args, directory):
               f"{1000 * percentile(latencies, 99):.0f} |")
 
 
+def batching_variants(text):
+    """"2:2000,1:50000" -> [(2, 2000), (1, 50000)]; `argparse` reports a `ValueError`."""
+    variants = []
+    for item in text.split(","):
+        threads, _, timeout = item.partition(":")
+        if not (threads.isdigit() and timeout.isdigit() and int(threads) >= 1):
+            raise ValueError(f"{item!r} is not THREADS:TIMEOUT_MICROS, e.g. 2:50000")
+        variants.append((int(threads), int(timeout)))
+    return variants
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -338,9 +349,9 @@ def main():
     parser.add_argument("--train-steps", type=int, default=150)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument(
-        "--batching", default=[], help="HTTP part: one batching server per "
-        "THREADS:TIMEOUT_MICROS, comma-separated (default: export/batching_parameters.txt as is)",
-        type=lambda text: [tuple(int(v) for v in item.split(":")) for item in text.split(",")])
+        "--batching", default=[], type=batching_variants, help="HTTP part: one batching server "
+        "per THREADS:TIMEOUT_MICROS, comma-separated (default: export/batching_parameters.txt as "
+        "is)")
     parser.add_argument("--part", choices=["warmup", "batching", "http", "buckets", "all"],
                         default="all")
     args = parser.parse_args()

@@ -177,6 +177,13 @@ def save_signatures(directory, signatures, resources=()):
     tf.saved_model.save(root, directory, signatures=signatures)
 
 
+def _steering_off():
+    """`generate`'s steering inputs, each at its "off" value (the signature has no defaults)."""
+    return dict(repetition_penalty=tf.constant(1.0), min_new_tokens=tf.constant(0),
+                banned_token_ids=tf.zeros([0], tf.int32), bias_token_ids=tf.zeros([0], tf.int32),
+                bias_values=tf.zeros([0]), stop_strings=tf.zeros([0], tf.string))
+
+
 class _Signatures:
     """The exported functions (see the module docstring)."""
 
@@ -198,9 +205,7 @@ class _Signatures:
         outputs = self.generate(
             prompts, tf.constant(settings["max_new_tokens"]), tf.constant(settings["temperature"]),
             tf.constant(settings["top_k"]), tf.constant(settings["top_p"]), seed,
-            repetition_penalty=tf.constant(1.0), min_new_tokens=tf.constant(0),
-            banned_token_ids=tf.zeros([0], tf.int32), bias_token_ids=tf.zeros([0], tf.int32),
-            bias_values=tf.zeros([0]), stop_strings=tf.zeros([0], tf.string),
+            **_steering_off(),
         )
         return {"completions": outputs["completions"]}
 
@@ -419,10 +424,7 @@ def _manifest(model, tokenizer, signatures, graph_ops, source, warmup_records):
     greedy = signatures["generate"](
         prompts=tf.constant(GOLDEN_PROMPTS), max_new_tokens=tf.constant(GOLDEN_NEW_TOKENS),
         temperature=tf.constant(0.0), top_k=tf.constant(1), top_p=tf.constant(1.0),
-        seed=tf.constant(0, tf.int64), repetition_penalty=tf.constant(1.0),
-        min_new_tokens=tf.constant(0), banned_token_ids=tf.zeros([0], tf.int32),
-        bias_token_ids=tf.zeros([0], tf.int32), bias_values=tf.zeros([0]),
-        stop_strings=tf.zeros([0], tf.string),
+        seed=tf.constant(0, tf.int64), **_steering_off(),
     )
     texts = [text.decode("utf-8") for text in greedy["completions"].numpy()]
     return {
