@@ -592,13 +592,15 @@ def _decide(state, logits, knobs):
         knobs["seed"], index + state["offset"],
     )
     decides = tf.logical_and(tf.logical_not(done), index >= state["lengths"])  # [B]
-    tokens = _write_column(tokens, index, sampled, decides)
+    new_ids = tf.expand_dims(sampled, 1)  # [B, 1]
+    tokens = tf.where(_cells(tokens, index, decides), new_ids, tokens)
     stops = tf.gather(knobs["stop_mask"], sampled)  # [B]
     new_text = tf.logical_and(decides, tf.logical_not(stops))
     emits = tf.logical_or(new_text, tf.logical_and(decides, knobs["include_stop_token"]))
-    out = _write_column(state["out"], state["emitted"], sampled, emits, per_row=True)
     logprob = tf.gather(tf.nn.log_softmax(tf.cast(logits, tf.float32)), sampled, batch_dims=1)
-    logprobs = _write_column(state["logprobs"], state["emitted"], logprob, emits, per_row=True)
+    emitted_at = _cells(state["out"], state["emitted"], emits, per_row=True)  # out and logprobs
+    out = tf.where(emitted_at, new_ids, state["out"])
+    logprobs = tf.where(emitted_at, tf.expand_dims(logprob, 1), state["logprobs"])
     counts = state["counts"] + tf.cast(decides, tf.int32)
     tail, stop_string = _stop_strings(state["tail"], sampled, new_text, knobs)
     finished = tf.logical_or(tf.logical_or(stops, stop_string), counts >= state["budget"])
@@ -662,14 +664,13 @@ def _stop_strings(tail, token, appends, knobs):
     )
 
 
-def _write_column(matrix, column, values, rows, per_row=False):
-    """`matrix` `[B, n]` with `values` `[B]` written at `column` (`[]`, or `[B]` with `per_row`)
-    of the rows where `rows` `[B]` is true: a one-hot `where`, core ops only (`expand_dims`, not
-    `[:, None]`: fewer ops per decoding step)."""
+def _cells(matrix, column, rows, per_row=False):
+    """bool `[B, n]`: the cells of `matrix` `[B, n]` at `column` (`[]`, or `[B]` with `per_row`)
+    of the rows where `rows` `[B]` is true, to write with a `where` (core ops only;
+    `expand_dims`, not `[:, None]`: fewer ops per decoding step)."""
     columns = tf.expand_dims(tf.range(tf.shape(matrix)[1]), 0)  # [1, n]
     hit = tf.equal(columns, tf.expand_dims(column, 1) if per_row else column)  # [B|1, n]
-    return tf.where(tf.logical_and(hit, tf.expand_dims(rows, 1)), tf.expand_dims(values, 1),
-                    matrix)
+    return tf.logical_and(hit, tf.expand_dims(rows, 1))
 
 
 def resume_window(state):

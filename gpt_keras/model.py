@@ -10,7 +10,8 @@ from gpt_keras import backends
 from gpt_keras.backends import host_values
 from gpt_keras.config import POSITION_EMBEDDINGS, GPTConfig
 from gpt_keras.layers._initializers import fresh
-from gpt_keras.layers.multi_head_attention import causal_mask, zero_cache
+from gpt_keras.layers.transformer_block import layer_norm
+from gpt_keras.layers.multi_head_attention import cache_slots, causal_mask, zero_cache
 from gpt_keras.layers import (
     LearnedPositionalEmbedding,
     SinusoidalPositionalEncoding,
@@ -170,9 +171,7 @@ class GPT(keras.Model):
             )
             for i in range(num_layers)
         ]
-        self.final_norm = keras.layers.LayerNormalization(
-            epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="final_norm"
-        )
+        self.final_norm = layer_norm(layer_norm_epsilon, self.dtype_policy, "final_norm")
         self.lm_head = None
         if not tie_embeddings:
             self.lm_head = keras.layers.Dense(
@@ -278,6 +277,7 @@ class GPT(keras.Model):
         length = ops.shape(token_ids)[1]
         keys = length if cache is None else (cache[0].shape[3] or ops.shape(cache[0])[3])
         mask = causal_mask(length, keys, start, padding_mask)
+        slots = None if cache is None else cache_slots(cache[0], cache_index, length)  # as mask
         updated_caches, scores = [], []
         for i, block in enumerate(self.blocks):
             if cache is None and not return_attention_scores:
@@ -288,6 +288,7 @@ class GPT(keras.Model):
                 attention_mask=mask,
                 cache=None if cache is None else cache[i],
                 cache_index=cache_index,
+                cache_slots=slots,
                 training=training,
                 return_attention_scores=return_attention_scores,
             )

@@ -11,10 +11,11 @@ from gpt_keras import backends
 
 class Dense(keras.layers.Dense):
     """`keras.layers.Dense` (same weights, config and quantization), except that the bias is
-    added to the product rounded once in every engine (a plain graph's fused oneDNN kernel;
-    under XLA, and in a plain graph of a build without that kernel
-    (`backends.needs_float32_products`), a float32 product, then one cast), and that under XLA
-    a product with one input row (decoding one token at batch 1) keeps its bias add apart.
+    added to the product, and the activation applied to that sum, rounded once in every engine
+    (a plain graph's fused oneDNN kernel, `MatMul` + `BiasAdd` + GELU; under XLA, and in a plain
+    graph of a build without that kernel (`backends.needs_float32_products`), a float32
+    product, then one cast), and that under XLA a product with one input row (decoding one
+    token at batch 1) keeps its bias add apart.
 
     XLA's CPU compiler fuses a matrix-vector product with the add that follows it into one
     kernel that it emits itself and runs on one thread; unfused, the product is a call into
@@ -37,12 +38,10 @@ class Dense(keras.layers.Dense):
                 x = _optimization_barrier(x)
             if self.bias is not None:
                 x = ops.add(x, ops.cast(self.bias, x.dtype))
-            x = ops.cast(x, self.compute_dtype)
-        else:
-            x = backends.matmul(inputs, self.kernel, bias=self.bias)
-        if self.activation is not None:
-            x = self.activation(x)
-        return x
+            if self.activation is not None:  # on the float32 sum, as the fused kernel does
+                x = self.activation(x)
+            return ops.cast(x, self.compute_dtype)
+        return backends.matmul(inputs, self.kernel, bias=self.bias, activation=self.activation)
 
     def quantize(self, mode=None, type_check=True, config=None):
         # Keras refuses to quantize subclasses, whose `call` might differ from the quantized one

@@ -19,7 +19,7 @@ _MASKED_LOGIT = -1e9
 _ELEMENTWISE_MAX_DIM = 512
 
 
-def write_cache(cache, update, index):
+def write_cache(cache, update, index, slots=None):
     """Writes `update` `[..., T, K]` into `cache` `[..., S, K]` (same leading dimensions) at
     slots `index .. index+T-1` of the second-to-last axis; returns the new cache.
 
@@ -28,7 +28,9 @@ def write_cache(cache, update, index):
     - In other graphs, within `in_place_cache_writes()` (the decoding core, whose caches no one
       else holds), an `InplaceUpdate` of the written rows: O(T) work instead of a copy of the
       whole cache per step, a core op that TF Serving runs with XLA disabled. It changes the
-      input cache's buffer, which is why it is opt-in.
+      input cache's buffer, which is why it is opt-in. `slots`: the rows it writes,
+      `cache_slots(cache, index, T)` computed once for caches of one shape (a model's layers);
+      computed here when not given.
     - Everywhere else `gather` + `where`, core ops that also convert to TFLite builtins
       (`keras.ops.slice_update` lowers to `XlaDynamicUpdateSlice`, which neither TF Serving
       without XLA nor TFLite can run).
@@ -41,35 +43,59 @@ def write_cache(cache, update, index):
     index = ops.convert_to_tensor(index, dtype="int32")
     length = ops.shape(cache)[-2]
     new_length = ops.shape(update)[-2]
-    fits = ops.logical_and(index >= 0, index + new_length <= length)
     if not backends.is_tensorflow() or backends.in_xla_compilation():
         # XLA clamps the start of a dynamic-update-slice so that the update fits, and cannot
         # raise at run time: a write that does not fit writes NaN instead, which every later
         # attention read (all S slots enter its einsums) turns into NaN outputs.
         rank = len(cache.shape)
         start = ops.stack([0] * (rank - 2) + [index, 0])
-        update = ops.where(fits, update, ops.cast(float("nan"), update.dtype))
+        update = ops.where(_fits(index, new_length, length), update,
+                           ops.cast(float("nan"), update.dtype))
         return ops.slice_update(cache, start, update)
-    check = tf.debugging.Assert(fits, [
-        "The cache write does not fit: slots", index, "to", index + new_length - 1,
-        "of a cache of length", length,
-    ])
-    with tf.control_dependencies([check]):
-        cache = tf.identity(cache)
     if _writes_in_place():
+        if slots is None:
+            slots = cache_slots(cache, index, new_length)
         head_dim = ops.shape(cache)[-1]
-        rows = ops.size(cache) // (length * head_dim)  # product of the leading dimensions
-        slots = ops.arange(rows, dtype="int32")[:, None] * length + index  # [R, 1]
-        slots = ops.reshape(slots + ops.arange(new_length, dtype="int32")[None], [-1])  # [R·T]
         flat = tf.raw_ops.InplaceUpdate(  # reshapes share the buffer: nothing is copied
             x=ops.reshape(cache, [-1, head_dim]), i=slots,
             v=ops.cast(ops.reshape(update, [-1, head_dim]), cache.dtype),
         )
-        return ops.reshape(flat, ops.shape(cache))
+        return tf.reshape(flat, tf.shape(cache))  # (`ops.shape` would add a slice and a pack)
+    with tf.control_dependencies([_check_fits(index, new_length, length)]):
+        cache = tf.identity(cache)
     offsets = ops.arange(length, dtype="int32") - index  # [S]: where each cache slot reads from
     source = ops.take(update, ops.clip(offsets, 0, new_length - 1), axis=-2)  # [..., S, K]
     inside = ops.logical_and(offsets >= 0, offsets < new_length)  # [S]
     return ops.where(ops.expand_dims(inside, -1), source, cache)
+
+
+def cache_slots(cache, index, new_length):
+    """The rows that an in-place `write_cache` of `new_length` slots at `index` writes, int32
+    `[R·T]` in `cache` `[..., S, K]` seen as `[R·S, K]` (R the product of the leading
+    dimensions), once the write is checked to fit (`InvalidArgumentError` if not). The same for
+    every cache of that shape: a model computes it once for all its layers, which a plain graph
+    would otherwise do per layer at every decoding step. None where writes are not in place
+    (`write_cache` then needs none)."""
+    if not _writes_in_place() or backends.in_xla_compilation():
+        return None
+    index = ops.convert_to_tensor(index, dtype="int32")
+    length = ops.shape(cache)[-2]
+    with tf.control_dependencies([_check_fits(index, new_length, length)]):
+        index = tf.identity(index)
+    rows = ops.size(cache) // (length * ops.shape(cache)[-1])
+    slots = ops.arange(rows, dtype="int32")[:, None] * length + index  # [R, 1]
+    return ops.reshape(slots + ops.arange(new_length, dtype="int32")[None], [-1])  # [R·T]
+
+
+def _fits(index, new_length, length):
+    return ops.logical_and(index >= 0, index + new_length <= length)
+
+
+def _check_fits(index, new_length, length):
+    return tf.debugging.Assert(_fits(index, new_length, length), [
+        "The cache write does not fit: slots", index, "to", index + new_length - 1,
+        "of a cache of length", length,
+    ])
 
 
 _WRITES = threading.local()
@@ -134,6 +160,8 @@ class MultiHeadAttention(keras.layers.Layer):
       keys/values are written at positions `cache_index .. cache_index + T - 1`, queries attend to
       cache positions `<= cache_index + t`, and the call returns `(outputs, updated_cache)`. The
       shapes never change, so a decoding loop compiles to one static-shape graph.
+    - `cache_slots` (optional, with `cache`): `cache_slots(cache, cache_index, T)` computed once
+      for all the layers of a model, whose caches share a shape (see `write_cache`).
     - `return_attention_scores=True` appends the attention probabilities `[B, H, T, S]` (float32,
       before dropout; S = T without a cache) to what the call returns, as Keras'
       `MultiHeadAttention` does: `(outputs, scores)` or `(outputs, updated_cache, scores)`.
@@ -228,7 +256,7 @@ class MultiHeadAttention(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, padding_mask=None, cache=None, cache_index=None, training=None,
-             return_attention_scores=False, attention_mask=None):
+             return_attention_scores=False, attention_mask=None, cache_slots=None):
         if attention_mask is not None and padding_mask is not None:
             raise ValueError("Pass `padding_mask` or `attention_mask` (which includes the "
                              "padding), not both.")
@@ -254,7 +282,7 @@ class MultiHeadAttention(keras.layers.Layer):
         query, key_value = ops.split(qkv, [1], axis=0)
         query = ops.squeeze(query, axis=0)  # [B, H, T, K]
         if cache is not None:
-            cache = key_value = write_cache(cache, key_value, query_start)  # [2, B, H, S, K]
+            cache = key_value = write_cache(cache, key_value, query_start, cache_slots)  # [2, B, H, S, K]
         # Along the first axis, TensorFlow's unstack shares the buffer: no copy of the cache.
         key, value = ops.unstack(key_value, 2, axis=0)  # [B, H, S, K] each
 

@@ -52,8 +52,12 @@ class RotaryEmbedding(keras.layers.Layer):
         angles = ops.reshape(angles, (-1, shape[1]) + (1,) * (len(shape) - 3) + (half,))
         cos = ops.cos(angles)
         sin = ops.sin(angles)
-        x1, x2 = ops.split(ops.cast(inputs, "float32"), 2, axis=-1)  # 2 × [B, T, H, K/2]
-        rotated = ops.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        x = ops.cast(inputs, "float32")
+        x1, x2 = ops.split(x, 2, axis=-1)  # 2 × [B, T, H, K/2]
+        # [x1 cos - x2 sin, x2 cos + x1 sin] (bit for bit) as x · [cos, cos] + [x2, x1] · [-sin,
+        # sin]: 5 ops per call where the tables, the same for every layer, are computed once.
+        rotated = (x * ops.concatenate([cos, cos], axis=-1)
+                   + ops.concatenate([x2, x1], axis=-1) * ops.concatenate([-sin, sin], axis=-1))
         return ops.cast(rotated, inputs.dtype)
 
     def compute_output_shape(self, input_shape):

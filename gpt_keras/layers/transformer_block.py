@@ -8,6 +8,19 @@ from gpt_keras.layers._initializers import fresh
 from gpt_keras.layers.multi_head_attention import MultiHeadAttention
 
 
+def layer_norm(epsilon, dtype, name):
+    """`keras.layers.LayerNormalization` over the last axis of `[B, T, D]` inputs, with the axis
+    spelled 2: Keras reshapes gamma and beta to `[1, 1, D]` at every call unless the axis is
+    given as the last index (two ops per norm and decoding step in a plain graph)."""
+    return keras.layers.LayerNormalization(axis=2, epsilon=epsilon, dtype=dtype, name=name)
+
+
+@keras.saving.register_keras_serializable(package="gpt_keras")
+def gelu_approximate(x):
+    """GELU's tanh approximation (GPT-2's "gelu_new")."""
+    return ops.gelu(x, approximate=True)
+
+
 @keras.saving.register_keras_serializable(package="gpt_keras")
 class TransformerBlock(keras.layers.Layer):
     """GPT-2's decoder block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`, each residual branch
@@ -15,9 +28,10 @@ class TransformerBlock(keras.layers.Layer):
     → `Dense(D)`.
 
     Shapes: `inputs` `[B, T, D]` → `[B, T, D]`. `padding_mask` or `attention_mask`, `cache`
-    `[2, B, H, S, K]` and `cache_index` are passed to `MultiHeadAttention` (see there); with a
-    cache the call returns `(outputs, updated_cache)`, and `return_attention_scores=True` appends
-    the attention probabilities `[B, H, T, S]` to what it returns.
+    `[2, B, H, S, K]`, `cache_index` and `cache_slots` are passed to `MultiHeadAttention` (see
+    there); with a cache the call returns `(outputs, updated_cache)`, and
+    `return_attention_scores=True` appends the attention probabilities `[B, H, T, S]` to what it
+    returns.
 
     Args:
         num_heads: attention heads; must divide D.
@@ -75,17 +89,15 @@ class TransformerBlock(keras.layers.Layer):
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
         mlp_shape = tuple(input_shape[:-1]) + (self.mlp_dim,)
-        self.attention_norm = keras.layers.LayerNormalization(
-            epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="attention_norm"
-        )
+        self.attention_norm = layer_norm(self.layer_norm_epsilon, self.dtype_policy,
+                                         "attention_norm")
         self.attention_norm.build(input_shape)
         self.attention.build(input_shape)
-        self.mlp_norm = keras.layers.LayerNormalization(
-            epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="mlp_norm"
-        )
+        self.mlp_norm = layer_norm(self.layer_norm_epsilon, self.dtype_policy, "mlp_norm")
         self.mlp_norm.build(input_shape)
-        self.mlp_in = Dense(
+        self.mlp_in = Dense(  # the activation inside: a plain graph fuses it with the product
             self.mlp_dim,
+            activation=gelu_approximate,
             kernel_initializer=fresh(self.kernel_initializer),
             dtype=self.dtype_policy,
             name="mlp_in",
@@ -102,13 +114,14 @@ class TransformerBlock(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, padding_mask=None, cache=None, cache_index=None, training=None,
-             return_attention_scores=False, attention_mask=None):
+             return_attention_scores=False, attention_mask=None, cache_slots=None):
         attended = self.attention(
             self.attention_norm(inputs),
             padding_mask=padding_mask,
             attention_mask=attention_mask,
             cache=cache,
             cache_index=cache_index,
+            cache_slots=cache_slots,
             training=training,
             return_attention_scores=return_attention_scores,
         )
@@ -116,7 +129,7 @@ class TransformerBlock(keras.layers.Layer):
             attended = (attended,)
         attended, *extras = attended  # extras: the updated cache and/or the attention scores
         x = inputs + self.residual_dropout(attended, training=training)
-        hidden = ops.gelu(self.mlp_in(self.mlp_norm(x)), approximate=True)  # [B, T, mlp_dim]
+        hidden = self.mlp_in(self.mlp_norm(x))  # [B, T, mlp_dim], after GELU
         x = x + self.residual_dropout(self.mlp_out(hidden), training=training)
         return (x, *extras) if extras else x
 
