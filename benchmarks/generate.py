@@ -27,6 +27,8 @@ learned positions, tied embeddings, context 1024), `gpt2-medium` GPT-2 medium's 
                      without Keras, XLA disabled, the TF1 Session loader, its `generate`
                      signature (text in; the new-token count is read from its `token_ids`, as
                      the served graph stops at end-of-text)
+  served-1thread     the same with one intra-op and one inter-op thread (TF Serving's
+                     `--tensorflow_intra_op_parallelism=1 --tensorflow_inter_op_parallelism=1`)
 
 Each system runs in its own worker process: it builds its model, makes one timed first call
 (trace + compile + run), then waits; the driver then asks the workers in turn (the order rotates
@@ -54,7 +56,8 @@ sys.path.insert(0, str(ROOT))  # the checkout's gpt_keras (the package need not 
 PROMPT_LENGTH = 16
 NEW_TOKENS = 128
 SYSTEMS = ("gpt_keras", "gpt_keras-xla", "gpt_keras-graph", "gpt_keras-bf16",
-           "gpt_keras-bf16-xla", "gpt_keras-bf16-graph", "gpt_keras-int8", "hf", "served")
+           "gpt_keras-bf16-xla", "gpt_keras-bf16-graph", "gpt_keras-int8", "hf", "served",
+           "served-1thread")
 GPT2_VOCABULARY = ROOT.parent / "shared" / "data" / "gpt2"
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -136,7 +139,7 @@ def served_worker(spec):
 
     namespace = {}
     exec(spec["prologue"], namespace)  # the driver passes gpt_keras' own prologue
-    run = namespace["load"](spec["export"])
+    run = namespace["load"](spec["export"], threads=int(spec["system"] == "served-1thread"))
     prompts = np.array([spec["prompt"].encode("utf-8")] * spec["batch_size"], object)
     feeds = {"prompts": prompts, "max_new_tokens": np.int32(NEW_TOKENS),
              "temperature": np.float32(0), "top_k": np.int32(0), "top_p": np.float32(1),
@@ -176,7 +179,7 @@ def serve_worker(make_call):
 class Worker:
     def __init__(self, spec):
         self.name = spec["system"]
-        if spec["system"] == "served":
+        if spec["system"].startswith("served"):
             from gpt_keras.serving import SERVER_LIKE_PROLOGUE
 
             spec = dict(spec, prologue=SERVER_LIKE_PROLOGUE)
@@ -261,21 +264,22 @@ def main():
     args = parser.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
-        make = {"hf": hf_worker, "served": served_worker}.get(spec["system"], gpt_keras_worker)
+        make = {"hf": hf_worker, "served": served_worker,
+                "served-1thread": served_worker}.get(spec["system"], gpt_keras_worker)
         return serve_worker(lambda: make(spec))
     systems = (args.systems or ",".join(SYSTEMS)).split(",")
     if not args.model.startswith("gpt2") and "hf" in systems and not args.systems:
         systems.remove("hf")  # Hugging Face's GPT-2 has learned positions only
     with tempfile.TemporaryDirectory() as directory:
         served = None
-        if "served" in systems:
+        if any(system.startswith("served") for system in systems):
             served = export_for_serving(args.model, os.path.join(directory, "model"))
             print(f"exported {served[0]}; prompt of {served[2]} tokens", flush=True)
         for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
             workers = []
             for system in systems:
                 spec = {"system": system, "model": args.model, "batch_size": batch_size}
-                if system == "served":
+                if system.startswith("served"):
                     spec.update(export=served[0], prompt=served[1])
                 workers.append(Worker(spec))
                 print(f"{system}: first call {workers[-1].started['first']['wall']:.1f} s",

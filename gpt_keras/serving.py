@@ -488,7 +488,9 @@ def op_types(export_dir):
 # (`tensorflow::DisableXlaCompilation`, which the model server calls unless started with
 # `--xla_cpu_compilation_enabled=true`), the model is loaded by the TF1 Session loader, and
 # `load(dir)` returns `run(signature, feeds)`, which checks the input names and dtypes as the
-# server does and runs the signature by its tensor names. `replay_warmup(dir, run)` runs the
+# server does and runs the signature by its tensor names (`load(dir, threads=1)`: one intra-op
+# and one inter-op thread, as `--tensorflow_intra_op_parallelism=1
+# --tensorflow_inter_op_parallelism=1` configure the server). `replay_warmup(dir, run)` runs the
 # version's warm-up records as the server does at load (`gpt_keras.warmup`).
 SERVER_LIKE_PROLOGUE = warmup.SOURCE + r"""
 import ctypes, json, os, sys
@@ -502,8 +504,10 @@ ctypes.CDLL(os.path.join(os.path.dirname(tf.__file__), "libtensorflow_cc.so.2")
             )._ZN10tensorflow21DisableXlaCompilationEv()
 
 
-def load(export_dir):
-    session = tf.compat.v1.Session(graph=tf.Graph())
+def load(export_dir, threads=0):
+    config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=threads,
+                                      inter_op_parallelism_threads=threads)
+    session = tf.compat.v1.Session(graph=tf.Graph(), config=config)
     meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], export_dir)
 
     def run(signature, feeds):

@@ -282,7 +282,8 @@ class MultiHeadAttention(keras.layers.Layer):
         query, key_value = ops.split(qkv, [1], axis=0)
         query = ops.squeeze(query, axis=0)  # [B, H, T, K]
         if cache is not None:
-            cache = key_value = write_cache(cache, key_value, query_start, cache_slots)  # [2, B, H, S, K]
+            # [2, B, H, S, K]
+            cache = key_value = write_cache(cache, key_value, query_start, cache_slots)
         # Along the first axis, TensorFlow's unstack shares the buffer: no copy of the cache.
         key, value = ops.unstack(key_value, 2, axis=0)  # [B, H, S, K] each
 
