@@ -8,6 +8,7 @@ import tensorflow as tf
 
 import gpt_keras
 from gpt_keras import GPT, GPTConfig, num_parameters
+from gpt_keras.layers.multi_head_attention import in_place_cache_writes
 from tests import numpy_reference as ref
 
 TINY = GPTConfig.from_preset("tiny")  # vocab 64, context 16, 2 layers, 2 heads, 32 dims
@@ -115,6 +116,30 @@ def test_cached_step_compiles_to_one_graph_for_every_position():
     for t in range(3):
         _, cache = step(random_ids((1, 1), seed=t), cache, tf.constant(t))
     assert step.experimental_get_tracing_count() == 1
+
+
+def test_in_place_cached_step_checks_and_places_its_writes_once_for_all_layers():
+    """A plain graph of a decoding step with in-place cache writes (the served decoding loop):
+    one bounds check (and one computation of the written rows) for all L layers, one write per
+    layer, and the logits and caches of the copying writes."""
+    model = tiny_model(num_layers=3)
+    ref.randomize_weights(model)
+    ids = random_ids((2, 6))
+    _, caches = model.call_with_layer_caches(ids[:, :5], model.init_layer_caches(2), 0)
+
+    @tf.function(jit_compile=False)
+    def step(caches, in_place):
+        with in_place_cache_writes(in_place):
+            return model.call_with_layer_caches(ids[:, 5:], caches, tf.constant(5))
+
+    expected = step([c + 0 for c in caches], False)
+    logits, written = step([c + 0 for c in caches], True)  # fresh buffers: written in place
+    np.testing.assert_array_equal(logits, expected[0])
+    for cache, expected_cache in zip(written, expected[1]):
+        np.testing.assert_array_equal(cache, expected_cache)
+    ops = [op.type for op in step.get_concrete_function(caches, True).graph.get_operations()]
+    assert ops.count("InplaceUpdate") == 3
+    assert ops.count("Assert") == 1
 
 
 def test_initial_weights_are_independent_and_reproducible():

@@ -1,6 +1,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from gpt_keras.layers import TransformerBlock
 from tests import numpy_reference as ref
@@ -89,3 +90,13 @@ def test_rejects_bad_arguments(kwargs, match):
     args = {"num_heads": 2, "mlp_dim": 8, **kwargs}
     with pytest.raises(ValueError, match=match):
         TransformerBlock(**args)
+
+
+def test_gelu_is_applied_to_the_two_dimensional_product():
+    """In a plain graph the MLP's GELU follows `MatMul` + `BiasAdd` on the 2-D product, where
+    Grappler fuses the three into one oneDNN kernel (not after the reshape back to 3-D)."""
+    block = make_block()
+    graph = tf.function(block, jit_compile=False).get_concrete_function(
+        tf.TensorSpec((None, 1, D), tf.float32)).graph
+    tanh = [op for op in graph.get_operations() if op.type == "Tanh"]
+    assert len(tanh) == 1 and tanh[0].inputs[0].shape.rank == 2
