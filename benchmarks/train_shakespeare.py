@@ -1,10 +1,12 @@
 """Quality and speed of a full training run: nanoGPT's CPU "baby" Shakespeare-char settings,
-gpt_keras (`gpt_keras.training.train`) vs keras-hub's `GPT2Backbone` + tied head, same data.
+gpt_keras (`gpt_keras.training.train`) vs keras-hub's `GPT2Backbone` + tied head (and, with
+`--nanogpt`, nanoGPT's `model.py`), same data.
 
-Run from the repository root (about 5 minutes per seed on an idle 2-core CPU):
+Run from the repository root (about 5 minutes per seed on an idle 2-core CPU, 6.5 with nanoGPT):
 
     python benchmarks/train_shakespeare.py [--seeds 1337,1,2] [--steps 2000]
         [--out /tmp/bench-shakespeare] [--position-embedding rotary|learned|sinusoidal]
+        [--nanogpt PATH/TO/nanoGPT]
 
 Settings (nanoGPT config/train_shakespeare_char.py, CPU variant): 4 layers, 4 heads, 128 dims,
 context 64, batch 12, dropout 0, AdamW lr 1e-3 with 100 warmup steps and cosine decay to 1e-4 at
@@ -15,6 +17,15 @@ full product path (`train`: one CPU replica under the default strategy, XLA, che
 with `jit_compile=True` (Keras 3.15's default "auto" means no XLA on a CPU-only machine). Both
 train on the same batches (gpt_keras' data pipeline: random windows of the first 90% of Tiny
 Shakespeare, batch k drawn from `(seed, k)`), with weights initialised from the same seed.
+nanoGPT (a checkout of karpathy/nanoGPT, not part of this project; its `model.py` as it is:
+learned positions, tied head, exact GELU) is built with `bias=True` (GPT-2's biases, as the two
+Keras models have; its train.py defaults to False) and `torch.manual_seed(seed)` (its own
+initialisation: the same scheme as gpt_keras', other draws), and trained in torch eager on the
+same batches (materialised before training, so TensorFlow, imported to read them, sits idle)
+with torch's AdamW at each step's learning rate from gpt_keras' schedule, gpt_keras' decay
+groups (matrices decayed; biases, LayerNorm and embeddings not: nanoGPT's own
+`configure_optimizers` decays the embeddings too) and Keras' epsilon 1e-7, clipping the global
+gradient norm to 1.0. Compare positions like for like: `--position-embedding learned`.
 
 Validation loss, two figures per run, both independent of the training seed: `val` is the mean
 over 50 fixed batches of 12 random windows of the last 10% (drawn with seed 1337; for seed 1337
@@ -22,12 +33,12 @@ the figure gpt_keras' own run reports), `val (all)` the mean over every non-over
 64-token window of the validation split (1,742 windows, 111k predictions: less noisy; 50 random
 batches of other seeds moved `val` by ±0.01 for one model).
 
-Speed: the two models run in two processes at the same time but never together: a callback
+Speed: the models run in their own processes at the same time but never together: a callback
 holds each one at the start of every 250-step interval until the parent lets it go, and the
-parent alternates them (order flipped every interval). Tokens/s of an interval is its training
+parent alternates them (order rotated every interval). Tokens/s of an interval is its training
 time only (first step of the interval to its last); the first interval (tracing, XLA compile)
-is left out. The ratio is the median of per-interval ratios, so a load change from other
-processes that spans one pair of intervals mostly cancels. Peak RSS is each process's own.
+is left out. A ratio is the median of per-interval ratios, so a load change from other
+processes that spans one round of intervals mostly cancels. Peak RSS is each process's own.
 """
 
 import argparse
@@ -157,9 +168,80 @@ def run_keras_hub(out, steps, seed, position_embedding):
     return {"val": val, "val_all": val_all, "interval_seconds": gate.seconds}
 
 
-def child(name, out, steps, seed, position_embedding):
-    runner = {"gpt_keras": run_gpt_keras, "keras_hub": run_keras_hub}[name]
-    result = runner(out, steps, seed, position_embedding)
+def run_nanogpt(out, steps, seed, nanogpt):
+    import numpy as np
+
+    from gpt_keras import data
+    from gpt_keras.training import TrainConfig, learning_rate_schedule
+
+    token_file = data.TokenFile.load(os.path.join(out, "gpt_keras", "data"))
+    vocab = json.load(open(os.path.join(out, "gpt_keras", "run.json")))["model"]["vocab_size"]
+    config = TrainConfig(max_steps=steps, eval_every=steps, seed=seed, **SETTINGS)
+    batches = list(data.training_dataset(token_file, 64, config.batch_size, config.seed, 0,
+                                         steps).as_numpy_iterator())
+    rates = np.asarray(learning_rate_schedule(config)(np.arange(steps)))
+    validation = list(data.validation_dataset(token_file, 64, SETTINGS["batch_size"],
+                                              VALIDATION_SEED, SETTINGS["eval_batches"])
+                      .as_numpy_iterator())
+    tokens = token_file.tokens()[token_file.num_train:].astype("int64")
+    count = (len(tokens) - 1) // 64
+    windows = tokens[np.arange(count)[:, None] * 64 + np.arange(65)]
+
+    import torch
+
+    sys.path.insert(0, nanogpt)
+    from model import GPT, GPTConfig  # nanoGPT's model.py
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=64, vocab_size=vocab, n_layer=4, n_head=4, n_embd=128,
+                          dropout=0.0, bias=True))
+    embeddings = {id(model.transformer.wte.weight), id(model.transformer.wpe.weight)}
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in parameters if p.dim() >= 2 and id(p) not in embeddings],
+         "weight_decay": config.weight_decay},
+        {"params": [p for p in parameters if p.dim() < 2 or id(p) in embeddings],
+         "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=float(rates[0]), betas=(config.beta_1, config.beta_2),
+                                  eps=1e-7)
+    gate = gate_callback()
+    for step, (inputs, targets) in enumerate(batches):
+        if step % INTERVAL == 0:
+            gate.on_epoch_begin(step // INTERVAL)
+        for group in optimizer.param_groups:
+            group["lr"] = float(rates[step])
+        _, loss = model(torch.from_numpy(inputs.astype("int64")),
+                        torch.from_numpy(targets.astype("int64")))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        gate.on_train_batch_end(step)
+        if step % INTERVAL == INTERVAL - 1:
+            gate.on_epoch_end(step // INTERVAL)
+    gate.on_train_end()
+
+    model.eval()
+    with torch.no_grad():
+        val = statistics.mean(
+            float(model(torch.from_numpy(x.astype("int64")), torch.from_numpy(y.astype("int64")))[1])
+            for x, y in validation
+        )
+        total = 0.0
+        for start in range(0, count, 128):  # every prediction weighs the same, as in Keras
+            chunk = torch.from_numpy(windows[start:start + 128])
+            _, loss = model(chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous())
+            total += float(loss) * len(chunk)
+    return {"val": val, "val_all": total / count, "interval_seconds": gate.seconds}
+
+
+def child(name, out, steps, seed, position_embedding, nanogpt):
+    if name == "nanogpt":
+        result = run_nanogpt(out, steps, seed, nanogpt)
+    else:
+        runner = {"gpt_keras": run_gpt_keras, "keras_hub": run_keras_hub}[name]
+        result = runner(out, steps, seed, position_embedding)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -167,11 +249,13 @@ def child(name, out, steps, seed, position_embedding):
 class Child:
     """One child process; `step()` lets it run one interval and waits until it is held again."""
 
-    def __init__(self, name, out, steps, seed, position_embedding):
+    def __init__(self, name, out, steps, seed, position_embedding, nanogpt):
         command = [sys.executable, __file__, "--child", name, "--out", out, "--steps", str(steps),
                    "--seeds", str(seed)]
         if position_embedding:
             command += ["--position-embedding", position_embedding]
+        if nanogpt:
+            command += ["--nanogpt", nanogpt]
         self.name = name
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         text=True)
@@ -202,15 +286,16 @@ class Child:
         return self.result
 
 
-def run_seed(out, steps, seed, position_embedding):
-    """Both models on one seed, intervals alternating; returns `{name: result}`."""
+def run_seed(out, steps, seed, position_embedding, names, nanogpt):
+    """The models `names` on one seed, intervals alternating; returns `{name: result}`."""
     began = time.perf_counter()
-    # gpt_keras first: it tokenizes the corpus into its run directory, which keras-hub reads.
-    children = {"gpt_keras": Child("gpt_keras", out, steps, seed, position_embedding)}
-    children["keras_hub"] = Child("keras_hub", out, steps, seed, position_embedding)
+    # gpt_keras first: it tokenizes the corpus into its run directory, which the others read.
+    children = {}
+    for name in names:
+        children[name] = Child(name, out, steps, seed, position_embedding, nanogpt)
     for interval in range(steps // INTERVAL):
-        order = ["gpt_keras", "keras_hub"] if interval % 2 == 0 else ["keras_hub", "gpt_keras"]
-        for name in order:
+        shift = interval % len(names)
+        for name in names[shift:] + names[:shift]:
             children[name].step()
     results = {name: c.finish() for name, c in children.items()}
     results["wall_seconds"] = time.perf_counter() - began
@@ -229,24 +314,25 @@ def main():
     parser.add_argument("--out", default="/tmp/bench-shakespeare")
     parser.add_argument("--position-embedding", choices=["rotary", "learned", "sinusoidal"],
                         help="override the shakespeare-char preset's positions (keras-hub: learned)")
+    parser.add_argument("--nanogpt", help="a nanoGPT checkout: train its model.py too")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps % INTERVAL or args.steps < 2 * INTERVAL:
         parser.error(f"--steps must be a multiple of {INTERVAL}, at least {2 * INTERVAL}.")
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.child:
-        return child(args.child, args.out, args.steps, seeds[0], args.position_embedding)
+        return child(args.child, args.out, args.steps, seeds[0], args.position_embedding,
+                     args.nanogpt)
+    names = ["gpt_keras", "keras_hub"] + (["nanogpt"] if args.nanogpt else [])
     if os.path.exists(args.out):
         raise SystemExit(f"{args.out} exists; pass a new --out.")
     print(f"{os.cpu_count()} CPUs; load average before: {os.getloadavg()[0]:.2f}", flush=True)
     rows = []
     for seed in seeds:
         results = run_seed(os.path.join(args.out, f"seed-{seed}"), args.steps, seed,
-                           args.position_embedding)
-        speeds = {name: tokens_per_second(results[name]["interval_seconds"])
-                  for name in ("gpt_keras", "keras_hub")}
-        ratios = [a / b for a, b in zip(speeds["gpt_keras"], speeds["keras_hub"])]
-        rows.append((seed, results, speeds, ratios))
+                           args.position_embedding, names, args.nanogpt)
+        speeds = {name: tokens_per_second(results[name]["interval_seconds"]) for name in names}
+        rows.append((seed, results, speeds))
         print(f"seed {seed} done in {results['wall_seconds']:.0f} s; load average "
               f"{os.getloadavg()[0]:.2f}", flush=True)
 
@@ -254,22 +340,24 @@ def main():
     print(f"\ngpt_keras: shakespeare-char preset, {position} positions; {args.steps} steps")
     print(f"| seed | model | val | val (all) | tokens/s (median interval) | peak RSS MiB |")
     print("|---|---|---|---|---|---|")
-    for seed, results, speeds, _ in rows:
-        for name in ("gpt_keras", "keras_hub"):
+    for seed, results, speeds in rows:
+        for name in names:
             r = results[name]
             print(f"| {seed} | {name} | {r['val']:.4f} | {r['val_all']:.4f} | "
                   f"{statistics.median(speeds[name]):,.0f} | {r['peak_rss_mib']:,.0f} |")
     print()
-    for name in ("gpt_keras", "keras_hub"):
+    for name in names:
         for key, label in (("val", "val"), ("val_all", "val (all)")):
-            values = [results[name][key] for _, results, _, _ in rows]
+            values = [results[name][key] for _, results, _ in rows]
             spread = (f", sd {statistics.stdev(values):.4f}" if len(values) > 1 else "")
             print(f"{name} {label}: mean {statistics.mean(values):.4f} over {len(values)} seed(s) "
                   f"(min {min(values):.4f}, max {max(values):.4f}{spread}); "
                   f"bits/char {statistics.mean(values) / math.log(2):.4f}")
-    ratios = [r for _, _, _, seed_ratios in rows for r in seed_ratios]
-    print(f"\nspeed gpt_keras / keras-hub: median of {len(ratios)} per-interval ratios "
-          f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
+    for name in names[1:]:
+        ratios = [a / b for _, _, speeds in rows
+                  for a, b in zip(speeds["gpt_keras"], speeds[name])]
+        print(f"\nspeed gpt_keras / {name}: median of {len(ratios)} per-interval ratios "
+              f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
