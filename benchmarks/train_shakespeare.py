@@ -101,7 +101,6 @@ def fixed_validation(model, token_file):
     """`(val, val_all)`: the mean loss over 50 batches drawn with `VALIDATION_SEED`, and over
     every non-overlapping 64-token window of the validation split."""
     import keras
-    import numpy as np
 
     from gpt_keras import data
 
@@ -109,11 +108,29 @@ def fixed_validation(model, token_file):
     batches = data.validation_dataset(token_file, 64, SETTINGS["batch_size"], VALIDATION_SEED,
                                       SETTINGS["eval_batches"])
     val = model.evaluate(batches, verbose=0)
-    tokens = token_file.tokens()[token_file.num_train:].astype("int32")
-    count = (len(tokens) - 1) // 64
-    windows = tokens[np.arange(count)[:, None] * 64 + np.arange(65)]
+    windows = validation_windows(token_file).astype("int32")
     val_all = model.evaluate(windows[:, :-1], windows[:, 1:], batch_size=128, verbose=0)
     return float(val), float(val_all)
+
+
+def validation_windows(token_file):
+    """Every non-overlapping 64-token window of the validation split with its next token:
+    `[count, 65]`."""
+    import numpy as np
+
+    tokens = token_file.tokens()[token_file.num_train:]
+    count = (len(tokens) - 1) // 64
+    return tokens[np.arange(count)[:, None] * 64 + np.arange(65)]
+
+
+def peer_setup(out, steps, seed):
+    """`(token_file, vocab_size, TrainConfig)` of the gpt_keras run a peer model trains beside."""
+    from gpt_keras import data
+    from gpt_keras.training import TrainConfig
+
+    token_file = data.TokenFile.load(os.path.join(out, "gpt_keras", "data"))
+    vocab = json.load(open(os.path.join(out, "gpt_keras", "run.json")))["model"]["vocab_size"]
+    return token_file, vocab, TrainConfig(max_steps=steps, eval_every=steps, seed=seed, **SETTINGS)
 
 
 def run_gpt_keras(out, steps, seed, position_embedding):
@@ -136,11 +153,9 @@ def run_keras_hub(out, steps, seed, position_embedding):
     import keras_hub
 
     from gpt_keras import data
-    from gpt_keras.training import TrainConfig, learning_rate_schedule
+    from gpt_keras.training import learning_rate_schedule
 
-    token_file = data.TokenFile.load(os.path.join(out, "gpt_keras", "data"))
-    vocab = json.load(open(os.path.join(out, "gpt_keras", "run.json")))["model"]["vocab_size"]
-    config = TrainConfig(max_steps=steps, eval_every=steps, seed=seed, **SETTINGS)
+    token_file, vocab, config = peer_setup(out, steps, seed)
     keras.utils.set_random_seed(config.seed)
     backbone = keras_hub.models.GPT2Backbone(
         vocabulary_size=vocab, num_layers=4, num_heads=4, hidden_dim=128, intermediate_dim=512,
@@ -172,20 +187,17 @@ def run_nanogpt(out, steps, seed, nanogpt):
     import numpy as np
 
     from gpt_keras import data
-    from gpt_keras.training import TrainConfig, learning_rate_schedule
+    from gpt_keras.training import learning_rate_schedule
 
-    token_file = data.TokenFile.load(os.path.join(out, "gpt_keras", "data"))
-    vocab = json.load(open(os.path.join(out, "gpt_keras", "run.json")))["model"]["vocab_size"]
-    config = TrainConfig(max_steps=steps, eval_every=steps, seed=seed, **SETTINGS)
+    token_file, vocab, config = peer_setup(out, steps, seed)
     batches = list(data.training_dataset(token_file, 64, config.batch_size, config.seed, 0,
                                          steps).as_numpy_iterator())
     rates = np.asarray(learning_rate_schedule(config)(np.arange(steps)))
     validation = list(data.validation_dataset(token_file, 64, SETTINGS["batch_size"],
                                               VALIDATION_SEED, SETTINGS["eval_batches"])
                       .as_numpy_iterator())
-    tokens = token_file.tokens()[token_file.num_train:].astype("int64")
-    count = (len(tokens) - 1) // 64
-    windows = tokens[np.arange(count)[:, None] * 64 + np.arange(65)]
+    windows = validation_windows(token_file).astype("int64")
+    count = len(windows)
 
     import torch
 
@@ -338,7 +350,7 @@ def main():
 
     position = rows[0][1]["gpt_keras"]["position_embedding"]
     print(f"\ngpt_keras: shakespeare-char preset, {position} positions; {args.steps} steps")
-    print(f"| seed | model | val | val (all) | tokens/s (median interval) | peak RSS MiB |")
+    print("| seed | model | val | val (all) | tokens/s (median interval) | peak RSS MiB |")
     print("|---|---|---|---|---|---|")
     for seed, results, speeds in rows:
         for name in names:
