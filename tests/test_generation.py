@@ -390,6 +390,17 @@ def test_streaming_joins_to_the_non_streaming_tokens(model, kwargs):
     assert joined == expected
 
 
+def test_the_first_streamed_chunk_is_the_token_after_the_prefill(model):
+    # The first compiled call prefills and decides one slot (the decode loop lives in the later
+    # calls only); then chunks of `chunk_size`.
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    chunks = list(generation.stream(model, prompts, max_new_tokens=9, chunk_size=4,
+                                    temperature=0))
+    assert [[len(ids) for ids in chunk] for chunk in chunks] == [[1, 1], [4, 4], [4, 4]]
+    assert [sum((chunk[b] for chunk in chunks), []) for b in range(2)] == generation.generate(
+        model, prompts, max_new_tokens=9, temperature=0)
+
+
 class ByteTokenizer:
     """Ids 0..255 are bytes (test-only). `sanitize=True` replaces invalid UTF-8 in `detokenize`'s
     output by U+FFFD, as gpt_keras' byte-level BPE does; otherwise it returns the raw bytes."""
