@@ -15,7 +15,7 @@ import re
 import sys
 import warnings
 
-from gpt_keras.config import DATA_FORMATS, PAIR_FIELDS, WEIGHT_FORMATS
+from gpt_keras.config import DATA_FORMATS, PAIR_FIELDS, WEIGHT_FORMATS, XLA_SETTINGS
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads: keep the CLI quiet
 
@@ -168,8 +168,7 @@ def _fields(args):
 
 def _add_train_arguments(parser):
     from gpt_keras.config import (
-        FINE_TUNING_LEARNING_RATE, POSITION_EMBEDDINGS, PRESETS, TOKENIZERS, XLA_SETTINGS,
-        TrainConfig,
+        FINE_TUNING_LEARNING_RATE, POSITION_EMBEDDINGS, PRESETS, TOKENIZERS, TrainConfig,
     )
 
     parser.add_argument("--data", nargs="+", metavar="PATH",
@@ -326,12 +325,16 @@ def _generate(args):
     if args.tflite:
         from gpt_keras.tflite import TFLiteGenerator
 
+        if args.xla != "auto":
+            raise ValueError("--xla does not apply to --tflite (the LiteRT interpreter runs the "
+                             "file as it is): drop one of them.")
         generator = TFLiteGenerator(args.tflite)
         generator.check_source(args.run_dir)
     else:
         read_run_config(args.run_dir)  # a clear error for a directory that is not a run
         generator = TextGenerator(with_weights(load_model(args.run_dir), args.weights),
-                                  load_tokenizer(os.path.join(args.run_dir, "tokenizer")))
+                                  load_tokenizer(os.path.join(args.run_dir, "tokenizer")),
+                                  jit_compile={"auto": "auto", "on": True, "off": False}[args.xla])
         print("gpt-keras: compiling the decoding loop for this shape (first call only)...",
               file=sys.stderr, flush=True)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -600,6 +603,10 @@ def build_parser():
     generate_parser.add_argument("--weights", choices=WEIGHT_FORMATS, default="float32",
                                  help="decode with the weights in this format (bfloat16: half "
                                  "the bytes; int8: weight-only int8, a quarter)")
+    generate_parser.add_argument(
+        "--xla", choices=XLA_SETTINGS, default="auto",
+        help="compile the decoding loop with XLA (auto: as `generation.generate` chooses, XLA for "
+        "float32; off starts sooner, as nothing is compiled: for short texts from small models)")
     generate_parser.set_defaults(handler=_generate, command_parser=generate_parser)
     attention_parser = commands.add_parser(
         "attention", help="heat maps and an interactive page of what each token attends to",

@@ -51,6 +51,17 @@ def test_greedy_generate_prints_prompt_and_continuation(run_dir, capsys):
     assert len(expected) > 0
 
 
+def test_generate_with_and_without_xla_prints_the_same_greedy_text(run_dir, capsys):
+    args = [run_dir, "--prompt", "ROMEO:", "--max-new-tokens", "40", "--temperature", "0"]
+    with_xla = generate(capsys, *args, "--xla", "on")
+    assert generate(capsys, *args, "--xla", "off") == with_xla
+    assert len(with_xla) > len("ROMEO:\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", run_dir, "--tflite", "model.tflite", "--xla", "off"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("gpt-keras: error: --xla does not apply to --tflite")
+
+
 def test_streaming_prints_the_same_text_for_a_seed(run_dir, capsys):
     args = [run_dir, "--prompt", "First", "--max-new-tokens", "30", "--seed", "3",
             "--top-k", "10"]
