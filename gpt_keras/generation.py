@@ -9,9 +9,10 @@ with `False`, the faster of the two for the model's size with "auto", the defaul
 model and per shape bucket (B, prefill width, S); prompt contents, `max_new_tokens`,
 `temperature`, `top_k`, `top_p`, `seed`, stop tokens and the chunk size are tensors, so calls
 that differ only in those reuse the compiled function
-(`tracing_count(model)` counts traces). The first call prefills the cache and decides the first
-new slot; each later call decides up to S + 1 slots (or `chunk_size`) and returns its new ids;
-the KV cache stays in memory between calls.
+(`tracing_count(model)` counts traces). Each compiled call decides up to S + 1 slots (or
+`chunk_size`) and returns its new ids; the KV cache stays in memory between calls. When one call
+cannot decide them all, the first call only prefills the cache and decides the first new slot,
+and the later calls hold the decode loop (traced and compiled once).
 
 A prompt keeps at most its last `context_length` tokens (with `sliding_window=False`, its last
 `context_length + 1 - max_new_tokens`); longer ones are cut with a `UserWarning`.
@@ -165,10 +166,12 @@ def stream(
     cache_length=None,
     jit_compile="auto",
 ):
-    """Like `generate`, but yields the new ids after each compiled call: the first call prefills
-    and decides one slot (the first new token comes as soon as the prompt is read), each later call
-    decides `chunk_size` slots; the KV cache stays in memory between calls. `chunk_size=None`
-    decodes the rest in one call. Arguments are checked here, before iteration starts.
+    """Like `generate`, but yields the new ids after each compiled call, each of which decides
+    `chunk_size` slots; when there is more than one chunk, the first call decides one slot only
+    (the first new token comes as soon as the prompt is read). The KV cache stays in memory
+    between calls. `chunk_size=None` decodes everything in one call (or, where the window slides
+    beyond S + 1 slots, the first token and then the rest). Arguments are checked here, before
+    iteration starts.
 
     Returns a `Stream`: iterate it to get, per chunk, a list (one per prompt) of lists of new ids
     (a single list for a single 1-D prompt); chunks where no row got a new token are skipped.
@@ -555,7 +558,7 @@ class _Driver:
                     f"Received: cache_length={cache_length}"
                 )
         self.cache_length = cache_length
-        # Each call after the first decides at most this many slots (its output holds as many).
+        # Each compiled call decides at most this many slots (its output holds as many).
         self.steps = min(chunk_size or cache_length + 1, cache_length + 1)
 
     def chunks(self):
@@ -568,9 +571,12 @@ class _Driver:
         for b, p in enumerate(self.rows):
             padded[b, : len(p)] = p
         steps = tf.constant(self.steps, tf.int32)
-        state = self._function("start", width)(
-            tf.constant(padded), tf.constant([len(p) for p in self.rows], tf.int32),
-            tf.constant(self.max_new_tokens, tf.int32), self.knobs,
+        lengths = [len(p) for p in self.rows]
+        # Slots to decide: each row's new tokens, the ragged rows' prompt tokens past the shortest.
+        decisions = self.max_new_tokens + max(lengths) - min(lengths)
+        state = self._function("whole" if decisions <= self.steps else "start", width)(
+            tf.constant(padded), tf.constant(lengths, tf.int32),
+            tf.constant(self.max_new_tokens, tf.int32), steps, self.knobs,
         )
         while True:
             out, emitted = state["out"].numpy(), state["emitted"].numpy()
@@ -599,19 +605,23 @@ class _Driver:
 
 
 def _compile(model, kind, batch_size, cache_length, jit_compile):
-    """A `tf.function` for one shape bucket: "start" (the prefill and the first decision) or
-    "resume" (up to `num_steps` more decisions). The decode loop is in "resume" only, so it is
-    traced and compiled once per bucket, not twice. It refers to `model` weakly so that the
-    registry entry disappears with the model."""
+    """A `tf.function` for one shape bucket: "whole" (the prefill, then up to `num_steps` - 1 more
+    decisions: a generation that one call finishes), "start" (the prefill and the first decision
+    only) or "resume" (up to `num_steps` more decisions). A generation of several calls runs
+    "start" and then "resume", so that its decode loop is traced and compiled once, not in two
+    functions. It refers to `model` weakly so that the registry entry disappears with the model."""
     model_ref = weakref.ref(model)
     out_width = cache_length + 1
-    if kind == "start":
+    if kind != "resume":
 
-        def function(prompt, lengths, max_new_tokens, knobs):
-            return decoding.start(
-                model_ref(), prompt, lengths, knobs, max_new_tokens, cache_length, out_width,
+        def function(prompt, lengths, max_new_tokens, num_steps, knobs):
+            model = model_ref()
+            state = decoding.start(
+                model, prompt, lengths, knobs, max_new_tokens, cache_length, out_width,
                 batch_size=batch_size,
             )
+            return state if kind == "start" else decoding.decode(model, state, knobs,
+                                                                 num_steps - 1)
 
     else:
 
