@@ -433,7 +433,8 @@ def crop_prompts(rows, keep, context_length, stacklevel=3):
 #   out     int32 [B, N]  this call's new ids per row, -1 after the last
 #   logprobs float32 [B, N] their log-probabilities under the model (0 after the last)
 #   emitted int32 [B]     how many ids of `out` are set
-#   seen    bool  [B, V]  the tokens in each row's window (for `repetition_penalty`)
+#   seen    bool  [B, V]  the tokens in each row's window (for `repetition_penalty`; only kept
+#                         while the penalty is on)
 #   tail    int32 [B, K]  the last K bytes of each row's new text (-1 before its start), K =
 #                         MAX_STOP_BYTES - 1 + the longest token's bytes (only kept while there
 #                         are stop strings)
@@ -488,14 +489,23 @@ def _start(model, prompt, lengths, knobs, max_new_tokens, cache_length, out_widt
 
 
 def _seen(knobs, tokens, lengths):
-    """bool `[B, V]`: which ids occur among each row's first `lengths[b]` `tokens` `[B, T]`."""
-    width = tf.shape(tokens)[1]
-    rows = tf.broadcast_to(tf.range(tf.shape(tokens)[0])[:, None], tf.shape(tokens))
-    indices = tf.reshape(tf.stack([rows, tokens], axis=-1), [-1, 2])
-    inside = tf.cast(tf.range(width)[None, :] < lengths[:, None], tf.float32)
-    counts = tf.scatter_nd(indices, tf.reshape(inside, [-1]),
-                           tf.stack([tf.shape(tokens)[0], knobs["bias"].shape[0]]))
-    return counts > 0
+    """bool `[B, V]`: which ids occur among each row's first `lengths[b]` `tokens` `[B, T]`
+    (all False while the repetition penalty is off: nothing reads it then)."""
+    vocab_size = knobs["bias"].shape[0]
+
+    def scatter():
+        width = tf.shape(tokens)[1]
+        rows = tf.broadcast_to(tf.range(tf.shape(tokens)[0])[:, None], tf.shape(tokens))
+        indices = tf.reshape(tf.stack([rows, tokens], axis=-1), [-1, 2])
+        inside = tf.cast(tf.range(width)[None, :] < lengths[:, None], tf.float32)
+        counts = tf.scatter_nd(indices, tf.reshape(inside, [-1]),
+                               tf.stack([tf.shape(tokens)[0], vocab_size]))
+        return counts > 0
+
+    return tf.cond(
+        tf.not_equal(knobs["repetition_penalty"], 1.0), scatter,
+        lambda: tf.zeros(tf.stack([tf.shape(tokens)[0], vocab_size]), tf.bool),
+    )
 
 
 def decode(model, state, knobs, num_steps=UNLIMITED, in_place=True):
@@ -594,8 +604,12 @@ def _decide(state, logits, knobs):
     counts = state["counts"] + tf.cast(decides, tf.int32)
     tail, stop_string = _stop_strings(state["tail"], sampled, new_text, knobs)
     finished = tf.logical_or(tf.logical_or(stops, stop_string), counts >= state["budget"])
-    seen = tf.logical_or(state["seen"], tf.logical_and(
-        tf.equal(tf.range(tf.shape(logits)[1])[None, :], sampled[:, None]), decides[:, None]))
+    seen = tf.cond(
+        tf.not_equal(knobs["repetition_penalty"], 1.0),
+        lambda: tf.logical_or(state["seen"], tf.logical_and(
+            tf.equal(tf.range(tf.shape(logits)[1])[None, :], sampled[:, None]), decides[:, None])),
+        lambda: state["seen"],
+    )
     return dict(
         state, tokens=tokens, out=out, logprobs=logprobs, counts=counts, seen=seen, tail=tail,
         emitted=state["emitted"] + tf.cast(emits, tf.int32),
@@ -605,13 +619,15 @@ def _decide(state, logits, knobs):
 
 def _steer(logits, state, knobs):
     """The knobs that change logits `[B, V]`, in Hugging Face's order: repetition penalty,
-    `min_new_tokens` (stop ids impossible before), bias (banned ids at -inf). Computed whether
-    the knobs are on or off (a penalty of 1 divides and multiplies by 1, which changes no float
-    bit): a `tf.cond` would cost more ops per step and more tracing than the few `[B, V]` ops."""
+    `min_new_tokens` (stop ids impossible before), bias (banned ids at -inf)."""
     logits = tf.cast(logits, tf.float32)
     penalty = knobs["repetition_penalty"]
-    logits = tf.where(state["seen"], tf.where(logits > 0, logits / penalty, logits * penalty),
-                      logits)
+    logits = tf.cond(
+        tf.not_equal(penalty, 1.0),
+        lambda: tf.where(state["seen"], tf.where(logits > 0, logits / penalty, logits * penalty),
+                         logits),
+        lambda: logits,
+    )
     too_early = tf.logical_and(tf.expand_dims(state["counts"] < knobs["min_new_tokens"], 1),
                                tf.expand_dims(knobs["stop_mask"], 0))
     return tf.where(too_early, float("-inf"), logits) + knobs["bias"]
