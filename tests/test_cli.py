@@ -64,9 +64,9 @@ def test_generate_xla_flag_picks_the_engine(run_dir, capsys, monkeypatch):
     monkeypatch.setattr("gpt_keras.generation.TextGenerator", Recording)
     args = [run_dir, "--prompt", "ROMEO:", "--max-new-tokens", "40", "--temperature", "0.8",
             "--seed", "5", "--no-stream"]
-    tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
+    model, tokenizer = load_model(run_dir), load_tokenizer(os.path.join(run_dir, "tokenizer"))
     for flag, jit_compile in (("on", True), ("off", False), ("auto", "auto")):
-        generator = TextGenerator(load_model(run_dir), tokenizer, jit_compile=jit_compile)
+        generator = TextGenerator(model, tokenizer, jit_compile=jit_compile)
         expected = generator.generate("ROMEO:", 40, temperature=0.8, seed=5)
         assert generate(capsys, *args, "--xla", flag) == "ROMEO:" + expected + "\n"
         assert len(expected) > 0
